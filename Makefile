@@ -1,0 +1,26 @@
+# Two commands on a fresh machine: `make demo` (sets up .venv if missing, runs the main job) and
+# `make test` (sets up .venv if missing, runs the test suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: requirements.txt setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m experiments.demo --workdir $(WORKDIR)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 tests
+
+clean:
+	rm -rf $(VENV) runs

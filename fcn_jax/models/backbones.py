@@ -1,0 +1,262 @@
+"""Convolutionalised classifiers (VGG16, AlexNet, GoogLeNet) described as data.
+
+A backbone is a tuple of layer specs. The same tuple drives the flax module (`Backbone`) and the
+geometry (`coord_map`, `receptive_field`, `conv_depth`), so the figures of the paper's Table 1 and the
+Caffe crop offsets are computed from the network definition, never typed in.
+
+Layer names follow Caffe for VGG16/AlexNet (conv1_1..conv5_3, fc6, fc7) and torchvision for
+GoogLeNet (conv1, conv2, conv3, inception3a..5b with branch1..branch4), so that weights from either
+can be imported by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+from typing import Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fcn_jax.models import layers
+
+# The FCN input padding: with 100 pixels on the first convolution the score map covers the input,
+# and the output is aligned to it, for ANY input size (Caffe voc-fcn*/net.py).
+FIRST_CONV_PAD = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+  name: str
+  features: int
+  kernel: int
+  stride: int = 1
+  padding: int = 0
+  batch_norm: bool = False  # torchvision BasicConv2d: conv without bias, BatchNorm(eps=1e-3), ReLU
+
+
+@dataclasses.dataclass(frozen=True)
+class MaxPool:
+  name: str
+  window: int
+  stride: int
+  padding: int = 0  # always ceil mode
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+  rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Inception:
+  """torchvision's Inception block (its "5x5" branch uses a 3x3 kernel, as in the released weights)."""
+  name: str
+  c1: int
+  c3_reduce: int
+  c3: int
+  c5_reduce: int
+  c5: int
+  pool_proj: int
+
+  @property
+  def features(self) -> int:
+    return self.c1 + self.c3 + self.c5 + self.pool_proj
+
+
+Layer = Union[Conv, MaxPool, Dropout, Inception]
+
+
+def _vgg16() -> tuple[Layer, ...]:
+  spec: list[Layer] = []
+  for block, (features, convs) in enumerate([(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)], 1):
+    for i in range(1, convs + 1):
+      pad = FIRST_CONV_PAD if (block, i) == (1, 1) else 1
+      spec.append(Conv(f'conv{block}_{i}', features, 3, padding=pad))
+    spec.append(MaxPool(f'pool{block}', 2, 2))
+  spec += [Conv('fc6', 4096, 7), Dropout(0.5), Conv('fc7', 4096, 1), Dropout(0.5)]
+  return tuple(spec)
+
+
+def _alexnet() -> tuple[Layer, ...]:
+  # torchvision layout (64/192/384/256/256 channels, no groups, no LRN); Caffe's pad 100 on conv1.
+  return (
+      Conv('conv1', 64, 11, stride=4, padding=FIRST_CONV_PAD), MaxPool('pool1', 3, 2),
+      Conv('conv2', 192, 5, padding=2), MaxPool('pool2', 3, 2),
+      Conv('conv3', 384, 3, padding=1), Conv('conv4', 256, 3, padding=1),
+      Conv('conv5', 256, 3, padding=1), MaxPool('pool5', 3, 2),
+      Conv('fc6', 4096, 6), Dropout(0.5), Conv('fc7', 4096, 1), Dropout(0.5),
+  )
+
+
+def _googlenet() -> tuple[Layer, ...]:
+  # torchvision GoogLeNet without aux classifiers, final average pooling and fc.
+  return (
+      Conv('conv1', 64, 7, stride=2, padding=FIRST_CONV_PAD, batch_norm=True),
+      MaxPool('maxpool1', 3, 2),
+      Conv('conv2', 64, 1, batch_norm=True),
+      Conv('conv3', 192, 3, padding=1, batch_norm=True),
+      MaxPool('maxpool2', 3, 2),
+      Inception('inception3a', 64, 96, 128, 16, 32, 32),
+      Inception('inception3b', 128, 128, 192, 32, 96, 64),
+      MaxPool('maxpool3', 3, 2),
+      Inception('inception4a', 192, 96, 208, 16, 48, 64),
+      Inception('inception4b', 160, 112, 224, 24, 64, 64),
+      Inception('inception4c', 128, 128, 256, 24, 64, 64),
+      Inception('inception4d', 112, 144, 288, 32, 64, 64),
+      Inception('inception4e', 256, 160, 320, 32, 128, 128),
+      MaxPool('maxpool4', 2, 2),
+      Inception('inception5a', 256, 160, 320, 32, 128, 128),
+      Inception('inception5b', 384, 192, 384, 48, 128, 128),
+      Dropout(0.2),  # torchvision's dropout before its classifier
+  )
+
+
+BACKBONES = {'vgg16': _vgg16, 'alexnet': _alexnet, 'googlenet': _googlenet}
+
+
+def get_backbone(name: str) -> tuple[Layer, ...]:
+  try:
+    return BACKBONES[name]()
+  except KeyError:
+    raise ValueError(f'unknown backbone {name!r}; choose one of {sorted(BACKBONES)}') from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry, from the spec alone.
+
+
+def _kernel_stride_pad(layer: Layer) -> tuple[int, int, int] | None:
+  if isinstance(layer, Conv):
+    return layer.kernel, layer.stride, layer.padding
+  if isinstance(layer, MaxPool):
+    return layer.window, layer.stride, layer.padding
+  if isinstance(layer, Inception):
+    return 3, 1, 1  # every branch is centred; the widest kernel is 3 (1x1 then 3x3, or pool then 1x1)
+  return None
+
+
+def coord_map(spec: tuple[Layer, ...], upto: str | None = None) -> tuple[Fraction, Fraction]:
+  """Caffe coord_map: input coordinate = a * (coordinate in the output of `upto`) + b.
+
+  `upto=None` maps through the whole spec.
+  """
+  a, b = Fraction(1), Fraction(0)
+  for layer in spec:
+    ksp = _kernel_stride_pad(layer)
+    if ksp is not None:
+      k, s, p = ksp
+      b += a * (Fraction(k - 1, 2) - p)
+      a *= s
+    if upto is not None and getattr(layer, 'name', None) == upto:
+      return a, b
+  if upto is not None:
+    raise ValueError(f'no layer named {upto!r} in the backbone')
+  return a, b
+
+
+def receptive_field(spec: tuple[Layer, ...]) -> int:
+  rf, jump = 1, 1
+  for layer in spec:
+    ksp = _kernel_stride_pad(layer)
+    if ksp is not None:
+      k, s, _ = ksp
+      rf += (k - 1) * jump
+      jump *= s
+  return rf
+
+
+def max_stride(spec: tuple[Layer, ...]) -> int:
+  return int(coord_map(spec)[0])
+
+
+def conv_depth(spec: tuple[Layer, ...]) -> int:
+  """Convolutions on the longest path from the input (an Inception block is two deep)."""
+  depth = 0
+  for layer in spec:
+    if isinstance(layer, Conv):
+      depth += 1
+    elif isinstance(layer, Inception):
+      depth += 2
+  return depth
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules.
+
+
+def scaled(features: int, width: float) -> int:
+  """Channel count under the width multiplier (at least one channel)."""
+  return max(1, int(round(features * width)))
+
+
+def conv_relu(layer: Conv, width: float, dtype: jnp.dtype):
+  """The flax module for one Conv spec: Conv + ReLU, or torchvision's BasicConv2d."""
+  features = scaled(layer.features, width)
+  if layer.batch_norm:
+    return BasicConv(features, layer.kernel, layer.stride, layer.padding, dtype=dtype, name=layer.name)
+  conv = nn.Conv(features, (layer.kernel, layer.kernel), strides=layer.stride,
+                 padding=[(layer.padding, layer.padding)] * 2, dtype=dtype,
+                 kernel_init=nn.initializers.he_normal(), name=layer.name)
+  return lambda x: nn.relu(conv(x))
+
+
+class BasicConv(nn.Module):
+  """torchvision BasicConv2d: conv without bias, BatchNorm(eps=1e-3) with frozen statistics, ReLU."""
+
+  features: int
+  kernel: int
+  stride: int = 1
+  padding: int = 0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
+                padding=[(self.padding, self.padding)] * 2, use_bias=False, dtype=self.dtype,
+                kernel_init=nn.initializers.he_normal(), name='conv')(x)
+    # Statistics stay frozen: the paper fine-tunes with small batches of variably sized crops.
+    x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, dtype=self.dtype, name='bn')(x)
+    return nn.relu(x)
+
+
+class InceptionBlock(nn.Module):
+  spec: Inception
+  width: float
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s, w = self.spec, self.width
+    unit = lambda f, k, name: BasicConv(scaled(f, w), k, padding=k // 2, dtype=self.dtype, name=name)
+    b1 = unit(s.c1, 1, 'branch1')(x)
+    b2 = unit(s.c3, 3, 'branch2_1')(unit(s.c3_reduce, 1, 'branch2_0')(x))
+    b3 = unit(s.c5, 3, 'branch3_1')(unit(s.c5_reduce, 1, 'branch3_0')(x))
+    b4 = unit(s.pool_proj, 1, 'branch4_1')(layers.max_pool_ceil(x, 3, 1, 1))
+    return jnp.concatenate([b1, b2, b3, b4], axis=-1)
+
+
+def apply_backbone(spec: tuple[Layer, ...], x: jax.Array, *, width: float, dtype: jnp.dtype,
+                   train: bool) -> dict[str, jax.Array]:
+  """Runs a layer spec inside the calling module's compact scope (so parameters are named
+  conv1_1, fc6, ... at the top level, as in Caffe).
+
+  Input (N, H, W, 3). Returns {'out': (N, h, w, C)} plus the output of every pooling layer by name.
+  """
+  taps = {}
+  for layer in spec:
+    if isinstance(layer, Conv):
+      x = conv_relu(layer, width, dtype)(x)
+    elif isinstance(layer, MaxPool):
+      x = layers.max_pool_ceil(x, layer.window, layer.stride, layer.padding)
+      taps[layer.name] = x
+    elif isinstance(layer, Inception):
+      x = InceptionBlock(layer, width, dtype=dtype, name=layer.name)(x)
+    elif isinstance(layer, Dropout):
+      # Elementwise, training only (Caffe Dropout).
+      x = nn.Dropout(layer.rate, deterministic=not train)(x)
+    else:
+      raise TypeError(f'unknown layer {layer!r}')
+  taps['out'] = x
+  return taps
