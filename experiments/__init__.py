@@ -1,0 +1,1 @@
+"""Runnable experiments: `python -m experiments.fcn8s --workdir DIR [--config FILE[:PRESET]]`."""

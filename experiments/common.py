@@ -1,0 +1,104 @@
+"""The shared `main` of every experiment: flags, demo data, staged initialisation, then train."""
+
+from __future__ import annotations
+
+import pathlib
+import shlex
+import sys
+
+from absl import app, flags
+import ml_collections
+from ml_collections import config_flags
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
+
+
+def config_path(arch: str, preset: str | None = None) -> str:
+  path = str(CONFIG_DIR / f'{arch}.py')
+  return f'{path}:{preset}' if preset else path
+
+
+def load_config(arch: str, preset: str | None = None) -> ml_collections.ConfigDict:
+  from experiments.configs import common
+  return common.get_config(arch, preset or 'paper')
+
+
+def prepare_demo_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Demo preset: writes the synthetic VOC-format tree (once) and points the dataset at it."""
+  if config.preset != 'demo' or config.dataset.manual_dir:
+    return
+  from fcn_jax.data import synthetic
+  s = config.synthetic
+  root = workdir.parent / 'synthetic_voc'
+  if not (root / 'VOCdevkit').exists():
+    synthetic.write_voc_tree(root, num_train=s.num_train, num_val=s.num_val, seed=s.seed,
+                             min_size=s.min_size, max_size=s.max_size)
+  with config.unlocked():
+    config.dataset.manual_dir = str(root)
+    config.dataset.data_dir = config.dataset.data_dir or str(workdir.parent / 'tfds')
+
+
+def resolve_init(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Staged nets start from their predecessor: use config.init_from, train the predecessor first
+  (config.train_predecessor), or stop with the exact command to run."""
+  from experiments.configs import common
+  pred = common.PREDECESSOR.get(config.arch)
+  if pred is None or config.init_from:
+    return
+  pred_dir = workdir.parent / pred
+  if (pred_dir / 'results.json').exists():
+    checkpoint = pred_dir / 'checkpoints'
+  elif config.train_predecessor:
+    pred_config = load_config(pred, config.preset)
+    for key in ('seed', 'dataset', 'model', 'preprocessing', 'train_predecessor'):
+      pred_config[key] = config[key]
+    if pred_config.preset == 'demo':
+      pred_config.synthetic = config.synthetic
+    print(f'{config.arch} starts from a trained {pred}: training it first in {pred_dir}')
+    run(pred_config, pred_dir)
+    checkpoint = pred_dir / 'checkpoints'
+  else:
+    preset = f':{config.preset}' if config.preset else ''
+    raise SystemExit(
+        f'{config.arch} is initialised from a trained {pred} (the paper\'s staged training), and no '
+        f'checkpoint was given. Either train it first:\n'
+        f'  python -m experiments.{pred} --workdir {shlex.quote(str(pred_dir))} '
+        f'--config experiments/configs/{pred}.py{preset}\n'
+        f'and then pass --config.init_from={shlex.quote(str(pred_dir / "checkpoints"))}, or add '
+        f'--config.train_predecessor=True to do both in one command.')
+  with config.unlocked():
+    config.init_from = str(checkpoint)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  from fcn_jax import data as data_lib
+  from fcn_jax import train
+  workdir = pathlib.Path(workdir).expanduser().resolve()
+  prepare_demo_data(config, workdir)
+  resolve_init(config, workdir)
+  try:
+    return train.train_and_evaluate(config, workdir)
+  except data_lib.MissingDataError as e:
+    raise SystemExit(f'{e}\n\nNo data yet? The demo runs end to end on a synthetic VOC-format set: '
+                     f'`make demo`, or `python -m experiments.{config.arch} --workdir runs/demo/'
+                     f'{config.arch} --config experiments/configs/{config.arch}.py:demo`.') from None
+  except train.NonFiniteLossError as e:
+    raise SystemExit(str(e)) from None
+
+
+def main(arch: str) -> None:
+  """Entry point of experiments/<arch>.py."""
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and figures.', required=True)
+  config_flags.DEFINE_config_file('config', config_path(arch),
+                                  'Config file, optionally with :preset (paper | heavy | demo).',
+                                  lock_config=True)
+
+  def _main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    config = flags.FLAGS.config
+    if config.arch != arch:
+      raise app.UsageError(f'--config is for {config.arch}, but this is experiments.{arch}')
+    run(config, flags.FLAGS.workdir)
+
+  app.run(_main)

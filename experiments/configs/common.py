@@ -1,0 +1,117 @@
+"""Shared config builder: one ConfigDict per (arch, preset). Each experiments/configs/X.py calls it.
+
+Presets:
+- paper: the CVPR / seed-report recipe: SGD batch 20, momentum 0.9, weight decay 5e-4, biases 2x lr,
+  fixed lr (VGG16 1e-4, AlexNet 1e-3, GoogLeNet 5e-5; staged nets 100x lower per stage), normalised
+  loss, SBD train -> seg11valid, 175 epochs. The default.
+- heavy: the Caffe reference "heavy" models: batch 1, summed loss, momentum 0.99, lr 1e-10 / 1e-12 /
+  1e-14, 100k iterations (at-once 300k).
+- demo: the synthetic VOC-format set at reduced width on a CPU (minutes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from fcn_jax.train import VOC_CLASSES
+
+PRESETS = ('paper', 'heavy', 'demo')
+# The stage each staged net is initialised from (FCN-16s from FCN-32s, FCN-8s from FCN-16s).
+PREDECESSOR = {'fcn16s': 'fcn32s', 'fcn8s': 'fcn16s'}
+SBD_TRAIN_IMAGES = 8498
+
+PAPER_LR = {'fcn32s': 1e-4, 'fcn16s': 1e-6, 'fcn8s': 1e-8, 'fcn8s_atonce': 1e-4,
+            'fcn_alexnet': 1e-3, 'fcn_googlenet': 5e-5}
+HEAVY_LR = {'fcn32s': 1e-10, 'fcn16s': 1e-12, 'fcn8s': 1e-14, 'fcn8s_atonce': 1e-10,
+            'fcn_alexnet': 1e-10, 'fcn_googlenet': 1e-10}
+
+
+def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
+  preset = preset or 'paper'
+  if preset not in PRESETS:
+    raise ValueError(f'unknown preset {preset!r} for {arch}; choose one of {PRESETS} '
+                     f'(e.g. --config experiments/configs/{arch}.py:demo)')
+  c = ml_collections.ConfigDict()
+  c.arch = arch
+  c.preset = preset
+  c.seed = 0
+  c.class_names = VOC_CLASSES
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_classes = 21
+  c.model.width = 1.0
+  c.model.dtype = 'float32'          # compute dtype; 'bfloat16' on GPU/TPU
+  c.model.learnable_upsampling = True  # intermediate deconvolutions (the final one is always fixed)
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'sbd'
+  c.dataset.train_split = 'train'
+  c.dataset.eval_name = 'voc_segmentation/2011'  # '' = same as name
+  c.dataset.eval_split = 'seg11valid'
+  c.dataset.data_dir = '~/tensorflow_datasets'
+  c.dataset.manual_dir = ''  # folder with the archives or their extracted trees
+  c.dataset.download = False
+
+  # Caffe-trained VGG16 weights expect BGR minus the mean; converted checkpoints record their own.
+  c.preprocessing = 'caffe_bgr'
+  c.init_from = ''  # checkpoint dir (converted ImageNet backbone, or the previous stage)
+  c.train_predecessor = False  # staged nets: train the previous stage first if init_from is empty
+
+  c.batch_size = 20            # images per jit step (global, across devices and hosts)
+  c.accumulate_steps = 1       # micro-steps per optimiser update (Caffe iter_size)
+  c.crop_size = 500            # VOC images are at most 500x500: padding to 500 loses nothing
+  c.scale_range = ()           # e.g. (0.5, 1.5) for random scaling
+  c.flip = False               # the paper found no gain from mirroring
+  c.data_workers = 0
+  c.num_train_steps = math.ceil(175 * SBD_TRAIN_IMAGES / 20)  # optimiser updates (175 epochs)
+  c.loss_normalize = True
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = PAPER_LR[arch]
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 5e-4
+  c.optim.bias_lr_mult = 2.0
+  c.optim.schedule = 'fixed'   # or 'poly'
+  c.optim.caffe = True         # exactly Caffe's SGD update
+
+  c.log_every = 50
+  c.eval_every = 4000
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 2
+  c.eval_batch_size = 1        # with eval_pad_to 0: native size, one image at a time (reference protocol)
+  c.eval_pad_to = 0            # >0: fixed (eval_batch_size, S, S) padded batches (faster, approximate borders)
+  c.num_figure_examples = 4
+
+  if preset == 'heavy':
+    c.batch_size = 1
+    c.loss_normalize = False
+    c.optim.momentum = 0.99
+    c.optim.learning_rate = HEAVY_LR[arch]
+    c.num_train_steps = 300_000 if arch == 'fcn8s_atonce' else 100_000
+    if arch == 'fcn_alexnet':  # Caffe voc-fcn-alexnet: normalised loss, lr 1e-4, iter_size 20
+      c.loss_normalize, c.optim.learning_rate, c.optim.momentum, c.accumulate_steps = True, 1e-4, 0.9, 20
+  elif preset == 'demo':
+    c.model.width = 0.125
+    c.preprocessing = 'caffe_bgr'
+    c.dataset.name = 'voc_segmentation/2012'
+    c.dataset.eval_name = ''
+    c.dataset.eval_split = 'val'
+    c.dataset.data_dir = ''   # the demo fills these in under its workdir
+    c.dataset.manual_dir = ''
+    c.synthetic = ml_collections.ConfigDict({'num_train': 240, 'num_val': 48, 'min_size': 64,
+                                             'max_size': 96, 'seed': 0})
+    c.batch_size = 8
+    c.crop_size = 64
+    c.flip = True
+    c.num_train_steps = 400
+    c.optim.learning_rate = 1e-2 if arch in ('fcn32s', 'fcn8s_atonce', 'fcn_alexnet', 'fcn_googlenet') else 1e-3
+    c.optim.momentum = 0.9
+    c.log_every = 20
+    c.eval_every = 200
+    c.checkpoint_every = 100
+    c.eval_batch_size = 8
+    c.eval_pad_to = 96
+    c.num_figure_examples = 4
+  return c

@@ -1,0 +1,67 @@
+"""The README's main job: FCN-32s -> FCN-16s -> FCN-8s on a synthetic VOC-format set, on a CPU.
+
+`python -m experiments.demo --workdir runs/demo` writes the synthetic VOCdevkit tree, prepares it
+through the same TFDS builder as PASCAL VOC, trains the three stages at reduced width (each from the
+previous one), and prints the paper's Table 2 for them. Figures: runs/demo/figures/.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+from absl import app, flags
+
+from experiments import common
+
+ARCHS = ('fcn32s', 'fcn16s', 'fcn8s')
+NAMES = {'fcn32s': 'FCN-32s', 'fcn16s': 'FCN-16s', 'fcn8s': 'FCN-8s'}
+
+flags.DEFINE_string('workdir', 'runs/demo', 'Output directory.')
+flags.DEFINE_integer('steps', 0, 'Override the training steps of every stage (0 = the preset).')
+
+
+def comparison(workdir: pathlib.Path, num_rows: int = 4) -> pathlib.Path:
+  """Fig. 2 style rows (image | FCN-32s | FCN-16s | FCN-8s | ground truth) on validation images."""
+  import numpy as np
+  from fcn_jax import checkpoint, train, viz
+  config = common.load_config('fcn8s', 'demo')
+  common.prepare_demo_data(config, workdir / 'fcn8s')
+  _, source = train.data_sources(config)
+  examples = train.first_examples(config, source, num_rows)
+  rows = [{'image': image, 'ground truth': label} for _, image, label in examples]
+  for arch in ARCHS:
+    model, variables, meta = checkpoint.load_inference(workdir / arch / 'checkpoints')
+    for row, (_, image, _) in zip(rows, examples):
+      scores = viz.predict_scores(model, variables, image, meta['preprocessing'])
+      row[NAMES[arch]] = np.argmax(scores, -1)
+  columns = ['image'] + [NAMES[a] for a in ARCHS] + ['ground truth']
+  return viz.comparison_rows(rows, columns, workdir / 'figures' / 'comparison.png')
+
+
+def main(argv) -> None:
+  del argv
+  from fcn_jax import report
+  workdir = pathlib.Path(flags.FLAGS.workdir).expanduser().resolve()
+  start = time.perf_counter()
+  results = {}
+  for arch in ARCHS:
+    config = common.load_config(arch, 'demo')
+    config.train_predecessor = True
+    if flags.FLAGS.steps:
+      config.num_train_steps = flags.FLAGS.steps
+    t0 = time.perf_counter()
+    results[arch] = common.run(config, workdir / arch)
+    print(f'{NAMES[arch]} trained and evaluated in {time.perf_counter() - t0:.0f} s')
+  figure = comparison(workdir)
+  table = report.table_markdown([(NAMES[a], results[a]) for a in ARCHS],
+                                common.load_config('fcn8s', 'demo').class_names)
+  (workdir / 'results.md').write_text(
+      '# Demo: synthetic VOC-format validation set (reduced width, CPU)\n\n' + table + '\n')
+  print('\n' + table.split('\n\n')[0])
+  print(f'\nTotal {time.perf_counter() - start:.0f} s. Tables: {workdir / "results.md"}; figures: '
+        f'{figure}, {workdir}/<net>/figures/')
+
+
+if __name__ == '__main__':
+  app.run(main)

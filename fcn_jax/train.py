@@ -1,0 +1,425 @@
+"""Training and evaluation: pure jit-compiled steps over a device mesh, and the loop around them.
+
+Data flows one way: TFDS source -> grain loader (per-process shard) -> global sharded batch ->
+`train_step` (state replicated, batch sharded on 'data', state donated) -> on-device metrics ->
+orbax checkpoint / metrics.jsonl / TensorBoard / figures (process 0 only).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fcn_jax import checkpoint as ckpt_lib
+from fcn_jax import losses
+from fcn_jax import metrics as metrics_lib
+from fcn_jax import models
+from fcn_jax import optim
+
+VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat',
+               'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant',
+               'sheep', 'sofa', 'train', 'tvmonitor')
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # optimiser micro-steps taken (jit calls)
+  params: Any
+  batch_stats: Any         # frozen BatchNorm statistics (GoogLeNet); {} otherwise
+  opt_state: Any
+  rng: jax.Array           # base key; dropout uses fold_in(rng, step) so resumed runs replay exactly
+
+  def variables(self, params=None) -> dict:
+    v = {'params': self.params if params is None else params}
+    if self.batch_stats:
+      v['batch_stats'] = self.batch_stats
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh and sharding.
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over all devices (of all processes): batch on 'data', state replicated."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return Mesh(devices.reshape(-1), ('data',))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+  """Process-local numpy batch -> global jax arrays sharded on the batch axis."""
+  sharding = NamedSharding(mesh, P('data'))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items() if isinstance(v, np.ndarray)}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+# ---------------------------------------------------------------------------------------------
+# State, steps.
+
+
+def model_from_config(config: ml_collections.ConfigDict) -> nn.Module:
+  return models.build(config.arch, num_classes=config.model.num_classes, width=config.model.width,
+                      dtype=jnp.dtype(config.model.dtype),
+                      learnable_upsampling=config.model.learnable_upsampling)
+
+
+def optimizer_from_config(config: ml_collections.ConfigDict, model: nn.Module,
+                          params: Any) -> optax.GradientTransformation:
+  o = config.optim
+  return optim.make_optimizer(
+      learning_rate=o.learning_rate, momentum=o.momentum, weight_decay=o.weight_decay,
+      params=params, frozen=models.frozen_mask(model, params), bias_lr_mult=o.bias_lr_mult,
+      schedule=o.schedule, total_steps=config.num_train_steps, accumulate_steps=config.accumulate_steps,
+      caffe=o.caffe)
+
+
+def metadata_from_config(config: ml_collections.ConfigDict) -> dict:
+  """What inference needs, with no training config: stored in every checkpoint."""
+  return {
+      'arch': config.arch,
+      'num_classes': config.model.num_classes,
+      'width': config.model.width,
+      'learnable_upsampling': config.model.learnable_upsampling,
+      'preprocessing': config.preprocessing,
+      'class_names': list(config.class_names),
+      'source': f'trained with fcn_jax ({config.get("preset", "custom")} preset)',
+  }
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, variables: dict,
+                       rng: jax.Array) -> TrainState:
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params), rng=rng)
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
+               normalize_loss: bool, num_classes: int) -> tuple[TrainState, dict]:
+  """One pure SGD micro-step. batch: image (N, H, W, 3) float32, label (N, H, W) int32."""
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    logits = model.apply(state.variables(params), batch['image'], train=True,
+                         rngs={'dropout': dropout_rng})
+    return losses.cross_entropy(logits, batch['label'], normalize=normalize_loss), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  labels = batch['label']
+  valid = (labels >= 0) & (labels < num_classes)
+  correct = (jnp.argmax(logits, -1) == labels) & valid
+  step_metrics = {
+      'loss': loss,
+      'nonfinite': (~jnp.isfinite(loss)).astype(jnp.int32),
+      'correct_pixels': correct.sum(),
+      'valid_pixels': valid.sum(),
+      'steps': jnp.ones((), jnp.int32),
+  }
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, step_metrics
+
+
+def eval_step(variables: dict, batch: dict, confusion: jax.Array, *, model: nn.Module,
+              num_classes: int) -> tuple[jax.Array, jax.Array]:
+  """Adds the batch's confusion matrix to `confusion` on device; returns it and the predictions."""
+  logits = model.apply(variables, batch['image'], train=False)
+  predictions = jnp.argmax(logits, -1).astype(jnp.int32)
+  return confusion + metrics_lib.confusion_matrix(batch['label'], predictions, num_classes), predictions
+
+
+def compile_train_step(model, tx, mesh: Mesh, *, normalize_loss: bool, num_classes: int) -> Callable:
+  replicated = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P('data'))
+  fn = functools.partial(train_step, model=model, tx=tx, normalize_loss=normalize_loss,
+                         num_classes=num_classes)
+  return jax.jit(fn, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+                 donate_argnums=(0,))
+
+
+def compile_eval_step(model, mesh: Mesh, *, num_classes: int, batch_sharded: bool) -> Callable:
+  replicated = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P('data')) if batch_sharded else replicated
+  fn = functools.partial(eval_step, model=model, num_classes=num_classes)
+  return jax.jit(fn, in_shardings=(replicated, data, replicated), out_shardings=(replicated, data),
+                 donate_argnums=(2,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation over a whole split.
+
+
+def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *, num_classes: int,
+             mesh: Mesh | None = None, keep_predictions: int = 0,
+             progress: bool = False) -> tuple[dict, list]:
+  """Accumulates ONE confusion matrix over the split (on device, across devices and hosts).
+
+  Returns (scores, kept) with kept = up to `keep_predictions` (file_name, image, label, prediction)
+  tuples for figures.
+  """
+  mesh = mesh or make_mesh()
+  variables = replicate(variables, mesh)
+  confusion = replicate(jnp.zeros((num_classes, num_classes), jnp.int32), mesh)
+  steps: dict[bool, Callable] = {}
+  kept = []
+  iterator = batches
+  if progress:
+    from tqdm.auto import tqdm
+    iterator = tqdm(batches, desc='eval', unit='batch', leave=False)
+  for batch in iterator:
+    n = batch['image'].shape[0] * jax.process_count()
+    sharded = n % mesh.devices.size == 0
+    if sharded not in steps:
+      steps[sharded] = compile_eval_step(model, mesh, num_classes=num_classes, batch_sharded=sharded)
+    device_batch = (shard_batch(batch, mesh) if sharded
+                    else {k: replicate(np.asarray(batch[k]), mesh) for k in ('image', 'label')})
+    confusion, predictions = steps[sharded](variables, device_batch, confusion)
+    if len(kept) < keep_predictions:
+      local_preds = np.asarray(jax.device_get(predictions.addressable_data(0))) if sharded and jax.process_count() > 1 else np.asarray(predictions)
+      names = batch.get('file_name', [''] * len(local_preds))
+      for i in range(min(len(local_preds), keep_predictions - len(kept))):
+        if (batch['label'][i] != 255).any():
+          kept.append((str(names[i]), batch['image'][i], batch['label'][i], local_preds[i]))
+  scores = metrics_lib.segmentation_scores(np.asarray(jax.device_get(confusion)))
+  return scores, kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation from another checkpoint (staged training, converted backbones).
+
+
+def transfer_params(target: dict, source: dict) -> tuple[dict, list[str], list[str]]:
+  """Copies every top-level layer of `source` whose shapes match into `target`.
+
+  Returns (params, copied layer names, layers kept at their initialisation). FCN-16s from FCN-32s
+  copies the backbone and score_fr; score_pool4 stays zero and upscore2/upscore16 bilinear.
+  """
+  out, copied, kept = dict(target), [], []
+  for name, sub in target.items():
+    src = source.get(name)
+    if src is not None and jax.tree.structure(src) == jax.tree.structure(sub) and all(
+        np.shape(a) == np.shape(b) for a, b in zip(jax.tree.leaves(src), jax.tree.leaves(sub))):
+      out[name] = jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), src, sub)
+      copied.append(name)
+    else:
+      kept.append(name)
+  return out, copied, kept
+
+
+def initial_variables(model: nn.Module, config: ml_collections.ConfigDict, rng: jax.Array,
+                      log: Callable[[str], None] = print) -> dict:
+  variables = jax.jit(lambda r: models.init_variables(model, r))(rng)
+  variables = jax.tree.map(np.asarray, variables)
+  if not config.init_from:
+    return variables
+  _, source, meta = ckpt_lib.load_inference(config.init_from)
+  if meta.get('preprocessing') and meta['preprocessing'] != config.preprocessing:
+    raise ValueError(
+        f'{config.init_from} expects {meta["preprocessing"]!r} inputs but config.preprocessing is '
+        f'{config.preprocessing!r}; set --config.preprocessing={meta["preprocessing"]}')
+  params, copied, kept = transfer_params(variables['params'], source['params'])
+  if not copied:
+    raise ValueError(f'no layer of {config.init_from} (arch {meta.get("arch")}) matches '
+                     f'{config.arch} at width {config.model.width}')
+  log(f'initialised {len(copied)} layers from {config.init_from} ({meta.get("arch")}); '
+      f'kept at init: {", ".join(kept) or "none"}')
+  variables = dict(variables, params=params)
+  if 'batch_stats' in variables and 'batch_stats' in source:
+    variables['batch_stats'], _, _ = transfer_params(variables['batch_stats'], source['batch_stats'])
+  return variables
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    from tqdm.auto import tqdm
+    tqdm.write(msg)
+
+
+def data_sources(config: ml_collections.ConfigDict):
+  """(train source, eval source) through our TFDS builders (prepared on first use)."""
+  from fcn_jax import data as data_lib
+  d = config.dataset
+  kwargs = dict(data_dir=d.data_dir, manual_dir=d.manual_dir or None, download=d.download)
+  train = data_lib.get_data_source(d.name, d.train_split, **kwargs)
+  evals = data_lib.get_data_source(d.eval_name or d.name, d.eval_split, **kwargs)
+  return train, evals
+
+
+def eval_batches(config: ml_collections.ConfigDict, source) -> Iterable[dict]:
+  from fcn_jax.data import pipeline
+  return pipeline.eval_batches(
+      source, preprocessing=config.preprocessing, batch_size=config.eval_batch_size,
+      pad_to=config.eval_pad_to or None, shard_index=jax.process_index(),
+      shard_count=jax.process_count())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains `config.arch`, evaluating on a schedule; resumes from the latest checkpoint in workdir.
+
+  Returns the final evaluation scores. Writes metrics.jsonl, TensorBoard events, checkpoints/,
+  results.json, results.md and figures/ in workdir.
+  """
+  from fcn_jax.data import pipeline
+  from fcn_jax import report, viz
+
+  workdir = pathlib.Path(workdir).expanduser()
+  is_main = jax.process_index() == 0
+  mesh = make_mesh()
+  if config.batch_size % mesh.devices.size:
+    raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of the '
+                     f'{mesh.devices.size} devices (the batch is split across them)')
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+  train_source, eval_source = data_sources(config)
+
+  model = model_from_config(config)
+  init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
+  checkpointer = ckpt_lib.Checkpointer(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  init_config = config if latest is None else config.copy_and_resolve_references()
+  if latest is not None:
+    with init_config.unlocked():
+      init_config.init_from = ''  # the checkpoint has everything
+  variables = initial_variables(model, init_config, init_rng, log=_log)
+  tx = optimizer_from_config(config, model, variables['params'])
+  state = create_train_state(model, tx, variables, state_rng)
+
+  loader = pipeline.train_loader(
+      train_source, batch_size=config.batch_size // jax.process_count(), crop_size=config.crop_size,
+      preprocessing=config.preprocessing, seed=config.seed,
+      scale_range=tuple(config.scale_range) if config.scale_range else None, flip=config.flip,
+      worker_count=config.data_workers, shard_index=jax.process_index(),
+      shard_count=jax.process_count())
+  train_iter = iter(loader)
+  if latest is not None:
+    state, data_state, _ = checkpointer.restore(state, latest)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    _log(f'resumed from {workdir / "checkpoints"} at step {latest}')
+  state = replicate(state, mesh)
+
+  metadata = metadata_from_config(config)
+  step_fn = compile_train_step(model, tx, mesh, normalize_loss=config.loss_normalize,
+                               num_classes=config.model.num_classes)
+  writer = report.MetricWriter(workdir, enabled=is_main)
+  total = config.num_train_steps * config.accumulate_steps
+  start = int(jax.device_get(state.step))
+  every = lambda n, s: n > 0 and s % n == 0
+
+  from tqdm.auto import tqdm
+  bar = tqdm(total=total, initial=start, desc=config.arch, unit='step', disable=not is_main,
+             dynamic_ncols=True)
+  pending, t_last, step_last = None, time.perf_counter(), start
+  last_scores = None
+
+  def flush(step: int) -> None:
+    """Fetches the on-device metrics since the last flush; stops on a non-finite loss."""
+    nonlocal pending, t_last, step_last
+    if pending is None:
+      return
+    m = jax.device_get(pending)
+    pending = None
+    if int(m['nonfinite']):
+      raise NonFiniteLossError(
+          f'non-finite loss in {int(m["nonfinite"])} of the steps {step_last + 1}..{step}; stopping. '
+          f'The last good checkpoint in {workdir / "checkpoints"} is intact. Lower '
+          f'config.optim.learning_rate (a normalised-loss lr with config.loss_normalize=False is '
+          f'the usual cause).')
+    now = time.perf_counter()
+    n = int(m['steps'])
+    values = {'loss': float(m['loss']) / n,
+              'pixel_acc': float(m['correct_pixels']) / max(int(m['valid_pixels']), 1),
+              'images_per_sec': n * config.batch_size / max(now - t_last, 1e-9)}
+    writer.write(step, 'train', values)
+    bar.set_postfix(loss=f'{values["loss"]:.4f}', img_s=f'{values["images_per_sec"]:.1f}')
+    t_last, step_last = now, step
+
+  def save(step: int, scores: dict | None) -> None:
+    flush(step)  # never checkpoint a state that followed a non-finite loss
+    checkpointer.save(step, jax.device_get(state), metadata=metadata,
+                      data_state=train_iter.get_state(), metrics=scores)
+
+  try:
+    for step in range(start + 1, total + 1):
+      state, m = step_fn(state, shard_batch(next(train_iter), mesh))
+      pending = m if pending is None else jax.tree.map(jnp.add, pending, m)
+      bar.update(1)
+      last = step == total
+      if every(config.log_every, step) or last:
+        flush(step)
+      scores = None
+      if every(config.eval_every, step) or last:
+        flush(step)
+        scores, _ = evaluate(model, state.variables(), eval_batches(config, eval_source),
+                             num_classes=config.model.num_classes, mesh=mesh)
+        last_scores = scores
+        writer.write(step, 'eval', {k: scores[k] for k in ('pixel_acc', 'mean_acc', 'mean_iu', 'fw_iu')})
+        _log(f'step {step}: ' + ', '.join(f'{k} {100 * scores[k]:.2f}' for k in
+                                           ('pixel_acc', 'mean_acc', 'mean_iu', 'fw_iu')))
+      if every(config.checkpoint_every, step) or scores is not None or last:
+        save(step, scores)
+  except KeyboardInterrupt:
+    # Keep what was trained: checkpoint the current state (if its losses were finite) and stop.
+    step = int(jax.device_get(state.step))
+    if step > start:
+      save(step, None)
+      _log(f'interrupted: saved step {step} to {workdir / "checkpoints"}')
+    raise
+  finally:
+    bar.close()
+    checkpointer.wait_until_finished()
+    writer.close()
+
+  if last_scores is None:  # resumed a finished run: evaluate the final state
+    last_scores, _ = evaluate(model, state.variables(), eval_batches(config, eval_source),
+                              num_classes=config.model.num_classes, mesh=mesh)
+  if is_main:
+    class_names = list(config.class_names)
+    report.write_results(workdir, config.arch, last_scores, class_names,
+                         extra={'step': total, 'preset': config.get('preset', '')})
+    viz.training_curves(report.read_metrics(workdir), workdir / 'figures' / 'training_curves.png',
+                        title=config.arch)
+    if config.num_figure_examples:
+      examples = first_examples(config, eval_source, config.num_figure_examples)
+      viz.score_map_figure(model, jax.device_get(state.variables()), examples, class_names,
+                           workdir / 'figures' / 'score_maps.png', preprocessing=config.preprocessing)
+  checkpointer.close()
+  return last_scores
+
+
+def first_examples(config: ml_collections.ConfigDict, source, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+  """The first `count` examples of a split as (file_name, uint8 RGB image, label) for figures."""
+  from fcn_jax import data as data_lib
+  out = []
+  for i in range(min(count, len(source))):
+    record = source[i]
+    image, label = data_lib.decode_example(record)
+    name = record.get('file_name', str(i)) if isinstance(record, dict) else str(i)
+    out.append((name.decode() if isinstance(name, bytes) else str(name), image, label))
+  return out

@@ -1,0 +1,137 @@
+"""Figures: the VOC palette, overlays, class score maps (paper Fig. 1 style), comparison rows
+(Fig. 2 style: image | FCN-32s | FCN-16s | FCN-8s | ground truth) and training curves."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from fcn_jax import preprocessing as prep_lib
+
+
+def voc_palette(num_colors: int = 256) -> np.ndarray:
+  """The PASCAL VOC colour map (bit-interleaved class ids); (num_colors, 3) uint8. 255 is void."""
+  palette = np.zeros((num_colors, 3), np.uint8)
+  for i in range(num_colors):
+    c, r, g, b = i, 0, 0, 0
+    for j in range(8):
+      r |= ((c >> 0) & 1) << (7 - j)
+      g |= ((c >> 1) & 1) << (7 - j)
+      b |= ((c >> 2) & 1) << (7 - j)
+      c >>= 3
+    palette[i] = (r, g, b)
+  return palette
+
+
+PALETTE = voc_palette()
+
+
+def colorize(label: np.ndarray) -> np.ndarray:
+  """(H, W) class ids (255 void) -> (H, W, 3) uint8 in the VOC palette."""
+  return PALETTE[np.asarray(label, np.uint8)]
+
+
+def label_png(label: np.ndarray) -> Image.Image:
+  """A palette PNG as VOC's SegmentationClass: pixel value = class id."""
+  img = Image.fromarray(np.asarray(label, np.uint8), mode='P')
+  img.putpalette(PALETTE.reshape(-1).tolist())
+  return img
+
+
+def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+  """Blends the coloured label map over an RGB image; background and void stay untinted."""
+  color = colorize(label).astype(np.float32)
+  img = np.asarray(image, np.float32)
+  tint = ((label > 0) & (label != 255))[..., None]
+  return np.where(tint, (1 - alpha) * img + alpha * color, img).astype(np.uint8)
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _save(fig, path: str | pathlib.Path) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110, bbox_inches='tight')
+  _plt().close(fig)
+  return path
+
+
+def training_curves(records: Sequence[dict], path: str | pathlib.Path, title: str = '') -> pathlib.Path:
+  """Training loss and evaluation scores against steps, from metrics.jsonl records."""
+  plt = _plt()
+  train = [r for r in records if r.get('kind') == 'train' and r.get('loss') is not None]
+  evals = [r for r in records if r.get('kind') == 'eval']
+  fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.6))
+  if train:
+    ax_loss.plot([r['step'] for r in train], [r['loss'] for r in train], lw=1)
+  ax_loss.set(xlabel='step', ylabel='training loss', title=f'{title} loss'.strip())
+  ax_loss.grid(alpha=0.3)
+  for key, name in (('pixel_acc', 'pixel acc.'), ('mean_acc', 'mean acc.'), ('mean_iu', 'mean IU'),
+                    ('fw_iu', 'f.w. IU')):
+    pts = [(r['step'], r[key]) for r in evals if r.get(key) is not None]
+    if pts:
+      ax_eval.plot(*zip(*pts), marker='o', ms=3, label=name)
+  ax_eval.set(xlabel='step', ylabel='score', ylim=(0, 1), title=f'{title} evaluation'.strip())
+  ax_eval.grid(alpha=0.3)
+  if evals:
+    ax_eval.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def predict_scores(model, variables: dict, image: np.ndarray, preprocessing: str) -> np.ndarray:
+  """uint8 RGB (H, W, 3) -> float32 class scores (H, W, C) at the input size."""
+  import jax
+  x = prep_lib.get(preprocessing)(image)[None]
+  return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))[0]
+
+
+def score_map_figure(model, variables: dict, examples: Sequence[tuple[str, np.ndarray, np.ndarray]],
+                     class_names: Sequence[str], path: str | pathlib.Path, preprocessing: str,
+                     classes_per_image: int = 2) -> pathlib.Path:
+  """Paper Fig. 1 style: each image beside the score maps of the classes it contains."""
+  plt = _plt()
+  rows = len(examples)
+  cols = 2 + classes_per_image
+  fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
+  for row, (name, image, label) in zip(axes, examples):
+    scores = predict_scores(model, variables, image, preprocessing)
+    present = [c for c in np.unique(label) if 0 < c < len(class_names)]
+    present = sorted(present, key=lambda c: -(label == c).sum())[:classes_per_image]
+    row[0].imshow(image)
+    row[0].set_title(name, fontsize=8)
+    row[1].imshow(colorize(np.argmax(scores, -1)))
+    row[1].set_title('prediction', fontsize=8)
+    for ax, c in zip(row[2:], present):
+      ax.imshow(scores[..., c], cmap='jet')
+      ax.set_title(f'score: {class_names[c]}', fontsize=8)
+    for ax in row:
+      ax.axis('off')
+  return _save(fig, path)
+
+
+def comparison_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str],
+                    path: str | pathlib.Path) -> pathlib.Path:
+  """Paper Fig. 2 style: one row per image, one column per entry of `columns`.
+
+  Each row maps a column name to either an RGB image or an (H, W) label map (coloured in the VOC
+  palette), e.g. columns = ('image', 'FCN-32s', 'FCN-16s', 'FCN-8s', 'ground truth').
+  """
+  plt = _plt()
+  fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.4 * len(columns), 2.4 * len(rows)),
+                           squeeze=False)
+  for r, (ax_row, row) in enumerate(zip(axes, rows)):
+    for ax, col in zip(ax_row, columns):
+      value = np.asarray(row[col])
+      ax.imshow(value if value.ndim == 3 else colorize(value))
+      if r == 0:
+        ax.set_title(col, fontsize=9)
+      ax.axis('off')
+  return _save(fig, path)
