@@ -1,0 +1,383 @@
+"""Checkpoints that keep the latest AND the best (by mean IU) training states, and inference bundles.
+
+Layout (one orbax CheckpointManager per directory; every step is written to a temporary directory and
+renamed when complete, so a run killed mid-save leaves the previous checkpoints restorable):
+
+    directory/
+      <step>/
+        variables/    {'params', maybe 'batch_stats'} of the state (orbax StandardSave)
+        train_state/  the rest of the state: opt_state, step, rng, ... (absent for inference bundles)
+        metadata/     JSON: arch, num_classes, width, learnable_upsampling, preprocessing, class_names...
+        data_state/   JSON: the data iterator state (absent when none was given)
+        metrics/      JSON written by orbax when the step was evaluated (drives "best")
+
+Kept: the `max_to_keep` most recent steps plus the step with the highest `mean_iu` (a preservation
+policy LatestN OR BestN(1)), so the best survives newer, worse checkpoints.
+
+`save_inference` writes the same layout with a single step 0 holding only variables + metadata, so
+`load_inference` / `read_metadata` read training runs and converted weights alike, without any
+training configuration.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import os
+from typing import Any
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
+
+__all__ = ['Checkpointer', 'load_inference', 'read_metadata', 'save_inference']
+
+VARIABLES = 'variables'
+TRAIN_STATE = 'train_state'
+METADATA = 'metadata'
+DATA_STATE = 'data_state'
+VARIABLE_COLLECTIONS = ('params', 'batch_stats')
+BEST_METRIC = 'mean_iu'
+
+_BYTES_TAG = '__bytes_b64__'
+_log = logging.getLogger(__name__)
+
+
+class _QuietUnevaluated(logging.Filter):
+  """Steps saved without evaluation are normal here: drop orbax's warning about their metrics."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'did not provide metrics' not in record.getMessage()
+
+
+logging.getLogger('absl').addFilter(_QuietUnevaluated())
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON helpers
+
+
+def _to_json(obj: Any) -> Any:
+  """Makes `obj` JSON-able: numpy/jax scalars and arrays -> python, bytes -> tagged base64."""
+  if isinstance(obj, (bytes, bytearray)):
+    return {_BYTES_TAG: base64.b64encode(bytes(obj)).decode('ascii')}
+  if isinstance(obj, dict):
+    return {str(k): _to_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_to_json(v) for v in obj]
+  if isinstance(obj, (jax.Array, np.ndarray, np.generic)):
+    return _to_json(np.asarray(obj).tolist())
+  if obj is None or isinstance(obj, (bool, int, float, str)):
+    return obj
+  if hasattr(obj, 'item') and callable(obj.item):
+    return obj.item()
+  raise TypeError(f'cannot store {type(obj).__name__} as JSON: {obj!r}')
+
+
+def _from_json(obj: Any) -> Any:
+  if isinstance(obj, dict):
+    if set(obj) == {_BYTES_TAG}:
+      return base64.b64decode(obj[_BYTES_TAG])
+    return {k: _from_json(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [_from_json(v) for v in obj]
+  return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# State <-> (variables, train_state) trees
+
+
+def _is_prng_key(x: Any) -> bool:
+  return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _storable(tree: Any) -> Any:
+  """State dict of `tree` with typed PRNG keys replaced by their raw uint32 data."""
+  state_dict = flax.serialization.to_state_dict(tree)
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_prng_key(x) else x, state_dict)
+
+
+def _split(state_dict: Any) -> tuple[dict | None, Any]:
+  """{'params', 'batch_stats'} (non-empty ones) vs. everything else."""
+  if not isinstance(state_dict, dict) or 'params' not in state_dict:
+    return None, state_dict
+  variables = {k: state_dict[k] for k in VARIABLE_COLLECTIONS
+               if k in state_dict and jax.tree.leaves(state_dict[k])}
+  rest = {k: v for k, v in state_dict.items() if k not in variables}
+  return variables, rest
+
+
+def _abstract(tree: Any) -> Any:
+  def leaf(x):
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+      sharding = getattr(x, 'sharding', None)
+      return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+    return x  # python scalars: orbax restores them as saved
+  return jax.tree.map(leaf, tree)
+
+
+def _sanitize_metrics(metrics: dict | None) -> dict | None:
+  if metrics is None:
+    return None
+  return _to_json(metrics)
+
+
+def _best_value(metrics: Any) -> float:
+  value = float(metrics[BEST_METRIC])
+  return -math.inf if math.isnan(value) else value
+
+
+def _has_best_metric(metrics: dict | None) -> bool:
+  return metrics is not None and BEST_METRIC in metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Managers
+
+
+def _manager(directory: str, *, max_to_keep: int | None, read_only: bool = False,
+             async_save: bool = False) -> ocp.CheckpointManager:
+  if read_only:
+    policy = None
+  else:
+    policy = preservation_lib.AnyPreservationPolicy([
+        preservation_lib.LatestN(n=max_to_keep),
+        preservation_lib.BestN(get_metric_fn=_best_value, reverse=False, n=1,
+                               keep_checkpoints_without_metrics=False),
+    ])
+  options = ocp.CheckpointManagerOptions(
+      best_fn=_best_value,
+      best_mode='max',
+      keep_checkpoints_without_metrics=True,
+      preservation_policy=policy,
+      create=not read_only,
+      read_only=read_only,
+      # Incomplete saves of a killed run (`<step>.orbax-checkpoint-tmp*`) are removed on start-up.
+      cleanup_tmp_directories=not read_only,
+      enable_async_checkpointing=async_save,
+  )
+  return ocp.CheckpointManager(os.fspath(directory), options=options)
+
+
+def _step_items(directory: str, step: int) -> set[str]:
+  step_dir = os.path.join(os.fspath(directory), str(step))
+  try:
+    return {name for name in os.listdir(step_dir) if os.path.isdir(os.path.join(step_dir, name))}
+  except FileNotFoundError:
+    return set()
+
+
+class Checkpointer:
+  """Training checkpoints: the latest `max_to_keep` steps plus the best by `metrics['mean_iu']`.
+
+  Saves are synchronous by default (`save` returns once the step is committed on disk); with
+  `async_save=True` they finish in the background and `wait_until_finished` (or the next `save`)
+  blocks until then. Either way a step appears on disk only when complete.
+  """
+
+  def __init__(self, directory, *, max_to_keep: int = 2, async_save: bool = False):
+    if max_to_keep < 1:
+      raise ValueError(f'max_to_keep must be >= 1, got {max_to_keep}')
+    self.directory = os.path.abspath(os.fspath(directory))
+    self._manager = _manager(self.directory, max_to_keep=max_to_keep, async_save=async_save)
+
+  def save(self, step: int, state: Any, *, metadata: dict, data_state: dict | None = None,
+           metrics: dict | None = None) -> None:
+    """Saves `state` at `step`. A step already on disk is left as it is (resumed runs)."""
+    step = int(step)
+    if step in self._manager.all_steps():
+      _log.info('checkpoint step %d already exists in %s; not saving again', step, self.directory)
+      return
+    variables, rest = _split(_storable(state))
+    items = {TRAIN_STATE: ocp.args.StandardSave(rest),
+             METADATA: ocp.args.JsonSave(_to_json(dict(metadata)))}
+    if variables is not None:
+      items[VARIABLES] = ocp.args.StandardSave(variables)
+    if data_state is not None:
+      items[DATA_STATE] = ocp.args.JsonSave(_to_json(data_state))
+    metrics = _sanitize_metrics(metrics)
+    self._manager.save(
+        step, args=ocp.args.Composite(**items), force=True,
+        # Only evaluated steps carry metrics: they compete for "best"; others are just "latest".
+        metrics=metrics if _has_best_metric(metrics) else None,
+        custom_metadata={'metrics': metrics} if metrics is not None else None)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The kept step with the highest mean IU (None when no kept step was evaluated)."""
+    steps = [s for s in self._manager.all_steps() if self._manager.metrics(s) is not None]
+    return self._manager.best_step() if steps else None
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def metrics(self, step: int) -> dict | None:
+    return self._manager.metrics(step)
+
+  def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict | None, dict]:
+    """(state, data_state, metadata) at `step` (default: latest), shaped like `target_state`."""
+    self.wait_until_finished()
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f'no checkpoint to restore in {self.directory}')
+    step = int(step)
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f'no checkpoint for step {step} in {self.directory}; '
+                              f'available: {self.all_steps()}')
+    present = _step_items(self.directory, step)
+    target_sd = _storable(target_state)
+    target_vars, target_rest = _split(target_sd)
+    items = {TRAIN_STATE: ocp.args.StandardRestore(_abstract(target_rest)),
+             METADATA: ocp.args.JsonRestore()}
+    if target_vars is not None:
+      if VARIABLES not in present:
+        raise ValueError(f'checkpoint {self.directory}/{step} holds no variables')
+      items[VARIABLES] = ocp.args.StandardRestore(_abstract(target_vars))
+    if DATA_STATE in present:
+      items[DATA_STATE] = ocp.args.JsonRestore()
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    state_dict = restored[TRAIN_STATE]
+    if target_vars is not None:
+      state_dict = {**state_dict, **restored[VARIABLES]}
+      state_dict = {k: state_dict[k] for k in target_sd}  # the target's key order
+    state = flax.serialization.from_state_dict(target_state, state_dict)
+    state = jax.tree.map(
+        lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_prng_key(t) else x,
+        target_state, state)
+    data_state = _from_json(restored[DATA_STATE]) if DATA_STATE in items else None
+    return state, data_state, dict(restored[METADATA])
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference
+
+
+def save_inference(directory, variables: dict, metadata: dict, *, overwrite: bool = False) -> None:
+  """Writes `variables` ({'params', maybe 'batch_stats'}) and `metadata` as a checkpoint directory.
+
+  `metadata` must name the model (`arch`, and `num_classes`, `width`, `learnable_upsampling` when
+  not the defaults) so that `load_inference` can rebuild it.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if 'arch' not in metadata:
+    raise ValueError('metadata must contain "arch" (plus num_classes, width, ...) to rebuild the model')
+  if os.path.isdir(directory) and os.listdir(directory):
+    if not overwrite:
+      raise FileExistsError(f'{directory} is not empty; pass overwrite=True to replace it')
+    import shutil
+    shutil.rmtree(directory)
+  variables = {k: v for k, v in flax.serialization.to_state_dict(variables).items()
+               if k in VARIABLE_COLLECTIONS and jax.tree.leaves(v)}
+  if 'params' not in variables:
+    raise ValueError('variables must contain "params"')
+  manager = _manager(directory, max_to_keep=1)
+  try:
+    manager.save(0, force=True, args=ocp.args.Composite(**{
+        VARIABLES: ocp.args.StandardSave(variables),
+        METADATA: ocp.args.JsonSave(_to_json(dict(metadata)))}))
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+
+
+def _resolve(directory, which: str) -> tuple[str, int]:
+  """(manager directory, step) for `which` in 'best' | 'latest' | a step number.
+
+  `directory` may also be a step directory itself (`run/1200`).
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'checkpoint directory {directory} does not exist')
+  base = os.path.basename(directory)
+  if base.isdigit() and (os.path.isdir(os.path.join(directory, METADATA)) or
+                         os.path.isdir(os.path.join(directory, VARIABLES))):
+    return os.path.dirname(directory), int(base)
+  manager = _manager(directory, max_to_keep=None, read_only=True)
+  try:
+    steps = list(manager.all_steps())
+    if not steps:
+      raise FileNotFoundError(f'no checkpoint in {directory}')
+    if which == 'latest':
+      step = manager.latest_step()
+    elif which == 'best':
+      evaluated = [s for s in steps if manager.metrics(s) is not None]
+      step = manager.best_step() if evaluated else manager.latest_step()
+    elif str(which).isdigit():
+      step = int(which)
+      if step not in steps:
+        raise FileNotFoundError(f'no checkpoint for step {step} in {directory}; available: '
+                                f'{sorted(steps)}')
+    else:
+      raise ValueError(f"which must be 'best', 'latest' or a step number, got {which!r}")
+  finally:
+    manager.close()
+  return directory, int(step)
+
+
+def _read_json_item(directory: str, step: int, item: str) -> dict:
+  manager = _manager(directory, max_to_keep=None, read_only=True)
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+  finally:
+    manager.close()
+
+
+def read_metadata(directory, which: str = 'best') -> dict:
+  """The metadata stored with the best (else latest) checkpoint of `directory`."""
+  root, step = _resolve(directory, which)
+  if METADATA not in _step_items(root, step):
+    raise ValueError(f'checkpoint {os.path.join(root, str(step))} has no metadata: it cannot be '
+                     'used without knowing the model (arch, num_classes, width, ...)')
+  return _from_json(dict(_read_json_item(root, step, METADATA)))
+
+
+def build_from_metadata(metadata: dict):
+  """The flax module described by checkpoint metadata."""
+  from fcn_jax import models  # imported here: checkpoints do not need the models to be importable
+  if 'arch' not in metadata:
+    raise ValueError(f'metadata has no "arch": {sorted(metadata)}')
+  kwargs = {k: metadata[k] for k in ('num_classes', 'width', 'learnable_upsampling') if k in metadata}
+  if metadata.get('dtype') is not None:
+    kwargs['dtype'] = jnp.dtype(metadata['dtype'])
+  return models.build(metadata['arch'], **kwargs)
+
+
+def load_inference(directory, which: str = 'best'):
+  """(model, variables, metadata) from a training run or a `save_inference` directory.
+
+  `which`: 'best' (highest mean IU; the latest when nothing was evaluated), 'latest' or a step.
+  Only the variables are read (no optimiser state, no training configuration).
+  """
+  root, step = _resolve(directory, which)
+  metadata = read_metadata(os.path.join(root, str(step)))
+  model = build_from_metadata(metadata)
+  if VARIABLES not in _step_items(root, step):
+    raise ValueError(f'checkpoint {os.path.join(root, str(step))} holds no model variables')
+  manager = _manager(root, max_to_keep=None, read_only=True)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore()}))
+  finally:
+    manager.close()
+  variables = {k: v for k, v in restored[VARIABLES].items()}
+  variables = jax.tree.map(jnp.asarray, variables)
+  return model, variables, metadata
