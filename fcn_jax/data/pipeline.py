@@ -64,6 +64,13 @@ def crop_or_pad(image: np.ndarray, label: np.ndarray, crop_size: int, rng: np.ra
   return out_image, out_label
 
 
+def _ensure_absl_flags_parsed():
+  """grain's worker processes read absl flags; outside absl.app.run they are unparsed (-> defaults)."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 class TrainTransform(grain.RandomMapTransform):
   """record -> {'image': float32 (crop, crop, 3), 'label': int32 (crop, crop)}. Picklable (worker processes)."""
 
@@ -78,12 +85,42 @@ class TrainTransform(grain.RandomMapTransform):
     image, label = decode_example(element)
     if image.shape[:2] != label.shape:
       raise ValueError(f'{_file_name(element)}: image {image.shape[:2]} and label {label.shape} differ in size')
-    if self.scale_range is not None:
-      image, label = rescale(image, label, float(rng.uniform(*self.scale_range)))
+    scale = float(rng.uniform(*self.scale_range)) if self.scale_range is not None else 1.0
+    image, label = scaled_crop_or_pad(image, label, self.crop_size, scale, rng, self._preprocess)
     if self.flip and rng.random() < 0.5:
       image, label = image[:, ::-1], label[:, ::-1]
-    image, label = crop_or_pad(image, label, self.crop_size, rng, self._preprocess)
-    return {'image': image, 'label': label}
+    return {'image': np.ascontiguousarray(image), 'label': np.ascontiguousarray(label)}
+
+
+def scaled_crop_or_pad(image: np.ndarray, label: np.ndarray, crop_size: int, scale: float,
+                       rng: np.random.Generator, preprocess) -> tuple[np.ndarray, np.ndarray]:
+  """Equivalent to rescale() then crop_or_pad() (up to resampling rounding), but only the cropped window is resampled (PIL resize with a
+  source box), so scales > 1 cost no more than the crop itself."""
+  if scale == 1.0:
+    return crop_or_pad(image, label, crop_size, rng, preprocess)
+  h, w = label.shape
+  nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+  win, dst = [], []
+  for n in (nh, nw):
+    if n >= crop_size:
+      off = int(rng.integers(0, n - crop_size + 1))
+      win.append((off, off + crop_size))
+      dst.append(slice(0, crop_size))
+    else:
+      off = int(rng.integers(0, crop_size - n + 1))
+      win.append((0, n))
+      dst.append(slice(off, off + n))
+  sy, sx = nh / h, nw / w
+  (y0, y1), (x0, x1) = win
+  box = (x0 / sx, y0 / sy, x1 / sx, y1 / sy)
+  size = (x1 - x0, y1 - y0)
+  image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR, box=box))
+  label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST, box=box))
+  out_image = np.zeros((crop_size, crop_size, 3), np.float32)
+  out_label = np.full((crop_size, crop_size), IGNORE_LABEL, np.int32)
+  out_image[dst[0], dst[1]] = preprocess(image)
+  out_label[dst[0], dst[1]] = label
+  return out_image, out_label
 
 
 def train_loader(source, *, batch_size: int, crop_size: int, preprocessing: str, seed: int,
@@ -103,6 +140,8 @@ def train_loader(source, *, batch_size: int, crop_size: int, preprocessing: str,
     raise ValueError(f'shard_index {shard_index} outside [0, {shard_count})')
   if scale_range is not None and not 0 < scale_range[0] <= scale_range[1]:
     raise ValueError(f'bad scale_range {scale_range}')
+  if worker_count:
+    _ensure_absl_flags_parsed()
   shard = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
   sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True,
                                num_epochs=num_epochs, seed=seed)
