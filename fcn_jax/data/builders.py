@@ -181,14 +181,78 @@ def _manual_dir(dl_manager) -> epath.Path | None:
   return None
 
 
+def _dl_dirs(dl_manager) -> tuple[epath.Path, epath.Path]:
+  """(download_dir, extract_dir) of the TFDS download manager (default <data_dir>/downloads[/extracted])."""
+  download_dir = epath.Path(getattr(dl_manager, '_download_dir'))
+  extract_dir = epath.Path(getattr(dl_manager, '_extract_dir', download_dir / 'extracted'))
+  return download_dir, extract_dir
+
+
+def extract_archive(archive: epath.Path, extract_dir: epath.Path) -> epath.Path:
+  """Extracts a .tar / .tgz once into extract_dir/<archive name> (TF-free; TFDS's extractor needs TensorFlow).
+
+  Extraction goes to a temporary sibling that is renamed into place at the end, so an interrupted extraction is
+  redone rather than trusted.
+  """
+  import shutil
+  import tempfile
+  dest = epath.Path(extract_dir) / archive.name
+  if dest.exists():
+    return dest
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  tmp = epath.Path(tempfile.mkdtemp(prefix=f'.{archive.name}.', dir=os.fspath(dest.parent)))
+  try:
+    from tqdm.auto import tqdm
+    with tarfile.open(os.fspath(archive), 'r:*') as tar:
+      kwargs = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
+      for member in tqdm(tar, desc=f'extracting {archive.name}', unit=' files', mininterval=2.0, leave=False):
+        tar.extract(member, os.fspath(tmp), **kwargs)
+    os.replace(os.fspath(tmp), os.fspath(dest))
+  except (tarfile.TarError, OSError, EOFError) as e:
+    shutil.rmtree(os.fspath(tmp), ignore_errors=True)
+    raise DataError(f'cannot extract {archive}: {e}') from e
+  except BaseException:
+    shutil.rmtree(os.fspath(tmp), ignore_errors=True)
+    raise
+  return dest
+
+
+def download_file(url: str, dest: epath.Path, md5: str | None) -> epath.Path:
+  """Downloads url to dest (via a .part file) unless dest exists with the right MD5; checks the MD5."""
+  import urllib.request
+  from tqdm.auto import tqdm
+  dest = epath.Path(dest)
+  if dest.exists() and (md5 is None or md5sum(dest) == md5):
+    return dest
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  part = dest.parent / (dest.name + '.part')
+  try:
+    with urllib.request.urlopen(url) as response, part.open('wb') as f:
+      total = int(response.headers.get('Content-Length') or 0) or None
+      with tqdm(total=total, unit='B', unit_scale=True, desc=f'downloading {dest.name}') as bar:
+        while block := response.read(1 << 20):
+          f.write(block)
+          bar.update(len(block))
+  except OSError as e:
+    raise MissingDataError(f'cannot download {url}: {e}. Download it by hand into the manual directory '
+                           '(see the instructions) and pass manual_dir.') from e
+  got = md5sum(part)
+  if md5 is not None and got != md5:
+    part.unlink()
+    raise DataError(f'{url} downloaded with MD5 {got}, expected {md5}; try again')
+  os.replace(os.fspath(part), os.fspath(dest))
+  return dest
+
+
 def _download_checked(dl_manager, archive: dict) -> epath.Path:
   """Downloads an official archive, checks its MD5, extracts it, returns the extraction root."""
-  path = epath.Path(dl_manager.download(archive['url']))
-  got = md5sum(path)
-  if got != archive['md5']:
-    raise DataError(f'{path} (from {archive["url"]}) has MD5 {got}, expected {archive["md5"]}; '
-                    'delete it and download again')
-  return epath.Path(dl_manager.extract(path))
+  download_dir, extract_dir = _dl_dirs(dl_manager)
+  path = download_file(archive['url'], download_dir / archive['filename'], archive['md5'])
+  return extract_archive(path, extract_dir)
+
+
+def _extract_manual(dl_manager, archive: epath.Path) -> epath.Path:
+  return extract_archive(archive, _dl_dirs(dl_manager)[1])
 
 
 class _Base(tfds.core.GeneratorBasedBuilder):
@@ -295,7 +359,7 @@ class VocSegmentation(_Base):
       if root is not None:
         return root
       if (manual / archive['filename']).exists():
-        extracted = epath.Path(dl_manager.extract(manual / archive['filename']))
+        extracted = _extract_manual(dl_manager, manual / archive['filename'])
         root = _find_voc_root(extracted, year)
         if root is None:
           raise MissingDataError(f'{manual / archive["filename"]} does not contain VOCdevkit/VOC{year}')
@@ -390,7 +454,7 @@ class Sbd(_Base):
       if root is not None:
         return root
       if (manual / SBD_ARCHIVE['filename']).exists():
-        root = _find_sbd_root(epath.Path(dl_manager.extract(manual / SBD_ARCHIVE['filename'])))
+        root = _find_sbd_root(_extract_manual(dl_manager, manual / SBD_ARCHIVE['filename']))
         if root is None:
           raise MissingDataError(f'{manual / SBD_ARCHIVE["filename"]} does not contain benchmark_RELEASE/dataset')
         return root
