@@ -125,7 +125,7 @@ def blob_array(blob) -> np.ndarray:
   if int(np.prod(shape)) != values.size:
     raise ValueError(f'blob declares shape {shape} ({int(np.prod(shape))} values) but holds '
                      f'{values.size} values (unpacked or split encodings are not supported)')
-  return values.astype(np.float32).reshape(shape)
+  return values.astype(np.float32, copy=False).reshape(shape)
 
 
 def read_net(data: bytes) -> tuple[str, list[tuple[str, str, list[np.ndarray]]]]:
