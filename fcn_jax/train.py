@@ -71,7 +71,8 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  # Always a copy: the train step donates its state, which must not delete the caller's arrays.
+  return jax.device_put(tree, NamedSharding(mesh, P()), may_alias=False)
 
 
 # ---------------------------------------------------------------------------------------------
