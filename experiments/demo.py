@@ -41,6 +41,7 @@ def comparison(workdir: pathlib.Path, num_rows: int = 4) -> pathlib.Path:
 
 def main(argv) -> None:
   del argv
+  common.quiet_logs()
   from fcn_jax import report
   workdir = pathlib.Path(flags.FLAGS.workdir).expanduser().resolve()
   start = time.perf_counter()

@@ -28,6 +28,8 @@ flags.DEFINE_string('out', '', 'Output directory (default: the checkpoint direct
 
 def main(argv) -> None:
   del argv
+  from experiments import common
+  common.quiet_logs()
   from fcn_jax import checkpoint, data as data_lib, report, train
   from fcn_jax.data import pipeline
   FLAGS = flags.FLAGS

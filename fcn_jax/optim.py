@@ -105,6 +105,18 @@ def _optax_sgd(schedule: Schedule, momentum: float, *, lr_mult: float, weight_de
   return optax.chain(*parts)
 
 
+def _adam(schedule: Schedule, momentum: float, *, lr_mult: float, weight_decay: float,
+          decay_mult: float) -> optax.GradientTransformation:
+  """Adam (b1 = momentum) with the L2 term added to the gradient; for training from scratch in the
+  CPU demo, where SGD without ImageNet weights needs far more steps than a demo can spend."""
+  parts = []
+  if weight_decay * decay_mult:
+    parts.append(optax.add_decayed_weights(weight_decay * decay_mult))
+  parts.append(optax.scale_by_adam(b1=momentum))
+  parts.append(optax.scale_by_learning_rate(lambda count: schedule(count) * lr_mult))
+  return optax.chain(*parts)
+
+
 def _leaf_name(path) -> str:
   last = path[-1] if path else None
   for attr in ('key', 'name', 'idx'):
@@ -130,7 +142,7 @@ def make_optimizer(*, learning_rate: float, momentum: float, weight_decay: float
                    frozen: Any, bias_lr_mult: float = 2.0, bias_decay_mult: float = 0.0,
                    schedule: str = 'fixed', total_steps: int | None = None,
                    poly_power: float = 0.9, accumulate_steps: int = 1,
-                   caffe: bool = True) -> optax.GradientTransformation:
+                   caffe: bool = True, algorithm: str = 'sgd') -> optax.GradientTransformation:
   """The FCN optimiser (see the module docstring).
 
   Args:
@@ -144,6 +156,8 @@ def make_optimizer(*, learning_rate: float, momentum: float, weight_decay: float
     accumulate_steps: k > 1 averages k micro-step gradients per update (optax.MultiSteps).
     caffe: True: Caffe's update (lr inside the momentum). False: optax.sgd-style (trace, then
       scale by -lr) with the L2 term added to the gradient; identical for a fixed rate.
+    algorithm: 'sgd' (the paper and the Caffe reference) or 'adam' (b1 = momentum; the CPU demo,
+      which trains from scratch).
 
   Returns:
     An optax.GradientTransformation; `update` needs `params` (weight decay).
@@ -153,7 +167,9 @@ def make_optimizer(*, learning_rate: float, momentum: float, weight_decay: float
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f'momentum must be in [0, 1), got {momentum}')
   lr = make_schedule(learning_rate, schedule, total_steps, poly_power)
-  group = caffe_sgd if caffe else _optax_sgd
+  if algorithm not in ('sgd', 'adam'):
+    raise ValueError(f"algorithm must be 'sgd' or 'adam', got {algorithm!r}")
+  group = _adam if algorithm == 'adam' else caffe_sgd if caffe else _optax_sgd
   mults = {KERNEL: (1.0, 1.0), BIAS: (bias_lr_mult, bias_decay_mult), OTHER: (1.0, 0.0)}
   transforms = {name: group(lr, momentum, lr_mult=lr_mult, weight_decay=weight_decay,
                             decay_mult=decay_mult)

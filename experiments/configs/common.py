@@ -75,6 +75,7 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.optim.bias_lr_mult = 2.0
   c.optim.schedule = 'fixed'   # or 'poly'
   c.optim.caffe = True         # exactly Caffe's SGD update
+  c.optim.algorithm = 'sgd'    # 'adam' only for the from-scratch CPU demo
 
   c.log_every = 50
   c.eval_every = 4000
