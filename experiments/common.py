@@ -28,11 +28,15 @@ def prepare_demo_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) 
   if config.preset != 'demo' or config.dataset.manual_dir:
     return
   from fcn_jax.data import synthetic
+  from fcn_jax import distributed
   s = config.synthetic
   root = workdir.parent / 'synthetic_voc'
-  if not (root / 'VOCdevkit').exists():
-    synthetic.write_voc_tree(root, num_train=s.num_train, num_val=s.num_val, seed=s.seed,
-                             min_size=s.min_size, max_size=s.max_size)
+
+  def write():
+    if not (root / 'VOCdevkit').exists():
+      synthetic.write_voc_tree(root, num_train=s.num_train, num_val=s.num_val, seed=s.seed,
+                               min_size=s.min_size, max_size=s.max_size)
+  distributed.main_process_first(write, 'fcn_jax.demo_data')  # no race on a shared filesystem
   with config.unlocked():
     config.dataset.manual_dir = str(root)
     config.dataset.data_dir = config.dataset.data_dir or str(workdir.parent / 'tfds')
@@ -54,7 +58,9 @@ def resolve_init(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
       pred_config[key] = config[key]
     if pred_config.preset == 'demo':
       pred_config.synthetic = config.synthetic
-    print(f'{config.arch} starts from a trained {pred}: training it first in {pred_dir}')
+    from fcn_jax import distributed
+    if distributed.is_main():
+      print(f'{config.arch} starts from a trained {pred}: training it first in {pred_dir}')
     run(pred_config, pred_dir)
     checkpoint = pred_dir / 'checkpoints'
   else:
@@ -86,19 +92,54 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     raise SystemExit(str(e)) from None
 
 
+def define_distributed_flags() -> None:
+  """Multi-host flags (see fcn_jax.distributed): every process runs the same command plus its id."""
+  flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
+                    'auto: connect the processes when a coordinator / several processes are given '
+                    '(flags or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or a Cloud '
+                    'TPU pod slice, SLURM or Open MPI job is detected; on: always call '
+                    'jax.distributed.initialize; off: single process.')
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, the same for all processes.')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (usually one per host).')
+  flags.DEFINE_integer('process_id', None, 'This process\'s id, 0 .. num_processes - 1.')
+  flags.DEFINE_string('local_device_ids', None, 'Comma-separated local accelerator ids this process uses '
+                      '(several processes per GPU host).')
+
+
+def initialize_distributed() -> bool:
+  """jax.distributed from the flags / environment; quiets absl logging on processes other than 0."""
+  from absl import logging as absl_logging
+  from fcn_jax import distributed
+  f = flags.FLAGS
+  multi = distributed.initialize(f.coordinator_address, f.num_processes, f.process_id, f.local_device_ids,
+                                 mode=f.distributed)
+  if multi and not distributed.is_main():
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  return multi
+
+
+def quiet_logs() -> None:
+  """Library INFO logs (orbax, TFDS) drown the progress bar; keep warnings and errors."""
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+
+
 def main(arch: str) -> None:
   """Entry point of experiments/<arch>.py."""
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and figures.', required=True)
   config_flags.DEFINE_config_file('config', config_path(arch),
                                   'Config file, optionally with :preset (paper | heavy | demo).',
                                   lock_config=True)
+  define_distributed_flags()
 
   def _main(argv):
+    quiet_logs()
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     config = flags.FLAGS.config
     if config.arch != arch:
       raise app.UsageError(f'--config is for {config.arch}, but this is experiments.{arch}')
+    initialize_distributed()  # before any JAX computation
     run(config, flags.FLAGS.workdir)
 
   app.run(_main)

@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fcn_jax import checkpoint as ckpt_lib
+from fcn_jax import distributed
 from fcn_jax import losses
 from fcn_jax import metrics as metrics_lib
 from fcn_jax import models
@@ -71,8 +72,36 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  # Always a copy: the train step donates its state, which must not delete the caller's arrays.
-  return jax.device_put(tree, NamedSharding(mesh, P()), may_alias=False)
+  """`tree` replicated on every device of `mesh` (of all processes), as a copy.
+
+  Always a copy: the train step donates its state, which must not delete the caller's arrays. With
+  several processes every process must pass the same values (host arrays, process-local arrays or
+  arrays already replicated over any mesh); each builds its own devices' copies.
+  """
+  sharding = NamedSharding(mesh, P())
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding, may_alias=False)
+
+  def put(x):
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    host = np.asarray(x)  # process-local or fully replicated arrays: readable on every process
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree)
+
+
+def host_copy(tree: Any) -> Any:
+  """NumPy copies of a (replicated) tree, PRNG keys as their raw key data: what checkpoints store.
+
+  Host arrays carry no device layout, so a checkpoint written by N processes restores anywhere
+  (one CPU, another mesh); orbax writes them from process 0 only.
+  """
+  def get(x):
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    return np.asarray(x)  # replicated arrays are readable on every process
+  return jax.tree.map(get, tree)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +121,7 @@ def optimizer_from_config(config: ml_collections.ConfigDict, model: nn.Module,
       learning_rate=o.learning_rate, momentum=o.momentum, weight_decay=o.weight_decay,
       params=params, frozen=models.frozen_mask(model, params), bias_lr_mult=o.bias_lr_mult,
       schedule=o.schedule, total_steps=config.num_train_steps, accumulate_steps=config.accumulate_steps,
-      caffe=o.caffe)
+      caffe=o.caffe, algorithm=o.get('algorithm', 'sgd'))
 
 
 def metadata_from_config(config: ml_collections.ConfigDict) -> dict:
@@ -178,8 +207,17 @@ def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *, num_
 
   Returns (scores, kept) with kept = up to `keep_predictions` (file_name, image, label, prediction)
   tuples for figures.
+
+  With several processes each one evaluates the batches it was given (its shard of the split) on its
+  own devices, with no cross-process step: shards may differ in length and, at native size, in image
+  shape. The confusion matrices are then summed over the processes, so every process returns the
+  scores of the whole split. `variables` must be replicated (or identical host values everywhere).
   """
   mesh = mesh or make_mesh()
+  if jax.process_count() > 1:
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    variables = host_copy(variables)
+    mesh = make_mesh(local)
   variables = replicate(variables, mesh)
   confusion = replicate(jnp.zeros((num_classes, num_classes), jnp.int32), mesh)
   steps: dict[bool, Callable] = {}
@@ -189,7 +227,7 @@ def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *, num_
     from tqdm.auto import tqdm
     iterator = tqdm(batches, desc='eval', unit='batch', leave=False)
   for batch in iterator:
-    n = batch['image'].shape[0] * jax.process_count()
+    n = batch['image'].shape[0]
     sharded = n % mesh.devices.size == 0
     if sharded not in steps:
       steps[sharded] = compile_eval_step(model, mesh, num_classes=num_classes, batch_sharded=sharded)
@@ -197,12 +235,13 @@ def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *, num_
                     else {k: replicate(np.asarray(batch[k]), mesh) for k in ('image', 'label')})
     confusion, predictions = steps[sharded](variables, device_batch, confusion)
     if len(kept) < keep_predictions:
-      local_preds = np.asarray(jax.device_get(predictions.addressable_data(0))) if sharded and jax.process_count() > 1 else np.asarray(predictions)
+      local_preds = np.asarray(predictions)
       names = batch.get('file_name', [''] * len(local_preds))
       for i in range(min(len(local_preds), keep_predictions - len(kept))):
         if (batch['label'][i] != 255).any():
           kept.append((str(names[i]), batch['image'][i], batch['label'][i], local_preds[i]))
-  scores = metrics_lib.segmentation_scores(np.asarray(jax.device_get(confusion)))
+  confusion = distributed.sum_across_processes(np.asarray(jax.device_get(confusion)))
+  scores = metrics_lib.segmentation_scores(confusion)
   return scores, kept
 
 
@@ -266,9 +305,51 @@ def data_sources(config: ml_collections.ConfigDict):
   from fcn_jax import data as data_lib
   d = config.dataset
   kwargs = dict(data_dir=d.data_dir, manual_dir=d.manual_dir or None, download=d.download)
-  train = data_lib.get_data_source(d.name, d.train_split, **kwargs)
-  evals = data_lib.get_data_source(d.eval_name or d.name, d.eval_split, **kwargs)
-  return train, evals
+
+  def sources():
+    train = data_lib.get_data_source(d.name, d.train_split, **kwargs)
+    evals = data_lib.get_data_source(d.eval_name or d.name, d.eval_split, **kwargs)
+    return train, evals
+  # Preparation (first use) by process 0 first: processes sharing a filesystem must not race.
+  return distributed.main_process_first(sources, 'fcn_jax.data_sources')
+
+
+def train_iterator(config: ml_collections.ConfigDict, source, *, batch_size: int, shard_index: int,
+                   shard_count: int):
+  """This process's training batches (`batch_size` of the global config.batch_size images): a grain
+  iterator over its shard of the examples, with get_state() / set_state()."""
+  from fcn_jax.data import pipeline
+  loader = pipeline.train_loader(
+      source, batch_size=batch_size, crop_size=config.crop_size,
+      preprocessing=config.preprocessing, seed=config.seed,
+      scale_range=tuple(config.scale_range) if config.scale_range else None, flip=config.flip,
+      worker_count=config.data_workers, shard_index=shard_index, shard_count=shard_count)
+  return iter(loader)
+
+
+def gather_data_state(local_state: bytes) -> Any:
+  """The data-iterator state to checkpoint: this process's own with one process, otherwise every
+  process's (each reads its own shard), gathered so that process 0 writes them all."""
+  if jax.process_count() == 1:
+    return local_state
+  return {'process_count': jax.process_count(),
+          'per_process': distributed.allgather_bytes(bytes(local_state))}
+
+
+def local_data_state(data_state: Any) -> Any:
+  """This process's iterator state from a checkpoint's (None: restart the data order)."""
+  if isinstance(data_state, dict) and 'per_process' in data_state:
+    states = data_state['per_process']
+    if len(states) == jax.process_count():
+      return states[jax.process_index()]
+    _log(f'the checkpoint was written by {len(states)} processes, this run has '
+         f'{jax.process_count()}: the data order restarts (the model state is restored)')
+    return None
+  if jax.process_count() == 1:
+    return data_state
+  _log('the checkpoint was written by one process: the data order restarts (the model state is '
+       'restored)')
+  return None
 
 
 def eval_batches(config: ml_collections.ConfigDict, source) -> Iterable[dict]:
@@ -285,13 +366,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   Returns the final evaluation scores. Writes metrics.jsonl, TensorBoard events, checkpoints/,
   results.json, results.md and figures/ in workdir.
   """
-  from fcn_jax.data import pipeline
   from fcn_jax import report, viz
 
   workdir = pathlib.Path(workdir).expanduser()
   is_main = jax.process_index() == 0
   mesh = make_mesh()
-  if config.batch_size % mesh.devices.size:
+  if config.batch_size % mesh.devices.size or config.batch_size % jax.process_count():
     raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of the '
                      f'{mesh.devices.size} devices (the batch is split across them)')
   if is_main:
@@ -311,15 +391,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   tx = optimizer_from_config(config, model, variables['params'])
   state = create_train_state(model, tx, variables, state_rng)
 
-  loader = pipeline.train_loader(
-      train_source, batch_size=config.batch_size // jax.process_count(), crop_size=config.crop_size,
-      preprocessing=config.preprocessing, seed=config.seed,
-      scale_range=tuple(config.scale_range) if config.scale_range else None, flip=config.flip,
-      worker_count=config.data_workers, shard_index=jax.process_index(),
-      shard_count=jax.process_count())
-  train_iter = iter(loader)
+  # Each process reads only its shard and feeds its slice of every global batch.
+  train_iter = train_iterator(config, train_source, batch_size=config.batch_size // jax.process_count(),
+                              shard_index=jax.process_index(), shard_count=jax.process_count())
   if latest is not None:
     state, data_state, _ = checkpointer.restore(state, latest)
+    data_state = local_data_state(data_state)
     if data_state is not None:
       train_iter.set_state(data_state)
     _log(f'resumed from {workdir / "checkpoints"} at step {latest}')
@@ -363,8 +440,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   def save(step: int, scores: dict | None) -> None:
     flush(step)  # never checkpoint a state that followed a non-finite loss
-    checkpointer.save(step, jax.device_get(state), metadata=metadata,
-                      data_state=train_iter.get_state(), metrics=scores)
+    # Every process calls save (orbax synchronises them); host arrays are written by process 0.
+    checkpointer.save(step, host_copy(state), metadata=metadata,
+                      data_state=gather_data_state(train_iter.get_state()), metrics=scores)
 
   try:
     for step in range(start + 1, total + 1):
@@ -387,8 +465,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         save(step, scores)
   except KeyboardInterrupt:
     # Keep what was trained: checkpoint the current state (if its losses were finite) and stop.
+    # Not with several processes: the others are not interrupted at the same step, and a save
+    # needs all of them (the last periodic checkpoint is kept).
     step = int(jax.device_get(state.step))
-    if step > start:
+    if step > start and jax.process_count() == 1:
       save(step, None)
       _log(f'interrupted: saved step {step} to {workdir / "checkpoints"}')
     raise
@@ -408,7 +488,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                         title=config.arch)
     if config.num_figure_examples:
       examples = first_examples(config, eval_source, config.num_figure_examples)
-      viz.score_map_figure(model, jax.device_get(state.variables()), examples, class_names,
+      viz.score_map_figure(model, host_copy(state.variables()), examples, class_names,
                            workdir / 'figures' / 'score_maps.png', preprocessing=config.preprocessing)
   checkpointer.close()
   return last_scores
