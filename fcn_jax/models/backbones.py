@@ -198,7 +198,8 @@ def conv_relu(layer: Conv, width: float, dtype: jnp.dtype):
     return BasicConv(features, layer.kernel, layer.stride, layer.padding, dtype=dtype, name=layer.name)
   conv = nn.Conv(features, (layer.kernel, layer.kernel), strides=layer.stride,
                  padding=[(layer.padding, layer.padding)] * 2, dtype=dtype,
-                 kernel_init=nn.initializers.he_normal(), name=layer.name)
+                 kernel_init=nn.initializers.he_normal(),
+                 conv_general_dilated=layers.conv_general_dilated, name=layer.name)
   return lambda x: nn.relu(conv(x))
 
 
@@ -215,7 +216,8 @@ class BasicConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
                 padding=[(self.padding, self.padding)] * 2, use_bias=False, dtype=self.dtype,
-                kernel_init=nn.initializers.he_normal(), name='conv')(x)
+                kernel_init=nn.initializers.he_normal(),
+                conv_general_dilated=layers.conv_general_dilated, name='conv')(x)
     # Statistics stay frozen: the paper fine-tunes with small batches of variably sized crops.
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, dtype=self.dtype, name='bn')(x)
     return nn.relu(x)

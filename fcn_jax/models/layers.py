@@ -6,6 +6,7 @@ only to own its kernel).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -31,6 +32,8 @@ def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int = 0) -> j
   Returns:
     (N, ceil_pool_size(H), ceil_pool_size(W), C).
   """
+  if window == stride and padding == 0 and BLOCK_POOL:
+    return _block_max_pool(x, stride)
   pads = []
   for size in x.shape[1:3]:
     out = ceil_pool_size(size, window, stride, padding)
@@ -39,6 +42,52 @@ def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int = 0) -> j
   # reduce_window pads with the init value (-inf), so padding never wins the max.
   y = nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
   return y
+
+
+# Non-overlapping pooling (window == stride: VGG16's 2x2 pools, GoogLeNet's maxpool4) as a reshape
+# and a max, with a custom gradient: XLA's generic reduce_window gradient (select_and_scatter) takes
+# 0.57 s for pool1 of FCN-VGG16 at 256x256 on the 2-core CPU, against 13 ms for the forward; the
+# gradient below is one elementwise pass. Same values, and the same tie rule as select_and_scatter
+# (the first maximum of the window in row-major order receives the gradient).
+BLOCK_POOL = True  # False: always nn.max_pool (for A/B benchmarks)
+
+
+def _block_windows(x: jax.Array, s: int) -> jax.Array:
+  n, h, w, c = x.shape
+  oh, ow = -(-h // s), -(-w // s)
+  if (oh * s, ow * s) != (h, w):
+    x = jnp.pad(x, ((0, 0), (0, oh * s - h), (0, ow * s - w), (0, 0)), constant_values=-jnp.inf)
+  return x.reshape(n, oh, s, ow, s, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _block_max_pool(x: jax.Array, s: int) -> jax.Array:
+  return _block_windows(x, s).max(axis=(2, 4))
+
+
+def _block_max_pool_fwd(x, s):
+  y = _block_max_pool(x, s)
+  return y, (x, y)
+
+
+def _block_max_pool_bwd(s, res, g):
+  x, y = res
+  xw = _block_windows(x, s)
+  taken = jnp.zeros(y.shape, bool)
+  rows = []
+  for i in range(s):
+    cols = []
+    for j in range(s):
+      hit = (xw[:, :, i, :, j, :] == y) & ~taken
+      taken = taken | hit
+      cols.append(jnp.where(hit, g, jnp.zeros((), g.dtype)))
+    rows.append(jnp.stack(cols, axis=3))       # (N, oh, ow, s, C)
+  dx = jnp.stack(rows, axis=2)                  # (N, oh, s, ow, s, C)
+  n, oh, _, ow, _, c = dx.shape
+  return (dx.reshape(n, oh * s, ow * s, c)[:, :x.shape[1], :x.shape[2]],)
+
+
+_block_max_pool.defvjp(_block_max_pool_fwd, _block_max_pool_bwd)
 
 
 def bilinear_kernel(size: int) -> np.ndarray:
@@ -126,3 +175,109 @@ def crop_like(x: jax.Array, offset: int, shape: Sequence[int]) -> jax.Array:
   if x.shape[1] < offset + h or x.shape[2] < offset + w:
     raise ValueError(f'cannot crop {x.shape} at offset {offset} to {h}x{w}')
   return x[:, offset:offset + h, offset:offset + w]
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution with CPU-friendly gradients (a drop-in for lax.conv_general_dilated in nn.Conv).
+#
+# XLA's CPU backend runs a convolution and its input gradient well, but two cases of FCN-VGG16 are
+# several times slower than PyTorch's oneDNN (benchmarks/RESULTS.md): the kernel gradient of the
+# wide 3x3 layers (conv2_x: 1.4 s against 0.37 s at 256x256), and fc6, a 7x7 kernel over a map
+# hardly larger than itself. Both are matrix products in disguise: fc6 is im2col patches
+# (H'W', 7*7*512) times the (25088, 4096) kernel, and a kernel gradient is patches^T times the
+# output gradient. On CPU we compute those as dots (autodiff of the im2col form gives the fc6
+# gradients as dots too). Same parameters, same results up to float summation order; other
+# backends, and any case outside these, use lax.conv_general_dilated unchanged.
+
+CPU_MATMUL_CONVS = True     # False: always lax.conv_general_dilated (for A/B benchmarks)
+IM2COL_MAX_BYTES = 1 << 29  # patches larger than this (512 MiB) stay on the convolution path
+IM2COL_MIN_KERNEL = 5       # kernels at least this wide: the whole layer as im2col + dot
+DW_DOT_MIN_CHANNELS = 128   # 3x3 layers with at least this many input channels: dot kernel gradient
+
+
+def _is_nhwc_hwio(dimension_numbers, ndim: int) -> bool:
+  if ndim != 4 or dimension_numbers is None:
+    return False
+  dn = jax.lax.conv_dimension_numbers((1,) * 4, (1,) * 4, dimension_numbers) \
+      if isinstance(dimension_numbers, (tuple, list)) and isinstance(dimension_numbers[0], str) \
+      else dimension_numbers
+  return (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == (
+      (0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def _patches(x, k_h, k_w, strides, padding, out_h, out_w):
+  """(N, out_h, out_w, k_h * k_w * C) im2col patches, in the (kh, kw, c) order of an HWIO kernel."""
+  s_h, s_w = strides
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  cols = [xp[:, i:i + s_h * (out_h - 1) + 1:s_h, j:j + s_w * (out_w - 1) + 1:s_w, :]
+          for i in range(k_h) for j in range(k_w)]
+  return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+def _im2col_conv(x, kernel, strides, padding, precision):
+  k_h, k_w, c_in, c_out = kernel.shape
+  out_h = (x.shape[1] + sum(padding[0]) - k_h) // strides[0] + 1
+  out_w = (x.shape[2] + sum(padding[1]) - k_w) // strides[1] + 1
+  p = _patches(x, k_h, k_w, strides, padding, out_h, out_w)
+  y = jax.lax.dot_general(p, kernel.reshape(k_h * k_w * c_in, c_out), (((3,), (0,)), ((), ())),
+                          precision=precision, preferred_element_type=jnp.float32)
+  return y.astype(jnp.result_type(x.dtype, kernel.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_dot_dw(x, kernel, strides, padding, precision):
+  return _lax_conv(x, kernel, strides, padding, precision)
+
+
+def _lax_conv(x, kernel, strides, padding, precision):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding, precision=precision,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _conv_dot_dw_fwd(x, kernel, strides, padding, precision):
+  return _lax_conv(x, kernel, strides, padding, precision), (x, kernel)
+
+
+def _conv_dot_dw_bwd(strides, padding, precision, res, g):
+  x, kernel = res
+  _, vjp_x = jax.vjp(lambda x_: _lax_conv(x_, kernel, strides, padding, precision), x)
+  (dx,) = vjp_x(g)
+  k_h, k_w, c_in, c_out = kernel.shape
+  p = _patches(x, k_h, k_w, strides, padding, g.shape[1], g.shape[2])
+  dw = jax.lax.dot_general(p, g.astype(p.dtype), (((0, 1, 2), (0, 1, 2)), ((), ())),
+                           precision=precision, preferred_element_type=jnp.float32)
+  return dx, dw.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_conv_dot_dw.defvjp(_conv_dot_dw_fwd, _conv_dot_dw_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None):
+  """lax.conv_general_dilated, with the CPU matrix-product forms described above.
+
+  Pass as `nn.Conv(..., conv_general_dilated=layers.conv_general_dilated)`.
+  """
+  plain = (CPU_MATMUL_CONVS and jax.default_backend() == 'cpu' and _is_nhwc_hwio(dimension_numbers, lhs.ndim)
+           and not isinstance(padding, str) and feature_group_count == 1
+           and batch_group_count == 1 and preferred_element_type is None
+           and all(d == 1 for d in (lhs_dilation or (1, 1)))
+           and all(d == 1 for d in (rhs_dilation or (1, 1))))
+  if plain:
+    k_h, k_w, c_in, _ = rhs.shape
+    strides = tuple(window_strides)
+    pads = tuple(tuple(p) for p in padding)
+    out_h = (lhs.shape[1] + sum(pads[0]) - k_h) // strides[0] + 1
+    out_w = (lhs.shape[2] + sum(pads[1]) - k_w) // strides[1] + 1
+    patch_bytes = lhs.shape[0] * out_h * out_w * k_h * k_w * c_in * jnp.dtype(lhs.dtype).itemsize
+    if out_h > 0 and out_w > 0 and patch_bytes <= IM2COL_MAX_BYTES:
+      if min(k_h, k_w) >= IM2COL_MIN_KERNEL or (k_h == k_w == 1 and strides == (1, 1)):
+        return _im2col_conv(lhs, rhs, strides, pads, precision)
+      if c_in >= DW_DOT_MIN_CHANNELS and strides == (1, 1):
+        return _conv_dot_dw(lhs, rhs, strides, pads, precision)
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count, precision=precision,
+      preferred_element_type=preferred_element_type)

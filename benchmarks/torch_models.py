@@ -1,0 +1,103 @@
+"""The benchmarked FCNs in PyTorch (optional extra: torch only, never imported by fcn_jax).
+
+Built from the reference nets of tests/torch_fcn.py (Caffe geometry, torchvision-layout backbones),
+with what a training step needs on top: dropout in training mode (elementwise, after fc6/fc7 and
+before GoogLeNet's score layer, as fcn_jax does), frozen BatchNorm statistics (GoogLeNet), and the
+bilinear upsampling weight held as a buffer so the whole net moves to the GPU.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_TESTS = pathlib.Path(__file__).resolve().parents[1] / 'tests'
+if str(_TESTS) not in sys.path:
+  sys.path.insert(0, str(_TESTS))
+
+import torch_fcn  # noqa: E402  (tests/torch_fcn.py)
+
+from fcn_jax.models import fcn as fcn_lib  # noqa: E402
+from fcn_jax.models.backbones import scaled  # noqa: E402
+
+
+class VGGFCN(torch_fcn.TorchFCN):
+  """pytorch-fcn's FCN-32s/16s/8s with dropout 0.5 after fc6 and fc7 (relu(d*x) == d*relu(x))."""
+
+  def __init__(self, arch: str, n_class: int = 21, width: float = 1.0):
+    super().__init__(arch, n_class, width)
+    self.fc6 = nn.Sequential(self.fc6, nn.Dropout(0.5))
+    self.fc7 = nn.Sequential(self.fc7, nn.Dropout(0.5))
+
+
+class BackboneFCN(nn.Module):
+  """FCN-AlexNet / FCN-GoogLeNet on the torchvision-layout classifiers (pad 100, ceil pooling,
+  fc layers as convolutions), score layer, fixed bilinear upsampling and the Caffe crop."""
+
+  def __init__(self, arch: str, n_class: int = 21, width: float = 1.0):
+    super().__init__()
+    self.arch = arch
+    geo = fcn_lib.geometry(fcn_lib.ARCHS[arch])
+    up = geo.upsamples[-1]
+    self.stride, self.crop = up.stride, geo.final_crop
+    self.register_buffer('up_weight', torch_fcn.bilinear_weight(n_class, up.kernel))
+    if arch == 'fcn_alexnet':
+      self.net = torch_fcn.TorchAlexNet(width)
+      channels = scaled(4096, width)
+    elif arch == 'fcn_googlenet':
+      self.net = torch_fcn.TorchGoogLeNet(width)
+      del self.net.aux1, self.net.aux2, self.net.fc
+      channels = sum(scaled(c, width) for c in (384, 384, 128, 128))
+    else:
+      raise ValueError(arch)
+    self.score = nn.Conv2d(channels, n_class, 1)
+
+  def train(self, mode: bool = True):
+    super().train(mode)
+    for m in self.modules():  # fcn_jax keeps BatchNorm statistics frozen
+      if isinstance(m, nn.BatchNorm2d):
+        m.eval()
+    return self
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    net = self.net
+    if self.arch == 'fcn_alexnet':
+      h = torch_fcn._features_fcn(net.features, x)
+      h = F.dropout(torch_fcn._fc_as_conv(h, net.classifier[1], 6), 0.5, self.training)
+      h = F.dropout(torch_fcn._fc_as_conv(h, net.classifier[4], 1), 0.5, self.training)
+    else:
+      h = net.conv1(x, padding=100)
+      h = net.maxpool1(h)
+      h = net.conv3(net.conv2(h))
+      h = net.maxpool2(h)
+      for name, _ in torch_fcn.GOOGLENET_INCEPTIONS:
+        h = getattr(net, name)(h)
+      h = F.dropout(h, 0.2, self.training)
+    h = F.conv_transpose2d(self.score(h), self.up_weight.to(h.dtype), stride=self.stride)
+    c = self.crop
+    return h[:, :, c:c + x.size(2), c:c + x.size(3)]
+
+
+def build(arch: str, width: float = 1.0, n_class: int = 21) -> nn.Module:
+  if arch in ('fcn32s', 'fcn16s', 'fcn8s', 'fcn8s_atonce'):
+    return VGGFCN(arch, n_class, width)
+  return BackboneFCN(arch, n_class, width)
+
+
+def make_optimizer(model: nn.Module, lr: float = 1e-4, momentum: float = 0.9,
+                   weight_decay: float = 5e-4) -> torch.optim.Optimizer:
+  """SGD as fcn_jax trains: weight decay on kernels, biases at 2x lr and no decay, the final
+  (and with it every) deconvolution frozen."""
+  kernels, biases = [], []
+  for name, p in model.named_parameters():
+    if name.startswith('upscore'):
+      p.requires_grad_(False)
+      continue
+    (biases if name.endswith('bias') else kernels).append(p)
+  return torch.optim.SGD([{'params': kernels, 'weight_decay': weight_decay},
+                          {'params': biases, 'lr': 2 * lr, 'weight_decay': 0.0}],
+                         lr=lr, momentum=momentum)
