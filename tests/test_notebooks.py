@@ -32,8 +32,9 @@ def execute(path: pathlib.Path, monkeypatch, **parameters):
   cell.metadata['tags'] = ['injected-parameters']
   nb.cells.insert(_parameters_index(nb) + 1, cell)
   # The kernel inherits this environment: CPU only, and the repository importable.
+  # XLA's backend optimisation off: compiling, not running, is what the tiny models cost.
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=0')
   monkeypatch.setenv('PYTHONPATH', os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])))
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
                                    resources={'metadata': {'path': str(NOTEBOOKS)}})
