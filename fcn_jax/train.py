@@ -111,7 +111,8 @@ def host_copy(tree: Any) -> Any:
 def model_from_config(config: ml_collections.ConfigDict) -> nn.Module:
   return models.build(config.arch, num_classes=config.model.num_classes, width=config.model.width,
                       dtype=jnp.dtype(config.model.dtype),
-                      learnable_upsampling=config.model.learnable_upsampling)
+                      learnable_upsampling=config.model.learnable_upsampling,
+                      dropout_rate=config.model.get('dropout_rate'))
 
 
 def optimizer_from_config(config: ml_collections.ConfigDict, model: nn.Module,

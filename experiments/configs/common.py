@@ -44,6 +44,7 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.model.width = 1.0
   c.model.dtype = 'float32'          # compute dtype; 'bfloat16' on GPU/TPU
   c.model.learnable_upsampling = True  # intermediate deconvolutions (the final one is always fixed)
+  c.model.dropout_rate = ml_collections.config_dict.placeholder(float)  # None: 0.5 after fc6/fc7
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = 'sbd'

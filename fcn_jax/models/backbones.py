@@ -240,7 +240,7 @@ class InceptionBlock(nn.Module):
 
 
 def apply_backbone(spec: tuple[Layer, ...], x: jax.Array, *, width: float, dtype: jnp.dtype,
-                   train: bool) -> dict[str, jax.Array]:
+                   train: bool, dropout_rate: float | None = None) -> dict[str, jax.Array]:
   """Runs a layer spec inside the calling module's compact scope (so parameters are named
   conv1_1, fc6, ... at the top level, as in Caffe).
 
@@ -257,7 +257,8 @@ def apply_backbone(spec: tuple[Layer, ...], x: jax.Array, *, width: float, dtype
       x = InceptionBlock(layer, width, dtype=dtype, name=layer.name)(x)
     elif isinstance(layer, Dropout):
       # Elementwise, training only (Caffe Dropout).
-      x = nn.Dropout(layer.rate, deterministic=not train)(x)
+      rate = layer.rate if dropout_rate is None else dropout_rate
+      x = nn.Dropout(rate, deterministic=not train or rate == 0)(x)
     else:
       raise TypeError(f'unknown layer {layer!r}')
   taps['out'] = x

@@ -110,6 +110,7 @@ class FCN(nn.Module):
   width: float = 1.0
   dtype: Any = jnp.float32
   learnable_upsampling: bool = True  # intermediate deconvolutions; the final one is always fixed
+  dropout_rate: float | None = None  # None: the classifier's own (0.5 after fc6/fc7); 0 disables
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -118,7 +119,8 @@ class FCN(nn.Module):
     spec = backbones.get_backbone(self.arch.backbone)
     geo = geometry(self.arch)
     x = images.astype(self.dtype)
-    feats = backbones.apply_backbone(spec, x, width=self.width, dtype=self.dtype, train=train)
+    feats = backbones.apply_backbone(spec, x, width=self.width, dtype=self.dtype, train=train,
+                                     dropout_rate=self.dropout_rate)
     score = self._score('score_fr', feats['out'])
     for skip, up, crop in zip(self.arch.skips, geo.upsamples, geo.skip_crops):
       score = self._upsample(up, score)
@@ -144,7 +146,7 @@ class FCN(nn.Module):
 
 
 def build(arch: str, num_classes: int = 21, width: float = 1.0, dtype: Any = jnp.float32,
-          learnable_upsampling: bool = True) -> FCN:
+          learnable_upsampling: bool = True, dropout_rate: float | None = None) -> FCN:
   """The FCN named `arch` (one of ARCHS).
 
   Args:
@@ -154,6 +156,8 @@ def build(arch: str, num_classes: int = 21, width: float = 1.0, dtype: Any = jnp
     dtype: compute dtype (bfloat16 on GPU/TPU); parameters stay float32 and scores are float32.
     learnable_upsampling: train the intermediate deconvolutions (the seed report) or freeze them
       (the Caffe reference). The final deconvolution is always frozen.
+    dropout_rate: None keeps the classifier's dropout (0.5 after fc6 and fc7, as the paper); a
+      number replaces it (0 disables it, e.g. for short from-scratch runs at reduced width).
   """
   if arch not in ARCHS:
     raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
@@ -162,7 +166,7 @@ def build(arch: str, num_classes: int = 21, width: float = 1.0, dtype: Any = jnp
   if width <= 0:
     raise ValueError(f'width must be > 0, got {width}')
   return FCN(ARCHS[arch], num_classes=num_classes, width=width, dtype=dtype,
-             learnable_upsampling=learnable_upsampling)
+             learnable_upsampling=learnable_upsampling, dropout_rate=dropout_rate)
 
 
 def frozen_mask(model: FCN, params: Any) -> Any:
