@@ -8,9 +8,10 @@ import pathlib
 
 import pytest
 
-nbformat = pytest.importorskip('nbformat')
-nbclient = pytest.importorskip('nbclient')
-pytest.importorskip('ipykernel')
+# The dev extra installs these (setup.cfg); a missing one is a broken install, not a skip.
+import ipykernel  # noqa: F401  (the kernel the notebooks run on)
+import nbclient
+import nbformat
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / 'notebooks'
