@@ -93,28 +93,24 @@ def caffe_sgd(learning_rate: float | Schedule, momentum: float, *, lr_mult: floa
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _optax_sgd(schedule: Schedule, momentum: float, *, lr_mult: float, weight_decay: float,
-               decay_mult: float) -> optax.GradientTransformation:
-  """optax-style: g += wd decay_mult w (plain L2 added to the gradient, not decoupled decay);
-  v = m v + g; update = -lr_t lr_mult v (the rate scales after the momentum, like optax.sgd)."""
-  parts = []
-  if weight_decay * decay_mult:
-    parts.append(optax.add_decayed_weights(weight_decay * decay_mult))
-  parts.append(optax.trace(decay=momentum))
-  parts.append(optax.scale_by_learning_rate(lambda count: schedule(count) * lr_mult))
+def _l2_scaled(direction: optax.GradientTransformation, schedule: Schedule, *, lr_mult: float,
+               weight_decay: float, decay_mult: float) -> optax.GradientTransformation:
+  """g += wd decay_mult w (plain L2 added to the gradient, not decoupled decay), then `direction`,
+  then scale by -lr_t lr_mult (the rate applies after the momentum, like optax.sgd)."""
+  parts = [optax.add_decayed_weights(weight_decay * decay_mult)] if weight_decay * decay_mult else []
+  parts += [direction, optax.scale_by_learning_rate(lambda count: schedule(count) * lr_mult)]
   return optax.chain(*parts)
 
 
-def _adam(schedule: Schedule, momentum: float, *, lr_mult: float, weight_decay: float,
-          decay_mult: float) -> optax.GradientTransformation:
-  """Adam (b1 = momentum) with the L2 term added to the gradient; for training from scratch in the
-  CPU demo, where SGD without ImageNet weights needs far more steps than a demo can spend."""
-  parts = []
-  if weight_decay * decay_mult:
-    parts.append(optax.add_decayed_weights(weight_decay * decay_mult))
-  parts.append(optax.scale_by_adam(b1=momentum))
-  parts.append(optax.scale_by_learning_rate(lambda count: schedule(count) * lr_mult))
-  return optax.chain(*parts)
+def _optax_sgd(schedule: Schedule, momentum: float, **kwargs) -> optax.GradientTransformation:
+  """optax-style SGD: v = m v + g; update = -lr_t lr_mult v."""
+  return _l2_scaled(optax.trace(decay=momentum), schedule, **kwargs)
+
+
+def _adam(schedule: Schedule, momentum: float, **kwargs) -> optax.GradientTransformation:
+  """Adam (b1 = momentum); for training from scratch in the CPU demo, where SGD without ImageNet
+  weights needs far more steps than a demo can spend."""
+  return _l2_scaled(optax.scale_by_adam(b1=momentum), schedule, **kwargs)
 
 
 def _leaf_name(path) -> str:

@@ -7,6 +7,7 @@ orbax checkpoint / metrics.jsonl / TensorBoard / figures (process 0 only).
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import math
@@ -328,6 +329,24 @@ def train_iterator(config: ml_collections.ConfigDict, source, *, batch_size: int
   return iter(loader)
 
 
+class DevicePrefetcher:
+  """Keeps `size` batches already sharded on the devices ahead of the train step (host decoding and
+  host-to-device copies overlap the running step), each with the iterator state after it, so that a
+  checkpoint records exactly the batches the model has consumed."""
+
+  def __init__(self, iterator, mesh: Mesh, size: int = 2):
+    self._iterator, self._mesh, self._size = iterator, mesh, max(size, 1)
+    self._queue: collections.deque = collections.deque()
+    self.consumed_state = iterator.get_state()
+
+  def __next__(self) -> dict:
+    while len(self._queue) < self._size:
+      batch = shard_batch(next(self._iterator), self._mesh)
+      self._queue.append((batch, self._iterator.get_state()))
+    batch, self.consumed_state = self._queue.popleft()
+    return batch
+
+
 def gather_data_state(local_state: bytes) -> Any:
   """The data-iterator state to checkpoint: this process's own with one process, otherwise every
   process's (each reads its own shard), gathered so that process 0 writes them all."""
@@ -402,6 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       train_iter.set_state(data_state)
     _log(f'resumed from {workdir / "checkpoints"} at step {latest}')
   state = replicate(state, mesh)
+  batches = DevicePrefetcher(train_iter, mesh, size=config.get('prefetch', 2))
 
   metadata = metadata_from_config(config)
   step_fn = compile_train_step(model, tx, mesh, normalize_loss=config.loss_normalize,
@@ -443,11 +463,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     flush(step)  # never checkpoint a state that followed a non-finite loss
     # Every process calls save (orbax synchronises them); host arrays are written by process 0.
     checkpointer.save(step, host_copy(state), metadata=metadata,
-                      data_state=gather_data_state(train_iter.get_state()), metrics=scores)
+                      data_state=gather_data_state(batches.consumed_state), metrics=scores)
 
   try:
     for step in range(start + 1, total + 1):
-      state, m = step_fn(state, shard_batch(next(train_iter), mesh))
+      state, m = step_fn(state, next(batches))
       pending = m if pending is None else jax.tree.map(jnp.add, pending, m)
       bar.update(1)
       last = step == total

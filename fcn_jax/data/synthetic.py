@@ -27,25 +27,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from fcn_jax import viz
+
 NUM_CLASSES = 21
 SHAPES = ('ellipse', 'bars', 'rect', 'ring', 'triangle', 'dots', 'cross', 'tail')
 TEXTURES = ('solid', 'stripes', 'checker', 'dots')
 VOC_ARCHIVE_NAMES = {'2012': 'VOCtrainval_11-May-2012.tar', '2011': 'VOCtrainval_25-May-2011.tar'}
 SBD_ARCHIVE_NAME = 'benchmark.tgz'
-
-
-def voc_colormap(n: int = 256) -> np.ndarray:
-  """The VOC palette (bit-interleaved), (n, 3) uint8; index 255 is (224, 224, 192)."""
-  cmap = np.zeros((n, 3), np.uint8)
-  for i in range(n):
-    c, r, g, b = i, 0, 0, 0
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    cmap[i] = (r, g, b)
-  return cmap
 
 
 def class_style(c: int) -> dict:
@@ -167,7 +155,7 @@ def write_voc_tree(root, *, num_train: int, num_val: int, seed: int = 0, min_siz
   voc = devkit / f'VOC{year}'
   for sub in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'):
     (voc / sub).mkdir(parents=True, exist_ok=True)
-  palette = voc_colormap().ravel().tolist()
+  palette = viz.PALETTE.ravel().tolist()
   ids = [image_id(i) for i in range(num_train + num_val)]
   for i, name in enumerate(ids):
     image, classes, void = render_scene(seed, i, min_size, max_size)
