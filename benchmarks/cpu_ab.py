@@ -97,20 +97,25 @@ def main(argv=None):
     steppers[v][0]()  # warm-up
     print(f'{v}: compiled in {steppers[v][1]:.1f} s', flush=True)
   times = {v: [] for v in steppers}
+  cpu = {v: [] for v in steppers}
+  order = list(steppers)
   for r in range(a.rounds):
-    for v, (step, _) in steppers.items():
-      t = time.perf_counter()
+    for v in (order if r % 2 == 0 else order[::-1]):  # alternate the order: no variant always first
+      step = steppers[v][0]
+      t, c = time.perf_counter(), time.process_time()
       step()
       times[v].append(time.perf_counter() - t)
+      cpu[v].append(time.process_time() - c)
     print(f'round {r}: ' + ', '.join(f'{v} {times[v][-1]:.2f} s' for v in times)
           + f' (load {os.getloadavg()[0]:.2f})', flush=True)
   print(f'\n{a.arch} {a.size}x{a.size} batch {a.batch} width {a.width:g} {a.dtype}, training step, '
         f'median of {a.rounds} interleaved rounds; load average at end {os.getloadavg()}')
-  print('| variant | median s | min s | torch / variant |\n|---|---|---|---|')
+  print('| variant | median s | min s | torch / variant | CPU-s per step (median) |\n|---|---|---|---|---|')
   t_torch = statistics.median(times['torch']) if 'torch' in times else None
   for v, ts in times.items():
     med = statistics.median(ts)
-    print(f'| {v} | {med:.2f} | {min(ts):.2f} | ' + (f'{t_torch / med:.2f} |' if t_torch else '- |'))
+    print(f'| {v} | {med:.2f} | {min(ts):.2f} | ' + (f'{t_torch / med:.2f} |' if t_torch else '- |')
+          + f' {statistics.median(cpu[v]):.2f} |')
 
 
 if __name__ == '__main__':
