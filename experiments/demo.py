@@ -22,7 +22,8 @@ flags.DEFINE_integer('steps', 0, 'Override the training steps of every stage (0 
 
 
 def comparison(workdir: pathlib.Path, num_rows: int = 4) -> pathlib.Path:
-  """Fig. 2 style rows (image | FCN-32s | FCN-16s | FCN-8s | ground truth) on validation images."""
+  """Fig. 2 style rows (image | FCN-32s | FCN-16s | FCN-8s | ground truth) on validation images,
+  from the final state of each net (the one the printed table scores)."""
   import numpy as np
   from fcn_jax import checkpoint, train, viz
   config = common.load_config('fcn8s', 'demo')
@@ -31,7 +32,7 @@ def comparison(workdir: pathlib.Path, num_rows: int = 4) -> pathlib.Path:
   examples = train.first_examples(config, source, num_rows)
   rows = [{'image': image, 'ground truth': label} for _, image, label in examples]
   for arch in ARCHS:
-    model, variables, meta = checkpoint.load_inference(workdir / arch / 'checkpoints')
+    model, variables, meta = checkpoint.load_inference(workdir / arch / 'checkpoints', which='latest')
     for row, (_, image, _) in zip(rows, examples):
       scores = viz.predict_scores(model, variables, image, meta['preprocessing'])
       row[NAMES[arch]] = np.argmax(scores, -1)

@@ -48,10 +48,15 @@ _log = logging.getLogger(__name__)
 
 
 class _QuietUnevaluated(logging.Filter):
-  """Steps saved without evaluation are normal here: drop orbax's warning about their metrics."""
+  """Drops orbax warnings about what is normal here: steps saved without evaluation (no metrics),
+  and the read-only managers that inference restores open."""
+
+  EXPECTED = ('did not provide metrics', 'Given directory is read only',
+              'read_only=True, setting save_interval_steps=0')
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return 'did not provide metrics' not in record.getMessage()
+    message = record.getMessage()
+    return not any(text in message for text in self.EXPECTED)
 
 
 logging.getLogger('absl').addFilter(_QuietUnevaluated())
