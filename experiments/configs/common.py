@@ -116,7 +116,7 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
     c.optim.learning_rate = 1e-3
     c.optim.momentum = 0.9
     c.log_every = 25
-    c.eval_every = 300 if arch == 'fcn32s' else 300
+    c.eval_every = 250 if arch == 'fcn32s' else 150
     c.checkpoint_every = 150
     c.eval_batch_size = 8
     c.eval_pad_to = 160
