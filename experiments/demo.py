@@ -7,6 +7,7 @@ previous one), and prints the paper's Table 2 for them. Figures: runs/demo/figur
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 
@@ -19,6 +20,8 @@ NAMES = {'fcn32s': 'FCN-32s', 'fcn16s': 'FCN-16s', 'fcn8s': 'FCN-8s'}
 
 flags.DEFINE_string('workdir', 'runs/demo', 'Output directory.')
 flags.DEFINE_integer('steps', 0, 'Override the training steps of every stage (0 = the preset).')
+flags.DEFINE_bool('control', False, 'Also continue FCN-32s for as many steps as FCN-8s had in all '
+                  '(32s + 16s + 8s stages), to separate the skips\' gain from the extra training.')
 
 
 def comparison(workdir: pathlib.Path, num_rows: int = 4) -> pathlib.Path:
@@ -40,6 +43,21 @@ def comparison(workdir: pathlib.Path, num_rows: int = 4) -> pathlib.Path:
   return viz.comparison_rows(rows, columns, workdir / 'figures' / 'comparison.png')
 
 
+def control(workdir: pathlib.Path) -> dict:
+  """FCN-32s resumed from its final checkpoint (a copy) and trained for the steps that FCN-16s and
+  FCN-8s added, so that it has seen as many batches as FCN-8s."""
+  import shutil
+  total = 0
+  for arch in ARCHS:
+    total += json.loads((workdir / arch / 'config.json').read_text())['num_train_steps']
+  target = workdir / 'fcn32s_same_steps'
+  if not target.exists():
+    shutil.copytree(workdir / 'fcn32s', target)
+  config = common.load_config('fcn32s', 'demo')
+  config.num_train_steps = total
+  return common.run(config, target)
+
+
 def main(argv) -> None:
   del argv
   common.quiet_logs()
@@ -55,8 +73,11 @@ def main(argv) -> None:
     t0 = time.perf_counter()
     results[arch] = common.run(config, workdir / arch)
     print(f'{NAMES[arch]} trained and evaluated in {time.perf_counter() - t0:.0f} s')
+  rows = [(NAMES[a], results[a]) for a in ARCHS]
+  if flags.FLAGS.control:
+    rows.append(('FCN-32s, same steps', control(workdir)))
   figure = comparison(workdir)
-  table = report.table_markdown([(NAMES[a], results[a]) for a in ARCHS],
+  table = report.table_markdown(rows,
                                 common.load_config('fcn8s', 'demo').class_names)
   (workdir / 'results.md').write_text(
       '# Demo: synthetic VOC-format validation set (reduced width, CPU)\n\n' + table + '\n')
