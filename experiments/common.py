@@ -85,7 +85,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   try:
     return train.train_and_evaluate(config, workdir)
   except data_lib.MissingDataError as e:
-    raise SystemExit(f'{e}\n\nNo data yet? The demo runs end to end on a synthetic VOC-format set: '
+    raise SystemExit(f'{e}\n\nFrom the command line: --config.dataset.manual_dir=DIR (the archives or '
+                     f'trees above) or --config.dataset.download=True; prepared data is kept under '
+                     f'--config.dataset.data_dir={config.dataset.data_dir}.'
+                     f'\n\nNo data yet? The demo runs end to end on a synthetic VOC-format set: '
                      f'`make demo`, or `python -m experiments.{config.arch} --workdir runs/demo/'
                      f'{config.arch} --config experiments/configs/{config.arch}.py:demo`.') from None
   except train.NonFiniteLossError as e:
