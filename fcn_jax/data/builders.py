@@ -263,6 +263,22 @@ class _Base(tfds.core.GeneratorBasedBuilder):
     self._allow_download = allow_download
     super().__init__(**kwargs)
 
+  def _files(self, root: epath.Path, image_id: str) -> tuple[epath.Path, epath.Path]:
+    """(image, annotation) paths of one id."""
+    raise NotImplementedError
+
+  def _checked_splits(self, root: epath.Path, splits: dict[str, list[str]], lists) -> dict:
+    """Checks that every listed file exists before anything is written; the split generators."""
+    for split, ids in splits.items():
+      for image_id in ids:
+        for path in self._files(root, image_id):
+          if not path.exists():
+            raise DataError(f'id {image_id!r} in split {split} ({lists}) has no file {path}')
+    return {split: self._generate_examples(root, ids, split) for split, ids in splits.items()}
+
+  def _generate_examples(self, root: epath.Path, ids: list[str], split: str = ''):
+    yield from self._generate_examples_checked([(i, *self._files(root, i)) for i in ids], split)
+
   def _generate_examples_checked(self, items: list[tuple[str, epath.Path, Any]], split: str) -> Iterator:
     from tqdm.auto import tqdm
     for image_id, jpeg_path, mask_source in tqdm(items, desc=f'{self.name}/{split}', unit='img',
@@ -400,17 +416,10 @@ class VocSegmentation(_Base):
     if year == '2011':
       sbd_train = set(self._sbd_train_ids(dl_manager))
       splits['seg11valid'] = [i for i in val if i not in sbd_train]
-    # Check existence of every listed file before writing anything.
-    for split, ids in splits.items():
-      for image_id in ids:
-        for path in (root / 'JPEGImages' / f'{image_id}.jpg', root / 'SegmentationClass' / f'{image_id}.png'):
-          if not path.exists():
-            raise DataError(f'id {image_id!r} in split {split} ({lists}) has no file {path}')
-    return {split: self._generate_examples(root, ids, split) for split, ids in splits.items()}
+    return self._checked_splits(root, splits, lists)
 
-  def _generate_examples(self, root: epath.Path, ids: list[str], split: str = ''):
-    items = [(i, root / 'JPEGImages' / f'{i}.jpg', root / 'SegmentationClass' / f'{i}.png') for i in ids]
-    yield from self._generate_examples_checked(items, split)
+  def _files(self, root: epath.Path, image_id: str) -> tuple[epath.Path, epath.Path]:
+    return root / 'JPEGImages' / f'{image_id}.jpg', root / 'SegmentationClass' / f'{image_id}.png'
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,13 +482,7 @@ class Sbd(_Base):
   def _split_generators(self, dl_manager):
     root = self._sbd_root(dl_manager)
     splits = {s: read_id_list(root / f'{s}.txt') for s in ('train', 'val')}
-    for split, ids in splits.items():
-      for image_id in ids:
-        for path in (root / 'img' / f'{image_id}.jpg', root / 'cls' / f'{image_id}.mat'):
-          if not path.exists():
-            raise DataError(f'id {image_id!r} in split {split} ({root / (split + ".txt")}) has no file {path}')
-    return {split: self._generate_examples(root, ids, split) for split, ids in splits.items()}
+    return self._checked_splits(root, splits, root / '{train,val}.txt')
 
-  def _generate_examples(self, root: epath.Path, ids: list[str], split: str = ''):
-    items = [(i, root / 'img' / f'{i}.jpg', root / 'cls' / f'{i}.mat') for i in ids]
-    yield from self._generate_examples_checked(items, split)
+  def _files(self, root: epath.Path, image_id: str) -> tuple[epath.Path, epath.Path]:
+    return root / 'img' / f'{image_id}.jpg', root / 'cls' / f'{image_id}.mat'
