@@ -522,6 +522,5 @@ def first_examples(config: ml_collections.ConfigDict, source, count: int) -> lis
   for i in range(min(count, len(source))):
     record = source[i]
     image, label = data_lib.decode_example(record)
-    name = record.get('file_name', str(i)) if isinstance(record, dict) else str(i)
-    out.append((name.decode() if isinstance(name, bytes) else str(name), image, label))
+    out.append((data_lib.file_name(record), image, label))
   return out
