@@ -100,12 +100,7 @@ def _config(root: pathlib.Path):
   from experiments import common
   c = common.load_config('fcn32s', 'demo')
   c.dataset.manual_dir, c.dataset.data_dir = str(root / 'voc'), str(root / 'tfds')
-  for key, value in SETTINGS.items():
-    node = c
-    *path, leaf = key.split('.')
-    for name in path:
-      node = node[name]
-    node[leaf] = value
+  c.update_from_flattened_dict(SETTINGS)
   return c
 
 

@@ -47,12 +47,7 @@ def tiny_config(arch: str, tiny_voc: pathlib.Path, data_dir: pathlib.Path, **ove
   c.batch_size, c.crop_size, c.eval_batch_size, c.eval_pad_to = 2, 48, 4, 64
   c.num_train_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 4, 2
   c.num_figure_examples = 1
-  for k, v in overrides.items():
-    node = c
-    *path, leaf = k.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = v
+  c.update_from_flattened_dict(overrides)
   return c
 
 

@@ -25,7 +25,7 @@ import io
 import os
 import tarfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -263,6 +263,32 @@ class _Base(tfds.core.GeneratorBasedBuilder):
     self._allow_download = allow_download
     super().__init__(**kwargs)
 
+  def _find_root(self, dl_manager, archive: dict, find: Callable[[epath.Path], epath.Path | None], *,
+                 what: str, contents: str, tree: str) -> epath.Path:
+    """The data root: an extracted tree in the manual dir, else its archive there (extracted once),
+    else the download (if allowed); otherwise MissingDataError with the instructions."""
+    manual = _manual_dir(dl_manager)
+    if manual is not None:
+      root = find(manual)
+      if root is not None:
+        return root
+      if (manual / archive['filename']).exists():
+        root = find(_extract_manual(dl_manager, manual / archive['filename']))
+        if root is None:
+          raise MissingDataError(f'{manual / archive["filename"]} does not contain {contents}')
+        return root
+      raise MissingDataError(
+          f'{what} not found in manual dir {manual}: expected {manual / archive["filename"]} or '
+          f'{manual}/{tree}.\n\n' + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    if self._allow_download:
+      root = find(_download_checked(dl_manager, archive))
+      if root is None:
+        raise MissingDataError(f'downloaded {archive["url"]} does not contain {contents}')
+      return root
+    raise MissingDataError(
+        f'no {what} data: give a manual_dir (default {getattr(dl_manager, "_manual_dir", None)} is missing or '
+        'empty) or download=True.\n\n' + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+
   def _files(self, root: epath.Path, image_id: str) -> tuple[epath.Path, epath.Path]:
     """(image, annotation) paths of one id."""
     raise NotImplementedError
@@ -368,30 +394,10 @@ class VocSegmentation(_Base):
 
   def _voc_root(self, dl_manager) -> epath.Path:
     year = self.builder_config.year
-    archive = VOC_ARCHIVES[year]
-    manual = _manual_dir(dl_manager)
-    if manual is not None:
-      root = _find_voc_root(manual, year)
-      if root is not None:
-        return root
-      if (manual / archive['filename']).exists():
-        extracted = _extract_manual(dl_manager, manual / archive['filename'])
-        root = _find_voc_root(extracted, year)
-        if root is None:
-          raise MissingDataError(f'{manual / archive["filename"]} does not contain VOCdevkit/VOC{year}')
-        return root
-      raise MissingDataError(
-          f'VOC{year} not found in manual dir {manual}: expected {manual / archive["filename"]} or '
-          f'{manual}/VOCdevkit/VOC{year}/ImageSets/Segmentation (+ JPEGImages, SegmentationClass).\n\n'
-          + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
-    if self._allow_download:
-      root = _find_voc_root(_download_checked(dl_manager, archive), year)
-      if root is None:
-        raise MissingDataError(f'downloaded {archive["url"]} does not contain VOCdevkit/VOC{year}')
-      return root
-    raise MissingDataError(
-        f'no VOC{year} data: give a manual_dir (default {getattr(dl_manager, "_manual_dir", None)} is missing or '
-        'empty) or download=True.\n\n' + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    return self._find_root(
+        dl_manager, VOC_ARCHIVES[year], lambda base: _find_voc_root(base, year),
+        what=f'VOC{year}', contents=f'VOCdevkit/VOC{year}',
+        tree='VOCdevkit/VOC{year}/ImageSets/Segmentation (+ JPEGImages, SegmentationClass)'.format(year=year))
 
   def _sbd_train_ids(self, dl_manager) -> list[str]:
     ids = _sbd_train_ids_from_manual(_manual_dir(dl_manager))
@@ -457,27 +463,9 @@ class Sbd(_Base):
         description='SBD class segmentation: train 8498, val 2857.')
 
   def _sbd_root(self, dl_manager) -> epath.Path:
-    manual = _manual_dir(dl_manager)
-    if manual is not None:
-      root = _find_sbd_root(manual)
-      if root is not None:
-        return root
-      if (manual / SBD_ARCHIVE['filename']).exists():
-        root = _find_sbd_root(_extract_manual(dl_manager, manual / SBD_ARCHIVE['filename']))
-        if root is None:
-          raise MissingDataError(f'{manual / SBD_ARCHIVE["filename"]} does not contain benchmark_RELEASE/dataset')
-        return root
-      raise MissingDataError(
-          f'SBD not found in manual dir {manual}: expected {manual}/benchmark.tgz or '
-          f'{manual}/benchmark_RELEASE/dataset/{{img,cls,train.txt,val.txt}}.\n\n' + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
-    if self._allow_download:
-      root = _find_sbd_root(_download_checked(dl_manager, SBD_ARCHIVE))
-      if root is None:
-        raise MissingDataError(f'downloaded {SBD_ARCHIVE["url"]} does not contain benchmark_RELEASE/dataset')
-      return root
-    raise MissingDataError(
-        f'no SBD data: give a manual_dir (default {getattr(dl_manager, "_manual_dir", None)} is missing or empty) '
-        'or download=True.\n\n' + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    return self._find_root(dl_manager, SBD_ARCHIVE, _find_sbd_root, what='SBD',
+                           contents='benchmark_RELEASE/dataset',
+                           tree='benchmark_RELEASE/dataset/{img,cls,train.txt,val.txt}')
 
   def _split_generators(self, dl_manager):
     root = self._sbd_root(dl_manager)
