@@ -182,17 +182,28 @@ def crop_like(x: jax.Array, offset: int, shape: Sequence[int]) -> jax.Array:
 #
 # XLA's CPU backend runs a convolution and its input gradient well, but two cases of FCN-VGG16 are
 # several times slower than PyTorch's oneDNN (benchmarks/RESULTS.md): the kernel gradient of the
-# wide 3x3 layers (conv2_x: 1.4 s against 0.37 s at 256x256), and fc6, a 7x7 kernel over a map
-# hardly larger than itself. Both are matrix products in disguise: fc6 is im2col patches
-# (H'W', 7*7*512) times the (25088, 4096) kernel, and a kernel gradient is patches^T times the
-# output gradient. On CPU we compute those as dots (autodiff of the im2col form gives the fc6
-# gradients as dots too). Same parameters, same results up to float summation order; other
-# backends, and any case outside these, use lax.conv_general_dilated unchanged.
+# layers with large maps (conv1_2: 0.39-0.54 s against 0.12 s at 256x256, about 40 GFLOP/s), and
+# fc6, a 7x7 kernel over a map hardly larger than itself. Both are matrix products in disguise.
+#
+# - fc6 (and any kernel >= IM2COL_MIN_KERNEL wide, and 1x1 layers) is im2col patches
+#   (H'W', 7*7*512) times the (25088, 4096) kernel; autodiff of that form gives dots for both
+#   gradients.
+# - The kernel gradient dW[i, j] = sum_{n,h,w} x_pad[n, h+i, w+j] g[n, h, w] of a stride-1 layer is,
+#   with x_pad flattened to rows (N*Hp*Wp, C) and g zero-padded to the same (Hp, Wp) grid, the
+#   product x_rows[o:o+L]^T g_rows[:L] at the row offset o = i*Wp + j: a shift, not a gather (the
+#   padded columns of g are zero, so rows that wrap across an image row or image contribute
+#   nothing). We stack the k_w column shifts of the narrower operand (3x its size, instead of the
+#   9x of im2col patches) and take one dot per kernel row: k_h dots of (L, C) x (L, k_w*C').
+#   That runs at 2/3 of the matmul peak; it is used where the output map has at least
+#   DW_SHIFT_MIN_PIXELS pixels, below which XLA's own kernel gradient is as fast or faster.
+#
+# Same parameters, same results up to float summation order; other backends, and any case outside
+# these, use lax.conv_general_dilated unchanged.
 
-CPU_MATMUL_CONVS = True     # False: always lax.conv_general_dilated (for A/B benchmarks)
-IM2COL_MAX_BYTES = 1 << 29  # patches larger than this (512 MiB) stay on the convolution path
-IM2COL_MIN_KERNEL = 5       # kernels at least this wide: the whole layer as im2col + dot
-DW_DOT_MIN_CHANNELS = 128   # 3x3 layers with at least this many input channels: dot kernel gradient
+CPU_MATMUL_CONVS = True       # False: always lax.conv_general_dilated (for A/B benchmarks)
+IM2COL_MAX_BYTES = 1 << 29    # patches larger than this (512 MiB) stay on the convolution path
+IM2COL_MIN_KERNEL = 5         # kernels at least this wide: the whole layer as im2col + dot
+DW_SHIFT_MIN_PIXELS = 1 << 15  # stride-1 layers with an output map this large: shifted-row dW
 
 
 def _is_nhwc_hwio(dimension_numbers, ndim: int) -> bool:
@@ -224,8 +235,38 @@ def _im2col_conv(x, kernel, strides, padding, precision):
   return y.astype(jnp.result_type(x.dtype, kernel.dtype))
 
 
+def _shifted_rows_dw(x, g, kernel_shape, padding, precision):
+  """Kernel gradient of a stride-1 NHWC/HWIO convolution as k_h row-shifted dots (see above)."""
+  k_h, k_w, c_in, c_out = kernel_shape
+  n = x.shape[0]
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  h_p, w_p = xp.shape[1], xp.shape[2]
+  rows = n * h_p * w_p
+  x_rows = xp.reshape(rows, c_in)
+  g_rows = jnp.pad(g.astype(x.dtype), ((0, 0), (0, h_p - g.shape[1]), (0, w_p - g.shape[2]),
+                                       (0, 0))).reshape(rows, c_out)
+  length = rows - ((k_h - 1) * w_p + k_w - 1)  # every non-zero row of g lies below this
+  contract = (((0,), (0,)), ((), ()))
+  if c_out <= c_in:  # shift g: G[m, j] = g[m - j], then dW[i] = x_rows[i*Wp:]^T G
+    span = length + k_w - 1
+    g_shift = jnp.concatenate([jnp.pad(g_rows[:span - j], ((j, 0), (0, 0))) for j in range(k_w)],
+                              axis=1)
+    per_row = [jax.lax.dot_general(x_rows[i * w_p:i * w_p + span], g_shift, contract,
+                                   precision=precision, preferred_element_type=jnp.float32)
+               for i in range(k_h)]  # each (C, k_w * C')
+    dw = jnp.stack(per_row).reshape(k_h, c_in, k_w, c_out).transpose(0, 2, 1, 3)
+  else:  # shift x: X[m, j] = x_rows[m + j], then dW[i] = X[i*Wp:]^T g
+    span = length + (k_h - 1) * w_p
+    x_shift = jnp.concatenate([x_rows[j:j + span] for j in range(k_w)], axis=1)
+    per_row = [jax.lax.dot_general(x_shift[i * w_p:i * w_p + length], g_rows[:length], contract,
+                                   precision=precision, preferred_element_type=jnp.float32)
+               for i in range(k_h)]  # each (k_w * C, C')
+    dw = jnp.stack(per_row).reshape(k_h, k_w, c_in, c_out)
+  return dw
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_dot_dw(x, kernel, strides, padding, precision):
+def _conv_shifted_dw(x, kernel, strides, padding, precision):
   return _lax_conv(x, kernel, strides, padding, precision)
 
 
@@ -234,22 +275,19 @@ def _lax_conv(x, kernel, strides, padding, precision):
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _conv_dot_dw_fwd(x, kernel, strides, padding, precision):
+def _conv_shifted_dw_fwd(x, kernel, strides, padding, precision):
   return _lax_conv(x, kernel, strides, padding, precision), (x, kernel)
 
 
-def _conv_dot_dw_bwd(strides, padding, precision, res, g):
+def _conv_shifted_dw_bwd(strides, padding, precision, res, g):
   x, kernel = res
   _, vjp_x = jax.vjp(lambda x_: _lax_conv(x_, kernel, strides, padding, precision), x)
   (dx,) = vjp_x(g)
-  k_h, k_w, c_in, c_out = kernel.shape
-  p = _patches(x, k_h, k_w, strides, padding, g.shape[1], g.shape[2])
-  dw = jax.lax.dot_general(p, g.astype(p.dtype), (((0, 1, 2), (0, 1, 2)), ((), ())),
-                           precision=precision, preferred_element_type=jnp.float32)
-  return dx, dw.reshape(kernel.shape).astype(kernel.dtype)
+  dw = _shifted_rows_dw(x, g, kernel.shape, padding, precision)
+  return dx, dw.astype(kernel.dtype)
 
 
-_conv_dot_dw.defvjp(_conv_dot_dw_fwd, _conv_dot_dw_bwd)
+_conv_shifted_dw.defvjp(_conv_shifted_dw_fwd, _conv_shifted_dw_bwd)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -271,11 +309,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     out_h = (lhs.shape[1] + sum(pads[0]) - k_h) // strides[0] + 1
     out_w = (lhs.shape[2] + sum(pads[1]) - k_w) // strides[1] + 1
     patch_bytes = lhs.shape[0] * out_h * out_w * k_h * k_w * c_in * jnp.dtype(lhs.dtype).itemsize
-    if out_h > 0 and out_w > 0 and patch_bytes <= IM2COL_MAX_BYTES:
-      if min(k_h, k_w) >= IM2COL_MIN_KERNEL or (k_h == k_w == 1 and strides == (1, 1)):
-        return _im2col_conv(lhs, rhs, strides, pads, precision)
-      if c_in >= DW_DOT_MIN_CHANNELS and strides == (1, 1):
-        return _conv_dot_dw(lhs, rhs, strides, pads, precision)
+    whole_layer_dot = min(k_h, k_w) >= IM2COL_MIN_KERNEL or (k_h == k_w == 1 and strides == (1, 1))
+    if out_h > 0 and out_w > 0 and whole_layer_dot and patch_bytes <= IM2COL_MAX_BYTES:
+      return _im2col_conv(lhs, rhs, strides, pads, precision)
+    if (out_h > 0 and out_w > 0 and not whole_layer_dot and strides == (1, 1)
+        and out_h * out_w >= DW_SHIFT_MIN_PIXELS):
+      return _conv_shifted_dw(lhs, rhs, strides, pads, precision)
   return jax.lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
