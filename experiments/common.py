@@ -127,6 +127,15 @@ def quiet_logs() -> None:
   logging.set_verbosity(logging.WARNING)
 
 
+def enable_compilation_cache(path: str) -> None:
+  """Persistent XLA compilation cache at `path` ('' leaves it off): programs compiled once (each
+  native evaluation size, the train step) load from disk in later runs instead of recompiling."""
+  if not path:
+    return
+  import jax
+  jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(path).expanduser()))
+
+
 def main(arch: str) -> None:
   """Entry point of experiments/<arch>.py."""
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and figures.', required=True)
@@ -143,6 +152,7 @@ def main(arch: str) -> None:
     if config.arch != arch:
       raise app.UsageError(f'--config is for {config.arch}, but this is experiments.{arch}')
     initialize_distributed()  # before any JAX computation
+    enable_compilation_cache(config.get('compilation_cache_dir', ''))
     run(config, flags.FLAGS.workdir)
 
   app.run(_main)

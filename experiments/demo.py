@@ -61,6 +61,8 @@ def control(workdir: pathlib.Path) -> dict:
 def main(argv) -> None:
   del argv
   common.quiet_logs()
+  from experiments.configs import common as configs
+  common.enable_compilation_cache(configs.COMPILATION_CACHE_DIR)
   from fcn_jax import report
   workdir = pathlib.Path(flags.FLAGS.workdir).expanduser().resolve()
   start = time.perf_counter()

@@ -12,6 +12,8 @@ import pathlib
 
 from absl import app, flags
 
+from experiments.configs import common as configs
+
 flags.DEFINE_string('checkpoint', None, 'Checkpoint directory (training or fcn_jax.convert output).',
                     required=True)
 flags.DEFINE_string('dataset', 'voc_segmentation/2011', 'voc_segmentation/2011 | voc_segmentation/2012 | sbd')
@@ -24,12 +26,16 @@ flags.DEFINE_integer('pad_to', 0, '0: native size one image at a time (the refer
 flags.DEFINE_integer('batch_size', 1, 'Images per batch with --pad_to.')
 flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Which checkpoint of a training run.')
 flags.DEFINE_string('out', '', 'Output directory (default: the checkpoint directory\'s parent).')
+flags.DEFINE_string('compilation_cache_dir', configs.COMPILATION_CACHE_DIR,
+                    'Persistent XLA compilation cache (\'\' = off): each native image size compiles '
+                    'once, and later evaluations reuse the compiled programs.')
 
 
 def main(argv) -> None:
   del argv
   from experiments import common
   common.quiet_logs()
+  common.enable_compilation_cache(flags.FLAGS.compilation_cache_dir)
   from fcn_jax import checkpoint, data as data_lib, report, train
   from fcn_jax.data import pipeline
   FLAGS = flags.FLAGS

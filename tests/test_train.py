@@ -149,12 +149,16 @@ def _params(workdir: pathlib.Path):
 
 
 def test_cli_resume_after_sigkill_matches_uninterrupted_run(tiny_voc, tmp_path):
-  steps = ['--config.num_train_steps=24', '--config.checkpoint_every=3', '--config.eval_every=24']
+  cache = tmp_path / 'xla_cache'
+  steps = ['--config.num_train_steps=24', '--config.checkpoint_every=3', '--config.eval_every=24',
+           f'--config.compilation_cache_dir={cache}']
   data_dir = tmp_path / 'tfds'
   # Uninterrupted reference run (also prepares the dataset once).
-  ref = subprocess.run(cli('fcn32s', tmp_path / 'ref', tiny_voc, data_dir, *steps), env=ENV,
+  ref = subprocess.run(cli('fcn32s', tmp_path / 'ref', tiny_voc, data_dir, *steps),
+                       env={**ENV, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'},
                        capture_output=True, text=True, timeout=600, cwd=REPO)
   assert ref.returncode == 0, ref.stderr[-3000:]
+  assert cache.is_dir() and any(cache.iterdir()), 'the persistent compilation cache stayed empty'
   results = json.loads((tmp_path / 'ref' / 'results.json').read_text())
   assert 0 <= results['mean_iu'] <= 1 and len(results['per_class_iu']) == 21
   for name in ('results.md', 'metrics.jsonl', 'figures/training_curves.png', 'figures/score_maps.png'):
@@ -200,7 +204,8 @@ def test_cli_resume_after_sigkill_matches_uninterrupted_run(tiny_voc, tmp_path):
   # Standalone evaluation gives the training run's final scores (same split, same padding).
   ev = subprocess.run([sys.executable, '-m', 'experiments.evaluate', f'--checkpoint={work / "checkpoints"}',
                        '--dataset=voc_segmentation/2012', '--split=val', f'--data_dir={data_dir}',
-                       '--pad_to=64', '--batch_size=4', '--which=latest', f'--out={tmp_path / "eval"}'],
+                       '--pad_to=64', '--batch_size=4', '--which=latest', f'--out={tmp_path / "eval"}',
+                       f'--compilation_cache_dir={cache}'],
                       env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
   assert ev.returncode == 0, ev.stderr[-3000:]
   got = json.loads((tmp_path / 'eval' / 'results.json').read_text())

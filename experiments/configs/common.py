@@ -17,6 +17,8 @@ import ml_collections
 
 from fcn_jax.train import VOC_CLASSES
 
+COMPILATION_CACHE_DIR = '~/.cache/fcn_jax/xla'  # default persistent XLA compilation cache
+
 PRESETS = ('paper', 'heavy', 'demo')
 # The stage each staged net is initialised from (FCN-16s from FCN-32s, FCN-8s from FCN-16s).
 PREDECESSOR = {'fcn16s': 'fcn32s', 'fcn8s': 'fcn16s'}
@@ -85,6 +87,9 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.eval_batch_size = 1        # with eval_pad_to 0: native size, one image at a time (reference protocol)
   c.eval_pad_to = 0            # >0: fixed (eval_batch_size, S, S) padded batches (faster, approximate borders)
   c.num_figure_examples = 4
+  # Persistent XLA compilation cache shared by all runs ('' = off): native-size evaluation compiles
+  # once per distinct image size, and a rerun or the next stage reuses every compiled program.
+  c.compilation_cache_dir = COMPILATION_CACHE_DIR
 
   if preset == 'heavy':
     c.batch_size = 1
