@@ -1,5 +1,6 @@
 """Per-layer view of the CPU gap: one VGG16 convolution per block at the FCN sizes, forward, gradient
-with respect to the input and with respect to the kernel, JAX (XLA, NHWC) and PyTorch (NCHW).
+with respect to the input and with respect to the kernel: XLA's convolution (lax, NHWC), fcn_jax's
+`layers.conv_general_dilated` (the CPU matrix-product forms) and PyTorch (oneDNN, NCHW).
 
     XLA_FLAGS=... python -m benchmarks.conv_layers --size 256
 
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fcn_jax.models import layers as fcn_layers
+
 
 def _median(fn, repeats, sync):
   sync(fn())
@@ -31,10 +34,12 @@ def _median(fn, repeats, sync):
 
 
 def layers_for(size: int):
+  """(name, map side, C_in, C_out): conv1_1, then each block's first and second convolution."""
   h = size + 198
-  out = []
+  out = [('conv1_1', h, 3, 64)]
   for block, c in enumerate((64, 128, 256, 512, 512), 1):
-    c_in = 64 if block == 1 else c // 2 if block < 5 else 512
+    if block in (2, 3, 4):
+      out.append((f'conv{block}_1', h, c // 2, c))
     out.append((f'conv{block}_2', h, c, c))
     h = math.ceil(h / 2)
   out.append(('fc6', h, 512, 4096))
@@ -50,8 +55,8 @@ def main(argv=None):
   a = p.parse_args(argv)
   sync = lambda x: jax.block_until_ready(x)
   print(f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r} load {os.getloadavg()[0]:.2f}')
-  print('| layer | HxW | Cin->Cout | GFLOP | op | jax ms | torch ms | torch/jax |')
-  print('|---|---|---|---|---|---|---|---|')
+  print('| layer | HxW | Cin->Cout | GFLOP | op | XLA ms | fcn_jax ms | torch ms | torch/fcn_jax |')
+  print('|---|---|---|---|---|---|---|---|---|')
   for name, h, c_in, c_out in layers_for(a.size):
     if a.layers and name not in a.layers:
       continue
@@ -63,16 +68,18 @@ def main(argv=None):
     ho = h + 2 * pad - k + 1
     g = rng.standard_normal((1, ho, ho, c_out), np.float32)
     gflop = 2 * ho * ho * k * k * c_in * c_out / 1e9
-    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), [(pad, pad)] * 2,
-                                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    fwd = jax.jit(conv)
-    _, vjp_x = jax.vjp(lambda x: conv(x, w), x)
-    dx = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
-    dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
+    def timings(conv_fn):
+      conv = lambda x, w: conv_fn(x, w, (1, 1), [(pad, pad)] * 2,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      fwd = jax.jit(conv)
+      dx = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
+      dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
+      return {'fwd': _median(lambda: fwd(xj, wj), a.repeats, sync),
+              'dx': _median(lambda: dx(xj, wj, gj), a.repeats, sync),
+              'dw': _median(lambda: dw(xj, wj, gj), a.repeats, sync)}
     xj, wj, gj = map(jnp.asarray, (x, w, g))
-    jt = {'fwd': _median(lambda: fwd(xj, wj), a.repeats, sync),
-          'dx': _median(lambda: dx(xj, wj, gj), a.repeats, sync),
-          'dw': _median(lambda: dw(xj, wj, gj), a.repeats, sync)}
+    xt_ = timings(jax.lax.conv_general_dilated)
+    jt = timings(fcn_layers.conv_general_dilated)
     tt = {}
     if not a.no_torch:
       import torch
@@ -88,8 +95,9 @@ def main(argv=None):
                            a.repeats, lambda v: v)
     for op in ('fwd', 'dx', 'dw'):
       t = tt.get(op)
-      print(f'| {name} | {h}x{h} | {c_in}->{c_out} | {gflop:.1f} | {op} | {1e3 * jt[op]:.0f} | '
-            + (f'{1e3 * t:.0f} | {t / jt[op]:.2f} |' if t else '- | - |'), flush=True)
+      print(f'| {name} | {h}x{h} | {c_in}->{c_out} | {gflop:.1f} | {op} | {1e3 * xt_[op]:.0f} | '
+            f'{1e3 * jt[op]:.0f} | ' + (f'{1e3 * t:.0f} | {t / jt[op]:.2f} |' if t else '- | - |'),
+            flush=True)
   print(f'load at end {os.getloadavg()[0]:.2f}')
 
 
