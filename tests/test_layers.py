@@ -101,6 +101,28 @@ def test_max_pool_ceil_matches_numpy(window, stride, pad):
     np.testing.assert_array_equal(y, ref)
 
 
+@pytest.mark.parametrize('window,stride,pad', [(2, 2, 0), (3, 2, 0), (3, 1, 1), (3, 2, 1), (3, 3, 0)])
+def test_max_pool_ceil_gradient_equals_select_and_scatter(monkeypatch, window, stride, pad):
+  # The custom gradients (block and overlapping windows) against XLA's reduce_window gradient on
+  # inputs full of ties (ReLU zeros, repeated values): the first maximum of each window in row-major
+  # order gets the gradient, and overlapping windows add up (in another order: float rounding).
+  rng = np.random.default_rng(window * 100 + stride * 10 + pad)
+  for h, w in [(5, 7), (6, 9), (11, 4), (17, 16)]:
+    if min(h, w) + 2 * pad < window:
+      continue
+    x = jnp.asarray(np.maximum(rng.integers(-3, 3, (2, h, w, 3)), 0).astype(np.float32))
+    g_out = jnp.asarray(rng.standard_normal(layers.max_pool_ceil(x, window, stride, pad).shape,
+                                            dtype=np.float32))
+    # No jit: the switch is read at trace time, and jit would reuse the first trace.
+    grad = lambda x_: jax.grad(lambda v: jnp.sum(layers.max_pool_ceil(v, window, stride, pad) * g_out))(x_)
+    monkeypatch.setattr(layers, 'BLOCK_POOL', True)
+    ours = np.asarray(grad(x))
+    monkeypatch.setattr(layers, 'BLOCK_POOL', False)
+    ref = np.asarray(grad(x))
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6, err_msg=f'{h}x{w}')
+    assert np.count_nonzero(ref) > 0
+
+
 def test_max_pool_ceil_matches_torch():
   torch = pytest.importorskip('torch')
   rng = np.random.default_rng(0)

@@ -39,9 +39,10 @@ def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int = 0) -> j
     out = ceil_pool_size(size, window, stride, padding)
     right = (out - 1) * stride + window - size - padding
     pads.append((padding, max(right, 0)))
+  if BLOCK_POOL:
+    return _window_max_pool(x, window, stride, tuple(pads))
   # reduce_window pads with the init value (-inf), so padding never wins the max.
-  y = nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
-  return y
+  return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
 
 
 # Non-overlapping pooling (window == stride: VGG16's 2x2 pools, GoogLeNet's maxpool4) as a reshape
@@ -88,6 +89,48 @@ def _block_max_pool_bwd(s, res, g):
 
 
 _block_max_pool.defvjp(_block_max_pool_fwd, _block_max_pool_bwd)
+
+
+# Overlapping windows (GoogLeNet's 3x3 pools, stride 2 and the inception branches' stride 1): XLA's
+# forward is fine, and the gradient is window * window strided passes instead of select_and_scatter:
+# for each offset (i, j) of the window in row-major order, the output positions whose first maximum
+# sits there send their gradient to input (s * oh + i, s * ow + j) (a strided pad, then a sum).
+# The same tie rule as select_and_scatter, so the same values up to the order in which overlapping
+# windows add into one input (float rounding).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _window_max_pool(x: jax.Array, window: int, stride: int, pads: tuple) -> jax.Array:
+  return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+
+
+def _window_max_pool_fwd(x, window, stride, pads):
+  y = _window_max_pool(x, window, stride, pads)
+  return y, (x, y)
+
+
+def _window_max_pool_bwd(window, stride, pads, res, g):
+  x, y = res
+  (top, bottom), (left, right) = pads
+  xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=-jnp.inf)
+  n, h_p, w_p, c = xp.shape
+  oh, ow = y.shape[1], y.shape[2]
+  zero = jnp.zeros((), g.dtype)
+  taken = jnp.zeros(y.shape, bool)
+  dxp = None
+  for i in range(window):
+    for j in range(window):
+      xs = xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+      hit = (xs == y) & ~taken
+      taken = taken | hit
+      placed = jax.lax.pad(jnp.where(hit, g, zero), zero, (
+          (0, 0, 0), (i, h_p - i - stride * (oh - 1) - 1, stride - 1),
+          (j, w_p - j - stride * (ow - 1) - 1, stride - 1), (0, 0, 0)))
+      dxp = placed if dxp is None else dxp + placed
+  return (dxp[:, top:top + x.shape[1], left:left + x.shape[2], :],)
+
+
+_window_max_pool.defvjp(_window_max_pool_fwd, _window_max_pool_bwd)
 
 
 def bilinear_kernel(size: int) -> np.ndarray:
