@@ -39,7 +39,7 @@ def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int = 0) -> j
     out = ceil_pool_size(size, window, stride, padding)
     right = (out - 1) * stride + window - size - padding
     pads.append((padding, max(right, 0)))
-  if BLOCK_POOL:
+  if BLOCK_POOL and jax.default_backend() == 'cpu':  # measured on CPU; GPU/TPU keep XLA's gradient
     return _window_max_pool(x, window, stride, tuple(pads))
   # reduce_window pads with the init value (-inf), so padding never wins the max.
   return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
