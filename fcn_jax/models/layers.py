@@ -185,11 +185,16 @@ def transposed_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   sub = padded.reshape(taps, stride, taps, stride, *kernel.shape[2:])
   sub = sub[::-1, :, ::-1]  # (J_u, t1, J_v, t2, C_in, C_out)
   sub = sub.transpose(0, 2, 4, 1, 3, 5).reshape(taps, taps, kernel.shape[2], stride * stride * c_out)
-  y = jax.lax.conv_general_dilated(
-      x, sub.astype(x.dtype), window_strides=(1, 1),
-      padding=((taps - 1, taps - 1), (taps - 1, taps - 1)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  pads = ((taps - 1, taps - 1), (taps - 1, taps - 1))
   m_h, m_w = h + taps - 1, w + taps - 1
+  patch_bytes = n * m_h * m_w * taps * taps * x.shape[-1] * jnp.dtype(x.dtype).itemsize
+  if CPU_MATMUL_CONVS and jax.default_backend() == 'cpu' and patch_bytes <= IM2COL_MAX_BYTES:
+    # A few input channels, s*s*C_out output channels (21 -> 21504 for x32): XLA's CPU convolution
+    # computes its input gradient at ~12 GFLOP/s; as im2col + dot both directions are matmuls.
+    y = _im2col_conv(x, sub.astype(x.dtype), (1, 1), pads, None)
+  else:
+    y = jax.lax.conv_general_dilated(x, sub.astype(x.dtype), window_strides=(1, 1), padding=pads,
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   y = y.reshape(n, m_h, m_w, stride, stride, c_out).transpose(0, 1, 3, 2, 4, 5)
   y = y.reshape(n, m_h * stride, m_w * stride, c_out)
   return y[:, : stride * (h - 1) + k, : stride * (w - 1) + k]
