@@ -10,6 +10,8 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
+from fcn_jax.errors import UserError, user_errors_as_exit
+
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
 
 
@@ -23,23 +25,32 @@ def load_config(arch: str, preset: str | None = None) -> ml_collections.ConfigDi
   return common.get_config(arch, preset or 'paper')
 
 
-def prepare_demo_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """Demo preset: writes the synthetic VOC-format tree (once) and points the dataset at it."""
+def demo_data_root(config: ml_collections.ConfigDict) -> pathlib.Path:
+  """The demo's synthetic VOC-format tree in the cache (fcn_jax.paths), one per generator setting."""
+  from fcn_jax import paths
+  s = config.synthetic
+  return (paths.cache_dir() / 'synthetic' /
+          f'voc-{s.num_train}-{s.num_val}-{s.min_size}-{s.max_size}-seed{s.seed}')
+
+
+def prepare_demo_data(config: ml_collections.ConfigDict) -> None:
+  """Demo preset without a dataset of the user's: writes the synthetic VOC-format tree (once, into
+  the cache, atomically) and points the dataset at it and at its prepared TFDS files beside it."""
   if config.preset != 'demo' or config.dataset.manual_dir:
     return
   from fcn_jax.data import synthetic
   from fcn_jax import distributed
   s = config.synthetic
-  root = workdir.parent / 'synthetic_voc'
+  root = demo_data_root(config)
 
   def write():
     if not (root / 'VOCdevkit').exists():
-      synthetic.write_voc_tree(root, num_train=s.num_train, num_val=s.num_val, seed=s.seed,
-                               min_size=s.min_size, max_size=s.max_size)
+      synthetic.write_voc_tree_atomically(root, num_train=s.num_train, num_val=s.num_val,
+                                          seed=s.seed, min_size=s.min_size, max_size=s.max_size)
   distributed.main_process_first(write, 'fcn_jax.demo_data')  # no race on a shared filesystem
   with config.unlocked():
     config.dataset.manual_dir = str(root)
-    config.dataset.data_dir = config.dataset.data_dir or str(workdir.parent / 'tfds')
+    config.dataset.data_dir = config.dataset.data_dir or str(root / 'tfds')
 
 
 def resolve_init(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -79,8 +90,12 @@ def resolve_init(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   from fcn_jax import data as data_lib
   from fcn_jax import train
+  from fcn_jax import config_checks
   workdir = pathlib.Path(workdir).expanduser().resolve()
-  prepare_demo_data(config, workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f'--workdir {workdir} is a file, not a directory')
+  config_checks.check_train_config(config)  # before any data is written or prepared
+  prepare_demo_data(config)
   resolve_init(config, workdir)
   try:
     return train.train_and_evaluate(config, workdir)
@@ -136,13 +151,116 @@ def enable_compilation_cache(path: str) -> None:
   jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(path).expanduser()))
 
 
+def config_fields_help(config: ml_collections.ConfigDict) -> str:
+  """Every config field with its value, for --help."""
+  def lines(c, prefix=''):
+    for key, value in sorted(c.items()):
+      if isinstance(value, ml_collections.ConfigDict):
+        yield from lines(value, f'{prefix}{key}.')
+      else:
+        text = repr(tuple(value) if isinstance(value, list) else value)
+        yield f'  --config.{prefix}{key}={text if len(text) <= 70 else text[:67] + "..."}'
+  return '\n'.join(lines(config))
+
+
+def _config_arg(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _flat_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  keys = []
+  for key, value in config.items():
+    keys.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      keys += _flat_keys(value, f'{prefix}{key}.')
+  return keys
+
+
+def explain_config_error(argv: list[str], arch: str, error: Exception) -> str:
+  """One message for a --config / --config.FIELD mistake (an unknown field, a typo'd preset, a
+  value of the wrong type), instead of the config library's chained tracebacks."""
+  import difflib
+  from experiments.configs import common as configs
+  spec = _config_arg(argv) or config_path(arch)
+  path, _, preset = spec.partition(':')
+  if not pathlib.Path(path).exists():
+    return f'--config {spec}: no such file (the configs are experiments/configs/<arch>.py[:PRESET])'
+  if preset and preset not in configs.PRESETS:
+    return (f'--config {spec}: unknown preset {preset!r}; choose one of {", ".join(configs.PRESETS)}'
+            f' (e.g. --config {path}:demo)')
+  try:
+    config = load_config(arch, preset or 'paper')
+  except Exception:  # a config file of the user's: report its own error below
+    config = None
+  if config is not None:
+    keys = _flat_keys(config)
+    for arg in argv:
+      if arg.startswith('--config.'):
+        field = arg[len('--config.'):].split('=', 1)[0]
+        if field not in keys:
+          parent = field.rpartition('.')[0]
+          group = [k for k in keys if k.rpartition('.')[0] == parent]
+          if parent in keys:  # a typo in the last part: compare it with its siblings
+            leaf = field.rpartition('.')[2]
+            siblings = [k.rpartition('.')[2] for k in group]
+            close = [f'{parent}.{c}' for c in difflib.get_close_matches(leaf, siblings, n=3)]
+          else:
+            close = difflib.get_close_matches(field, keys, n=3, cutoff=0.6)
+          if close:
+            hint = f'; did you mean {" or ".join("--config." + c for c in close)}?'
+          elif parent in keys:
+            hint = f'; config.{parent} has: {", ".join(sorted(k.rpartition(".")[2] for k in group))}'
+          else:
+            hint = ''
+          return (f'{arg}: config has no field {field!r}{hint} (python -m experiments.{arch} --help '
+                  f'lists the fields)')
+  cause = error
+  while cause.__cause__ is not None or cause.__context__ is not None:
+    cause = cause.__cause__ or cause.__context__
+  return f'bad --config value: {str(cause) or type(cause).__name__}'
+
+
 def main(arch: str) -> None:
   """Entry point of experiments/<arch>.py."""
-  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and figures.', required=True)
-  config_flags.DEFINE_config_file('config', config_path(arch),
-                                  'Config file, optionally with :preset (paper | heavy | demo).',
-                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and figures (created if '
+                      'missing; the same command resumes a run there).', required=True)
+  try:  # the config library applies the --config.FIELD overrides of sys.argv here already
+    config_flags.DEFINE_config_file('config', config_path(arch),
+                                    'Config file, optionally with :preset (paper | heavy | demo). '
+                                    'Any field is set with --config.FIELD=VALUE (listed above).',
+                                    lock_config=True)
+  except Exception as e:
+    print(f'error: {explain_config_error(sys.argv[1:], arch, e)}', file=sys.stderr)
+    raise SystemExit(2) from None
   define_distributed_flags()
+  # --help lists the flags of the main module only: adopt these, and list the config fields.
+  main_module = sys.modules['__main__']
+  for name in ('workdir', 'config', 'distributed', 'coordinator_address', 'num_processes',
+               'process_id', 'local_device_ids'):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+  main_module.__doc__ = (
+      f'{(main_module.__doc__ or "").strip()}\n\n'
+      f'Config fields (paper preset defaults; the demo and heavy presets change some). Step counts '
+      f'and cadences are optimiser updates; num_train_steps=0 trains for total_epochs:\n'
+      f'{config_fields_help(load_config(arch, "paper"))}\n')
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      if 'config' not in str(e):
+        print(f'error: {e}\nPass --help to see the flags.', file=sys.stderr)
+        raise SystemExit(2) from None
+      print(f'error: {explain_config_error(argv, arch, e)}', file=sys.stderr)
+      raise SystemExit(2) from None
+    except Exception as e:  # raised while loading or overriding --config
+      print(f'error: {explain_config_error(argv, arch, e)}', file=sys.stderr)
+      raise SystemExit(2) from None
 
   def _main(argv):
     quiet_logs()
@@ -151,8 +269,9 @@ def main(arch: str) -> None:
     config = flags.FLAGS.config
     if config.arch != arch:
       raise app.UsageError(f'--config is for {config.arch}, but this is experiments.{arch}')
-    initialize_distributed()  # before any JAX computation
-    enable_compilation_cache(config.get('compilation_cache_dir', ''))
-    run(config, flags.FLAGS.workdir)
+    with user_errors_as_exit():
+      initialize_distributed()  # before any JAX computation
+      enable_compilation_cache(config.get('compilation_cache_dir', ''))
+      run(config, flags.FLAGS.workdir)
 
-  app.run(_main)
+  app.run(_main, flags_parser=parse)

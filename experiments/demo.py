@@ -2,7 +2,8 @@
 
 `python -m experiments.demo --workdir runs/demo` writes the synthetic VOCdevkit tree, prepares it
 through the same TFDS builder as PASCAL VOC, trains the three stages at reduced width (each from the
-previous one), and prints the paper's Table 2 for them. Figures: runs/demo/figures/.
+previous one), and prints the paper's Table 2 for them. Figures: runs/demo/figures/. The synthetic
+set and its prepared TFDS files live in the cache (fcn_jax.paths: ~/.cache/fcn_jax/synthetic/).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def comparison(workdir: pathlib.Path, num_rows: int = 4) -> pathlib.Path:
   import numpy as np
   from fcn_jax import checkpoint, train, viz
   config = common.load_config('fcn8s', 'demo')
-  common.prepare_demo_data(config, workdir / 'fcn8s')
+  common.prepare_demo_data(config)
   _, source = train.data_sources(config)
   examples = train.first_examples(config, source, num_rows)
   rows = [{'image': image, 'ground truth': label} for _, image, label in examples]
@@ -60,6 +61,12 @@ def control(workdir: pathlib.Path) -> dict:
 
 def main(argv) -> None:
   del argv
+  from fcn_jax.errors import user_errors_as_exit
+  with user_errors_as_exit():
+    _main()
+
+
+def _main() -> None:
   common.quiet_logs()
   from experiments.configs import common as configs
   common.enable_compilation_cache(configs.COMPILATION_CACHE_DIR)

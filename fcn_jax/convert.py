@@ -46,6 +46,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from fcn_jax.errors import UserError
+
 FORMATS = ('pth', 'npz', 'safetensors', 'caffemodel')
 
 VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat',
@@ -56,7 +58,7 @@ __all__ = ['ConversionError', 'FORMATS', 'VOC_CLASSES', 'convert', 'convert_to_c
            'detect_format', 'import_weights', 'main', 'read_weights']
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
   """The source file cannot be imported into the requested model; the message lists why."""
 
 

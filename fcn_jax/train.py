@@ -30,10 +30,15 @@ from fcn_jax import losses
 from fcn_jax import metrics as metrics_lib
 from fcn_jax import models
 from fcn_jax import optim
+from fcn_jax import workdir as workdir_lib
+from fcn_jax.errors import Preempted, UserError
 
 VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat',
                'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant',
                'sheep', 'sofa', 'train', 'tvmonitor')
+
+
+SCORE_KEYS = ('pixel_acc', 'mean_acc', 'mean_iu', 'fw_iu')
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,7 +47,7 @@ class NonFiniteLossError(RuntimeError):
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array          # optimiser micro-steps taken (jit calls)
+  step: jax.Array          # micro-steps taken (jit calls); updates = step // accumulate_steps
   params: Any
   batch_stats: Any         # frozen BatchNorm statistics (GoogLeNet); {} otherwise
   opt_state: Any
@@ -135,6 +140,9 @@ def metadata_from_config(config: ml_collections.ConfigDict) -> dict:
       'learnable_upsampling': config.model.learnable_upsampling,
       'preprocessing': config.preprocessing,
       'class_names': list(config.class_names),
+      # Not needed for inference; a resumed run must match them (fcn_jax.workdir).
+      'optimizer': config.optim.get('algorithm', 'sgd'),
+      'accumulate_steps': config.accumulate_steps,
       'source': f'trained with fcn_jax ({config.get("preset", "custom")} preset)',
   }
 
@@ -380,33 +388,137 @@ def eval_batches(config: ml_collections.ConfigDict, source) -> Iterable[dict]:
       shard_count=jax.process_count())
 
 
+def resolve_num_updates(config: ml_collections.ConfigDict, num_train_images: int) -> int:
+  """Optimiser updates to train for: config.num_train_steps when > 0, else config.total_epochs
+  passes over the training set at batch_size x accumulate_steps images per update (resolved here,
+  at run time, so that --config.batch_size changes the step count and not the epochs)."""
+  if config.num_train_steps and config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  epochs = config.get('total_epochs') or 0
+  if epochs <= 0:
+    raise UserError('set config.num_train_steps (optimiser updates) or config.total_epochs (> 0)')
+  images_per_update = config.batch_size * config.accumulate_steps
+  return max(1, math.ceil(epochs * num_train_images / images_per_update))
+
+
+class StopRequest:
+  """SIGTERM / SIGINT turned into a request that the loop honours at the next optimiser update:
+  save a checkpoint there and exit, so the same command resumes.
+
+  One process: our own handlers (a second Ctrl-C interrupts at once). Several processes: SIGTERM is
+  left to jax's preemption service, and all processes agree on the step to save at through
+  `multihost_utils.reached_preemption_sync_point`, called at every update.
+  """
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous: dict = {}
+
+  def __enter__(self) -> 'StopRequest':
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    names = ('SIGTERM', 'SIGINT') if jax.process_count() == 1 else ()
+    for name in names:
+      signum = getattr(signal, name)
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    import signal
+    self.signal_name = signal.Signals(signum).name
+    if signum == signal.SIGINT:  # a second Ctrl-C does not wait for the checkpoint
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def __exit__(self, *exc) -> None:
+    import signal
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def reached(self, update: int) -> bool:
+    """True at the update where every process should save and stop."""
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(update):
+        self.signal_name = self.signal_name or 'SIGTERM'
+        return True
+      return False
+    return self.signal_name is not None
+
+
+def _take_workdir_lock(workdir: pathlib.Path) -> workdir_lib.WorkdirLock | None:
+  """Process 0 takes the workdir's lock; every process stops if it could not."""
+  lock, error = None, b''
+  if jax.process_index() == 0:
+    lock = workdir_lib.WorkdirLock(workdir, log=_log)
+    try:
+      lock.acquire()
+    except workdir_lib.WorkdirBusyError as e:
+      error, lock = str(e).encode(), None
+  error = distributed.allgather_bytes(error)[0]
+  if error:
+    raise workdir_lib.WorkdirBusyError(error.decode())
+  return lock
+
+
+def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, resumed_at: int | None) -> None:
+  """config.json of this run; a resumed run with a changed config keeps the previous one beside it."""
+  path = workdir / 'config.json'
+  text = config.to_json_best_effort(indent=2) + '\n'
+  if path.exists() and resumed_at is not None and path.read_text() != text:
+    path.replace(workdir / f'config.before_step{resumed_at}.json')
+  path.write_text(text)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains `config.arch`, evaluating on a schedule; resumes from the latest checkpoint in workdir.
 
+  Every count (num_train_steps, log_every, eval_every, checkpoint_every, the checkpoint and metric
+  steps) is in optimiser updates; with accumulate_steps k an update is k jit micro-steps.
   Returns the final evaluation scores. Writes metrics.jsonl, TensorBoard events, checkpoints/,
-  results.json, results.md and figures/ in workdir.
+  results.json, results.md and figures/ in workdir. SIGTERM or Ctrl-C saves a checkpoint at the next
+  update and raises errors.Preempted; the same call resumes from it.
   """
-  from fcn_jax import report, viz
+  from fcn_jax import config_checks
 
+  config_checks.check_train_config(config)
   workdir = pathlib.Path(workdir).expanduser()
-  is_main = jax.process_index() == 0
   mesh = make_mesh()
   if config.batch_size % mesh.devices.size or config.batch_size % jax.process_count():
-    raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of the '
-                     f'{mesh.devices.size} devices (the batch is split across them)')
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+    raise UserError(f'config.batch_size={config.batch_size} must be a multiple of the '
+                    f'{mesh.devices.size} devices (the batch is split across them)')
+  lock = _take_workdir_lock(workdir)
+  try:
+    return _train_and_evaluate(config.copy_and_resolve_references(), workdir, mesh)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: Mesh) -> dict:
+  from fcn_jax import report, viz
+
+  is_main = jax.process_index() == 0
+  k = config.accumulate_steps
+  metadata = metadata_from_config(config)
+  checkpointer = ckpt_lib.Checkpointer(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:  # before anything is written or prepared
+    workdir_lib.check_resume_compatible(ckpt_lib.read_metadata(checkpointer.directory, str(latest)),
+                                        metadata, workdir=workdir, step=latest)
   train_source, eval_source = data_sources(config)
+  config.num_train_steps = resolve_num_updates(config, len(train_source))
+  if is_main:
+    _write_config(workdir, config, latest)
 
   model = model_from_config(config)
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
-  checkpointer = ckpt_lib.Checkpointer(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  init_config = config if latest is None else config.copy_and_resolve_references()
+  init_config = config
   if latest is not None:
-    with init_config.unlocked():
-      init_config.init_from = ''  # the checkpoint has everything
+    init_config = config.copy_and_resolve_references()
+    init_config.init_from = ''  # the checkpoint has everything
   variables = initial_variables(model, init_config, init_rng, log=_log)
   tx = optimizer_from_config(config, model, variables['params'])
   state = create_train_state(model, tx, variables, state_rng)
@@ -415,7 +527,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   train_iter = train_iterator(config, train_source, batch_size=config.batch_size // jax.process_count(),
                               shard_index=jax.process_index(), shard_count=jax.process_count())
   if latest is not None:
-    state, data_state, _ = checkpointer.restore(state, latest)
+    try:
+      state, data_state, _ = checkpointer.restore(state, latest)
+    except (ValueError, KeyError, TypeError) as e:
+      raise workdir_lib.IncompatibleResumeError(
+          f'the checkpoint {checkpointer.directory}/{latest} does not fit this config '
+          f'({type(e).__name__}: {str(e).splitlines()[0][:300]}). Use a new --workdir, or '
+          f'--config.init_from={checkpointer.directory} to start from its weights.') from None
     data_state = local_data_state(data_state)
     if data_state is not None:
       train_iter.set_state(data_state)
@@ -423,17 +541,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   state = replicate(state, mesh)
   batches = DevicePrefetcher(train_iter, mesh, size=config.get('prefetch', 2))
 
-  metadata = metadata_from_config(config)
   step_fn = compile_train_step(model, tx, mesh, normalize_loss=config.loss_normalize,
                                num_classes=config.model.num_classes)
   writer = report.MetricWriter(workdir, enabled=is_main)
-  total = config.num_train_steps * config.accumulate_steps
-  start = int(jax.device_get(state.step))
+  total = config.num_train_steps
+  start = int(jax.device_get(state.step)) // k
+  if start > total:
+    _log(f'{workdir} is already at step {start}, past config.num_train_steps={total}: nothing to '
+         f'train; evaluating step {start}')
   every = lambda n, s: n > 0 and s % n == 0
 
   from tqdm.auto import tqdm
-  bar = tqdm(total=total, initial=start, desc=config.arch, unit='step', disable=not is_main,
-             dynamic_ncols=True)
+  bar = tqdm(total=total, initial=min(start, total), desc=config.arch, unit='step',
+             disable=not is_main, dynamic_ncols=True)
   pending, t_last, step_last = None, time.perf_counter(), start
   last_scores = None
 
@@ -446,8 +566,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     pending = None
     if int(m['nonfinite']):
       raise NonFiniteLossError(
-          f'non-finite loss in {int(m["nonfinite"])} of the steps {step_last + 1}..{step}; stopping. '
-          f'The last good checkpoint in {workdir / "checkpoints"} is intact. Lower '
+          f'non-finite loss in {int(m["nonfinite"])} micro-steps of the updates {step_last + 1}..{step}; '
+          f'stopping. The last good checkpoint in {workdir / "checkpoints"} is intact. Lower '
           f'config.optim.learning_rate (a normalised-loss lr with config.loss_normalize=False is '
           f'the usual cause).')
     now = time.perf_counter()
@@ -466,45 +586,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                       data_state=gather_data_state(batches.consumed_state), metrics=scores)
 
   try:
-    for step in range(start + 1, total + 1):
-      state, m = step_fn(state, next(batches))
-      pending = m if pending is None else jax.tree.map(jnp.add, pending, m)
-      bar.update(1)
-      last = step == total
-      if every(config.log_every, step) or last:
-        flush(step)
-      scores = None
-      if every(config.eval_every, step) or last:
-        flush(step)
-        scores, _ = evaluate(model, state.variables(), eval_batches(config, eval_source),
-                             num_classes=config.model.num_classes, mesh=mesh)
-        last_scores = scores
-        writer.write(step, 'eval', {k: scores[k] for k in ('pixel_acc', 'mean_acc', 'mean_iu', 'fw_iu')})
-        _log(f'step {step}: ' + ', '.join(f'{k} {100 * scores[k]:.2f}' for k in
-                                           ('pixel_acc', 'mean_acc', 'mean_iu', 'fw_iu')))
-      if every(config.checkpoint_every, step) or scores is not None or last:
-        save(step, scores)
+    with StopRequest() as stop:
+      for micro in range(start * k + 1, total * k + 1):
+        state, m = step_fn(state, next(batches))
+        pending = m if pending is None else jax.tree.map(jnp.add, pending, m)
+        if micro % k:
+          continue  # mid-accumulation: nothing to log, evaluate or save
+        step = micro // k
+        bar.update(1)
+        last = step == total
+        if every(config.log_every, step) or last:
+          flush(step)
+        scores = None
+        if every(config.eval_every, step) or last:
+          flush(step)
+          scores, _ = evaluate(model, state.variables(), eval_batches(config, eval_source),
+                               num_classes=config.model.num_classes, mesh=mesh)
+          last_scores = scores
+          writer.write(step, 'eval', {k_: scores[k_] for k_ in SCORE_KEYS})
+          _log(f'step {step}: ' + ', '.join(f'{k_} {100 * scores[k_]:.2f}' for k_ in SCORE_KEYS))
+        if every(config.checkpoint_every, step) or scores is not None or last:
+          save(step, scores)
+        if not last and stop.reached(step):
+          save(step, None)
+          raise Preempted(
+              f'{stop.signal_name}: saved step {step} of {total} to {workdir / "checkpoints"}; '
+              f'run the same command to resume.', stop.signal_name)
   except KeyboardInterrupt:
-    # Keep what was trained: checkpoint the current state (if its losses were finite) and stop.
-    # Not with several processes: the others are not interrupted at the same step, and a save
-    # needs all of them (the last periodic checkpoint is kept).
-    step = int(jax.device_get(state.step))
-    if step > start and jax.process_count() == 1:
-      save(step, None)
-      _log(f'interrupted: saved step {step} to {workdir / "checkpoints"}')
-    raise
+    # A second Ctrl-C (or one with several processes): stop now; the last checkpoint is kept.
+    raise Preempted(f'interrupted; the last checkpoint in {workdir / "checkpoints"} '
+                    f'(step {checkpointer.latest_step()}) is kept: run the same command to resume.',
+                    'SIGINT') from None
   finally:
     bar.close()
     checkpointer.wait_until_finished()
     writer.close()
 
+  final_step = max(start, total)
   if last_scores is None:  # resumed a finished run: evaluate the final state
     last_scores, _ = evaluate(model, state.variables(), eval_batches(config, eval_source),
                               num_classes=config.model.num_classes, mesh=mesh)
   if is_main:
     class_names = list(config.class_names)
     report.write_results(workdir, config.arch, last_scores, class_names,
-                         extra={'step': total, 'preset': config.get('preset', '')})
+                         extra={'step': final_step, 'preset': config.get('preset', '')})
     viz.training_curves(report.read_metrics(workdir), workdir / 'figures' / 'training_curves.png',
                         title=config.arch)
     if config.num_figure_examples:

@@ -11,18 +11,18 @@ Presets:
 
 from __future__ import annotations
 
-import math
-
 import ml_collections
 
+from fcn_jax import paths
+from fcn_jax.errors import UserError
 from fcn_jax.train import VOC_CLASSES
 
-COMPILATION_CACHE_DIR = '~/.cache/fcn_jax/xla'  # default persistent XLA compilation cache
+# Default persistent XLA compilation cache (see fcn_jax.paths).
+COMPILATION_CACHE_DIR = str(paths.cache_dir() / 'xla')
 
 PRESETS = ('paper', 'heavy', 'demo')
 # The stage each staged net is initialised from (FCN-16s from FCN-32s, FCN-8s from FCN-16s).
 PREDECESSOR = {'fcn16s': 'fcn32s', 'fcn8s': 'fcn16s'}
-SBD_TRAIN_IMAGES = 8498
 
 PAPER_LR = {'fcn32s': 1e-4, 'fcn16s': 1e-6, 'fcn8s': 1e-8, 'fcn8s_atonce': 1e-4,
             'fcn_alexnet': 1e-3, 'fcn_googlenet': 5e-5}
@@ -33,7 +33,7 @@ HEAVY_LR = {'fcn32s': 1e-10, 'fcn16s': 1e-12, 'fcn8s': 1e-14, 'fcn8s_atonce': 1e
 def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   preset = preset or 'paper'
   if preset not in PRESETS:
-    raise ValueError(f'unknown preset {preset!r} for {arch}; choose one of {PRESETS} '
+    raise UserError(f'unknown preset {preset!r} for {arch}; choose one of {", ".join(PRESETS)} '
                      f'(e.g. --config experiments/configs/{arch}.py:demo)')
   c = ml_collections.ConfigDict()
   c.arch = arch
@@ -68,7 +68,10 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.scale_range = ()           # e.g. (0.5, 1.5) for random scaling
   c.flip = False               # the paper found no gain from mirroring
   c.data_workers = 0
-  c.num_train_steps = math.ceil(175 * SBD_TRAIN_IMAGES / 20)  # optimiser updates (175 epochs)
+  # Length: num_train_steps optimiser updates when > 0, else total_epochs passes over the training
+  # set, turned into updates at run time (batch_size x accumulate_steps images per update).
+  c.total_epochs = 175.0
+  c.num_train_steps = 0
   c.loss_normalize = True
 
   c.optim = ml_collections.ConfigDict()
@@ -80,6 +83,7 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.optim.caffe = True         # exactly Caffe's SGD update
   c.optim.algorithm = 'sgd'    # 'adam' only for the from-scratch CPU demo
 
+  # Cadences, like every step count here and in metrics.jsonl / checkpoints: optimiser updates.
   c.log_every = 50
   c.eval_every = 4000
   c.checkpoint_every = 1000
@@ -108,7 +112,9 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
     c.dataset.name = 'voc_segmentation/2012'
     c.dataset.eval_name = ''
     c.dataset.eval_split = 'val'
-    c.dataset.data_dir = ''   # the experiment fills these in beside its workdir
+    # Empty: the synthetic set and its prepared TFDS files, in the cache (see fcn_jax.paths); a
+    # manual_dir (and data_dir) of your own trains the demo recipe on that data instead.
+    c.dataset.data_dir = ''
     c.dataset.manual_dir = ''
     c.synthetic = ml_collections.ConfigDict({'num_train': 240, 'num_val': 64, 'min_size': 128,
                                              'max_size': 160, 'seed': 0})

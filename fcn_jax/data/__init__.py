@@ -16,9 +16,13 @@ from fcn_jax.data.builders import (CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES, DataE
                                    VocSegmentation)
 
 DATASETS = ('voc_segmentation/2012', 'voc_segmentation/2011', 'sbd')
+# The splits each builder writes (known before preparing, so that a typo stops before any work).
+SPLITS = {'voc_segmentation/2012': ('train', 'val', 'trainval'),
+          'voc_segmentation/2011': ('train', 'val', 'trainval', 'seg11valid'),
+          'sbd': ('train', 'val')}
 
 __all__ = ['CLASS_NAMES', 'DATASETS', 'DataError', 'IGNORE_LABEL', 'MissingDataError', 'NUM_CLASSES',
-           'decode_example', 'get_builder', 'get_data_source', 'decode_image', 'decode_mask']
+           'SPLITS', 'check_split', 'decode_example', 'get_builder', 'get_data_source', 'decode_image', 'decode_mask']
 
 
 def get_builder(name: str, *, data_dir: str, download: bool = False):
@@ -29,7 +33,15 @@ def get_builder(name: str, *, data_dir: str, download: bool = False):
     return VocSegmentation(config=config, data_dir=data_dir, allow_download=download)
   if base == 'sbd' and not config:
     return Sbd(data_dir=data_dir, allow_download=download)
-  raise ValueError(f'unknown dataset {name!r}; choose one of {DATASETS}')
+  raise DataError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')
+
+
+def check_split(name: str, split: str) -> None:
+  """Raises DataError for an unknown dataset or split, before anything is prepared."""
+  if name not in SPLITS:
+    raise DataError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')
+  if split not in SPLITS[name]:
+    raise DataError(f'{name} has no split {split!r}; choose one of {", ".join(SPLITS[name])}')
 
 
 def get_data_source(name: str, split: str, *, data_dir: str, manual_dir: str | None = None,
@@ -41,6 +53,7 @@ def get_data_source(name: str, split: str, *, data_dir: str, manual_dir: str | N
   `decode_example`, in the grain worker processes), so `source[i]` is cheap and the JPEG bytes are the original.
   """
   import tensorflow_datasets as tfds
+  check_split(name, split)
   builder = get_builder(name, data_dir=data_dir, download=download)
   if not builder.is_prepared():
     config = tfds.download.DownloadConfig(
@@ -49,7 +62,7 @@ def get_data_source(name: str, split: str, *, data_dir: str, manual_dir: str | N
     builder.download_and_prepare(download_config=config, file_format='array_record')
   splits = builder.info.splits
   if split not in splits:
-    raise ValueError(f'{name} has no split {split!r}; it has {sorted(splits)}')
+    raise DataError(f'{name} has no split {split!r}; it has {sorted(splits)}')
   return builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding(),
                                                  'segmentation_mask': tfds.decode.SkipDecoding()})
 

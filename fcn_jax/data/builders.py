@@ -32,6 +32,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from fcn_jax.errors import UserError
+
 NUM_CLASSES = 21
 IGNORE_LABEL = 255
 CLASS_NAMES = (
@@ -52,7 +54,7 @@ SBD_ARCHIVE = dict(
 SEG11VALID_URL = 'https://github.com/shelhamer/fcn.berkeleyvision.org/blob/master/data/pascal/seg11valid.txt'
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """Bad or missing input data found while preparing a dataset."""
 
 

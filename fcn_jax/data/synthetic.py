@@ -21,7 +21,10 @@ import argparse
 import colorsys
 import os
 import pathlib
+import shutil
+import sys
 import tarfile
+import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -214,39 +217,106 @@ def pack_sbd_archive(release, dest_dir) -> pathlib.Path:
 
 def write_manual_dir(root, *, voc_train: int, voc_val: int, sbd_train: int, sbd_val: int, seed: int = 0,
                      min_size: int = 64, max_size: int = 96, archived: bool = False) -> pathlib.Path:
-  """A manual dir serving all three builders: VOC2012 + VOC2011 trees (or archives) and SBD."""
+  """A manual dir serving all three builders: VOC2012 + VOC2011 trees (or archives) and SBD.
+
+  Never replaces a file: everything is written to a temporary directory first and moved into `root`
+  only if none of its files exists there already (else FileExistsError lists them, nothing moved).
+  """
   root = pathlib.Path(root)
   kw = dict(seed=seed, min_size=min_size, max_size=max_size)
-  trees = root / ('_trees' if archived else '')
-  for year in ('2012', '2011'):
-    devkit = write_voc_tree(trees, num_train=voc_train, num_val=voc_val, year=year, **kw)
+
+  def write(staging: pathlib.Path) -> None:
+    trees = staging / '_trees' if archived else staging
+    for year in ('2012', '2011'):
+      devkit = write_voc_tree(trees, num_train=voc_train, num_val=voc_val, year=year, **kw)
+      if archived:
+        pack_voc_archive(devkit, staging, year=year)
+    release = write_sbd_tree(trees, num_train=sbd_train, num_val=sbd_val, **kw)
     if archived:
-      pack_voc_archive(devkit, root, year=year)
-  release = write_sbd_tree(trees, num_train=sbd_train, num_val=sbd_val, **kw)
-  if archived:
-    pack_sbd_archive(release, root)
-    import shutil
-    shutil.rmtree(trees)
+      pack_sbd_archive(release, staging)
+      shutil.rmtree(trees)  # inside the staging directory: ours
+
+  move_new_files(root, write)
   return root
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description='Write a synthetic VOC/SBD manual directory.')
-  p.add_argument('--out', required=True)
-  p.add_argument('--voc-train', type=int, default=200)
-  p.add_argument('--voc-val', type=int, default=100)
-  p.add_argument('--sbd-train', type=int, default=400)
-  p.add_argument('--sbd-val', type=int, default=100)
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--min-size', type=int, default=64)
-  p.add_argument('--max-size', type=int, default=96)
-  p.add_argument('--archived', action='store_true', help='write the official archive names instead of trees')
+def move_new_files(root: pathlib.Path, write) -> list[pathlib.Path]:
+  """Calls write(staging) on a fresh directory beside `root`, then moves the files it wrote into
+  `root` (same relative paths). Refuses, before moving anything, if any of them exists in `root`."""
+  root = pathlib.Path(root)
+  if root.exists() and not root.is_dir():
+    raise FileExistsError(f'{root} is a file, not a directory')
+  root.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{root.name}.tmp-', dir=root.parent))
+  try:
+    write(staging)
+    files = sorted(p.relative_to(staging) for p in staging.rglob('*') if not p.is_dir())
+    existing = [root / f for f in files if os.path.lexists(root / f)]
+    if existing:
+      shown = '\n  '.join(map(str, existing[:10]))
+      more = f'\n  ... and {len(existing) - 10} more' if len(existing) > 10 else ''
+      raise FileExistsError(f'{len(existing)} of the {len(files)} files to write already exist; '
+                            f'nothing was written:\n  {shown}{more}\nChoose an empty or new '
+                            f'directory.')
+    for f in files:
+      (root / f).parent.mkdir(parents=True, exist_ok=True)
+      os.rename(staging / f, root / f)
+    return [root / f for f in files]
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_voc_tree_atomically(root, **kwargs) -> pathlib.Path:
+  """`write_voc_tree` into a temporary directory, renamed to root/VOCdevkit when complete (a
+  killed or concurrent writer never leaves a partial tree there). Returns root/VOCdevkit."""
+  root = pathlib.Path(root)
+  root.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix='.VOCdevkit.tmp-', dir=root))
+  try:
+    write_voc_tree(staging, **kwargs)
+    try:
+      os.rename(staging / 'VOCdevkit', root / 'VOCdevkit')
+    except OSError:
+      if not (root / 'VOCdevkit').is_dir():
+        raise  # not written by a concurrent writer: a real failure
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return root / 'VOCdevkit'
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(
+      prog='python -m fcn_jax.data.synthetic',
+      description='Write a synthetic manual directory in the official PASCAL VOC 2012 / 2011 and SBD '
+      'formats (VOCdevkit/ and benchmark_RELEASE/ trees, or the official archive names), for the '
+      'builders\' manual_dir. Never replaces an existing file: if any of the files to write exists '
+      'in --out, nothing is written.')
+  p.add_argument('--out', required=True, help='directory to write into (created if missing)')
+  p.add_argument('--voc-train', type=int, default=200, help='VOC segmentation train images (per year)')
+  p.add_argument('--voc-val', type=int, default=100, help='VOC segmentation val images (per year)')
+  p.add_argument('--sbd-train', type=int, default=400, help='SBD train images')
+  p.add_argument('--sbd-val', type=int, default=100, help='SBD val images')
+  p.add_argument('--seed', type=int, default=0, help='scene generator seed')
+  p.add_argument('--min-size', type=int, default=64, help='smallest image side, pixels')
+  p.add_argument('--max-size', type=int, default=96, help='largest image side, pixels')
+  p.add_argument('--archived', action='store_true',
+                 help='write the official archive files (VOCtrainval_*.tar, benchmark.tgz) instead of trees')
   a = p.parse_args(argv)
-  out = write_manual_dir(a.out, voc_train=a.voc_train, voc_val=a.voc_val, sbd_train=a.sbd_train,
-                         sbd_val=a.sbd_val, seed=a.seed, min_size=a.min_size, max_size=a.max_size,
-                         archived=a.archived)
+  for name in ('voc_train', 'voc_val', 'sbd_train', 'sbd_val'):
+    if getattr(a, name) < 1:
+      p.error(f'--{name.replace("_", "-")} must be >= 1')
+  if not 1 <= a.min_size <= a.max_size:
+    p.error('need 1 <= --min-size <= --max-size')
+  try:
+    out = write_manual_dir(a.out, voc_train=a.voc_train, voc_val=a.voc_val, sbd_train=a.sbd_train,
+                           sbd_val=a.sbd_val, seed=a.seed, min_size=a.min_size,
+                           max_size=a.max_size, archived=a.archived)
+  except FileExistsError as e:
+    print(f'error: --out {a.out}: {e}', file=sys.stderr)
+    return 2
   print(os.fspath(out))
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

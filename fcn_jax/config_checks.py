@@ -1,0 +1,85 @@
+"""Cheap checks of a training config, run before any data is prepared or any model is built: every
+problem at once, each naming the config field, its value and what it accepts."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from fcn_jax.errors import UserError
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+ALGORITHMS = ('sgd', 'adam')
+SCHEDULES = ('fixed', 'poly')
+
+
+def _problems(c: ml_collections.ConfigDict) -> list[str]:
+  from fcn_jax import data as data_lib
+  from fcn_jax import models, preprocessing
+  out = []
+
+  def need(ok: bool, field: str, accepts: str) -> None:
+    if not ok:
+      value = c
+      for part in field.split('.'):
+        value = value.get(part) if isinstance(value, ml_collections.ConfigDict) else None
+      out.append(f'config.{field}={value!r}: {accepts}')
+
+  def number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+  need(c.arch in models.ARCHS, 'arch', f'one of {", ".join(sorted(models.ARCHS))}')
+  m = c.model
+  need(isinstance(m.num_classes, int) and m.num_classes >= 2, 'model.num_classes',
+       'an integer >= 2 (background and at least one class)')
+  need(number(m.width) and m.width > 0, 'model.width', 'a number > 0 (1.0 = the paper\'s nets)')
+  need(m.dtype in DTYPES, 'model.dtype', f'one of {", ".join(DTYPES)}')
+  dropout = m.get('dropout_rate')
+  need(dropout is None or (number(dropout) and 0 <= dropout < 1), 'model.dropout_rate',
+       'None (0.5, the paper) or a number in [0, 1)')
+  if isinstance(c.class_names, (list, tuple)) and isinstance(m.num_classes, int):
+    need(len(c.class_names) == m.num_classes, 'class_names',
+         f'{m.num_classes} names, one per class (config.model.num_classes)')
+  need(c.preprocessing in preprocessing.PRESETS, 'preprocessing',
+       f'one of {", ".join(sorted(preprocessing.PRESETS))}')
+  for field in ('batch_size', 'accumulate_steps', 'crop_size', 'eval_batch_size', 'keep_checkpoints'):
+    need(isinstance(c[field], int) and c[field] >= 1, field, 'an integer >= 1')
+  for field in ('num_train_steps', 'log_every', 'eval_every', 'checkpoint_every', 'eval_pad_to',
+                'data_workers'):
+    need(isinstance(c[field], int) and c[field] >= 0, field, 'an integer >= 0')
+  epochs = c.get('total_epochs') or 0
+  need(number(epochs) and epochs >= 0, 'total_epochs', 'a number >= 0')
+  if isinstance(c.num_train_steps, int) and number(epochs):
+    need(c.num_train_steps > 0 or epochs > 0, 'num_train_steps',
+         'an integer > 0, or 0 with config.total_epochs > 0')
+  if isinstance(c.eval_batch_size, int) and c.eval_batch_size > 1:
+    need(bool(c.eval_pad_to), 'eval_pad_to', 'S > 0 when config.eval_batch_size > 1 (images differ '
+         'in size: batches are padded to S x S)')
+  sr = tuple(c.scale_range or ())
+  need(sr == () or (len(sr) == 2 and all(number(v) and v > 0 for v in sr) and sr[0] <= sr[1]),
+       'scale_range', '() or (low, high) with 0 < low <= high')
+  o = c.optim
+  need(number(o.learning_rate) and o.learning_rate >= 0, 'optim.learning_rate', 'a number >= 0')
+  need(o.get('algorithm', 'sgd') in ALGORITHMS, 'optim.algorithm', f'one of {", ".join(ALGORITHMS)}')
+  need(o.schedule in SCHEDULES, 'optim.schedule', f'one of {", ".join(SCHEDULES)}')
+  d = c.dataset
+  for field, name, split in (('dataset.train_split', d.name, d.train_split),
+                             ('dataset.eval_split', d.eval_name or d.name, d.eval_split)):
+    try:
+      data_lib.check_split(name, split)
+    except data_lib.DataError as e:
+      out.append(f'config.{field}={split!r}: {e}')
+  if c.init_from:
+    need(os.path.exists(os.path.expanduser(c.init_from)), 'init_from',
+         'an existing checkpoint directory (a training run\'s checkpoints/ or fcn_jax.convert output)')
+  return sorted(set(out), key=out.index)
+
+
+def check_train_config(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError listing every invalid field of a training config."""
+  problems = _problems(config)
+  if problems:
+    raise UserError('invalid config:\n  ' + '\n  '.join(problems) +
+                    '\nSet them with --config.FIELD=VALUE (python -m experiments.<arch> --help '
+                    'lists the fields).')
