@@ -22,5 +22,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 tests
 
+# Removes only what setup and the tests build here: never runs/ (training outputs) or the cache
+# (~/.cache/fcn_jax: the compilation cache and the demo data, rebuilt on demand).
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .pytest_cache fcn_jax.egg-info
+	find . -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -252,6 +252,10 @@ def main(arch: str) -> None:
   def parse(argv: list[str]) -> list[str]:
     try:
       return flags.FLAGS(argv)
+    except SystemExit as e:  # absl's --help exits 1; help that was asked for is a success
+      if any(a in ('--help', '-h', '-?', '--helpshort', '--helpfull') for a in argv[1:]):
+        raise SystemExit(0) from None
+      raise
     except flags.Error as e:
       if 'config' not in str(e):
         print(f'error: {e}\nPass --help to see the flags.', file=sys.stderr)

@@ -1,9 +1,13 @@
 """Evaluate a checkpoint (trained or converted) on a split, with no training config.
 
-  python -m experiments.evaluate --checkpoint runs/fcn8s/checkpoints \
+  python -m experiments.evaluate --checkpoint runs/fcn8s \
       --dataset voc_segmentation/2011 --split seg11valid --manual_dir /data/voc
 
-Writes results.json / results.md (paper Table 2 format) into --out (default: beside the checkpoint).
+Writes results.json / results.md (paper Table 2 format) into --out. Default: a directory of its own
+per checkpoint, dataset, split and step, beside the checkpoint (runs/fcn8s/eval/
+voc_segmentation-2011_seg11valid_step100000/; for converted weights WEIGHTS_eval/...), so that it
+never replaces a training run's own results or another checkpoint's. Existing results are not
+overwritten unless --overwrite.
 """
 
 from __future__ import annotations
@@ -14,45 +18,86 @@ from absl import app, flags
 
 from experiments.configs import common as configs
 
-flags.DEFINE_string('checkpoint', None, 'Checkpoint directory (training or fcn_jax.convert output).',
-                    required=True)
+flags.DEFINE_string('checkpoint', None, 'A training WORKDIR (or its checkpoints/), or the output '
+                    'directory of fcn_jax.convert.', required=True)
 flags.DEFINE_string('dataset', 'voc_segmentation/2011', 'voc_segmentation/2011 | voc_segmentation/2012 | sbd')
 flags.DEFINE_string('split', 'seg11valid', 'Split to evaluate.')
 flags.DEFINE_string('data_dir', '~/tensorflow_datasets', 'Prepared TFDS data.')
 flags.DEFINE_string('manual_dir', '', 'Archives or extracted trees, if not prepared yet.')
 flags.DEFINE_bool('download', False, 'Download the official archives when not prepared.')
 flags.DEFINE_integer('pad_to', 0, '0: native size one image at a time (the reference protocol); '
-                     'S > 0: padded S x S batches of --batch_size (faster).')
-flags.DEFINE_integer('batch_size', 1, 'Images per batch with --pad_to.')
-flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Which checkpoint of a training run.')
-flags.DEFINE_string('out', '', 'Output directory (default: the checkpoint directory\'s parent).')
+                     'S > 0: padded S x S batches of --batch_size (faster; S must be at least the '
+                     'largest image side).')
+flags.DEFINE_integer('batch_size', 1, 'Images per batch (> 1 needs --pad_to).')
+flags.DEFINE_string('which', 'best', 'Which checkpoint of a training run: best, latest or a step.')
+flags.DEFINE_string('out', '', 'Output directory (default: see above).')
+flags.DEFINE_bool('overwrite', False, 'Replace results.json / results.md that exist in --out.')
 flags.DEFINE_string('compilation_cache_dir', configs.COMPILATION_CACHE_DIR,
                     'Persistent XLA compilation cache (\'\' = off): each native image size compiles '
                     'once, and later evaluations reuse the compiled programs.')
 
 
+def default_out(checkpoint_dir: str, dataset: str, split: str, step: int) -> pathlib.Path:
+  """<run>/eval/<dataset>_<split>_step<N> for a training run's checkpoints/, else
+  <weights>_eval/<dataset>_<split>_step<N> beside a converted checkpoint directory."""
+  directory = pathlib.Path(checkpoint_dir)
+  base = (directory.parent / 'eval' if directory.name == 'checkpoints'
+          else directory.parent / f'{directory.name}_eval')
+  return base / f'{dataset.replace("/", "-")}_{split}_step{step}'
+
+
+def check_flags(f) -> None:
+  from fcn_jax import data as data_lib
+  from fcn_jax.errors import UserError
+  if f.batch_size < 1:
+    raise UserError(f'--batch_size {f.batch_size}: must be >= 1')
+  if f.pad_to < 0:
+    raise UserError(f'--pad_to {f.pad_to}: must be >= 0 (0 = native size)')
+  if f.batch_size > 1 and not f.pad_to:
+    raise UserError(f'--batch_size {f.batch_size} needs --pad_to S (images differ in size; batches '
+                    f'are padded to S x S)')
+  if f.which not in ('best', 'latest') and not f.which.isdigit():
+    raise UserError(f'--which {f.which!r}: best, latest or a step number')
+  data_lib.check_split(f.dataset, f.split)
+  if f.out and pathlib.Path(f.out).expanduser().is_file():
+    raise UserError(f'--out {f.out} is a file; give a directory')
+
+
 def main(argv) -> None:
   del argv
+  from fcn_jax.errors import user_errors_as_exit
+  with user_errors_as_exit():
+    evaluate(flags.FLAGS)
+
+
+def evaluate(f) -> None:
   from experiments import common
-  common.quiet_logs()
-  common.enable_compilation_cache(flags.FLAGS.compilation_cache_dir)
   from fcn_jax import checkpoint, data as data_lib, report, train
   from fcn_jax.data import pipeline
-  FLAGS = flags.FLAGS
-  model, variables, meta = checkpoint.load_inference(FLAGS.checkpoint, which=FLAGS.which)
+  from fcn_jax.errors import UserError
+  common.quiet_logs()
+  check_flags(f)  # before the model is loaded or data prepared
+  directory = checkpoint.resolve_directory(f.checkpoint)
+  root, step = checkpoint.resolve_step(directory, f.which)
+  out = pathlib.Path(f.out).expanduser().resolve() if f.out else default_out(root, f.dataset, f.split, step)
+  existing = [out / name for name in ('results.json', 'results.md') if (out / name).exists()]
+  if existing and not f.overwrite:
+    raise UserError(f'{existing[0]} exists; pass --overwrite to replace it, or choose another --out')
+  common.enable_compilation_cache(f.compilation_cache_dir)
+  model, variables, meta = checkpoint.load_inference(root, which=str(step))
   try:
-    source = data_lib.get_data_source(FLAGS.dataset, FLAGS.split, data_dir=FLAGS.data_dir,
-                                      manual_dir=FLAGS.manual_dir or None, download=FLAGS.download)
+    source = data_lib.get_data_source(f.dataset, f.split, data_dir=f.data_dir,
+                                      manual_dir=f.manual_dir or None, download=f.download)
   except data_lib.MissingDataError as e:
-    raise SystemExit(str(e)) from None
+    raise UserError(f'{e}\n\nGive --manual_dir DIR (the archives or trees above) or --download, or '
+                    f'--data_dir where the data is prepared.') from None
   batches = pipeline.eval_batches(source, preprocessing=meta['preprocessing'],
-                                  batch_size=FLAGS.batch_size, pad_to=FLAGS.pad_to or None)
+                                  batch_size=f.batch_size, pad_to=f.pad_to or None)
   scores, _ = train.evaluate(model, variables, batches, num_classes=meta['num_classes'], progress=True)
-  out = pathlib.Path(FLAGS.out or pathlib.Path(FLAGS.checkpoint).expanduser().resolve().parent)
   class_names = meta.get('class_names') or [str(i) for i in range(meta['num_classes'])]
   report.write_results(out, meta['arch'], scores, class_names,
-                       extra={'checkpoint': str(FLAGS.checkpoint), 'dataset': FLAGS.dataset,
-                              'split': FLAGS.split, 'images': len(source)})
+                       extra={'checkpoint': str(root), 'step': step, 'dataset': f.dataset,
+                              'split': f.split, 'images': len(source)})
   print(report.table_markdown([(meta['arch'], scores)]))
   print(f'wrote {out / "results.json"} and {out / "results.md"}')
 

@@ -34,7 +34,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
 
-__all__ = ['Checkpointer', 'load_inference', 'read_metadata', 'save_inference']
+from fcn_jax.errors import UserError
+
+__all__ = ['CheckpointNotFoundError', 'Checkpointer', 'is_checkpoint_dir', 'load_inference',
+           'read_metadata', 'resolve_directory', 'resolve_step', 'save_inference']
 
 VARIABLES = 'variables'
 TRAIN_STATE = 'train_state'
@@ -60,6 +63,54 @@ class _QuietUnevaluated(logging.Filter):
 
 
 logging.getLogger('absl').addFilter(_QuietUnevaluated())
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+  """The path given as a checkpoint is missing, empty or not an fcn_jax checkpoint."""
+
+
+def _is_step_dir(path: str) -> bool:
+  return (os.path.basename(path).isdigit() and os.path.isdir(path) and
+          any(os.path.isdir(os.path.join(path, item)) for item in (METADATA, VARIABLES)))
+
+
+def is_checkpoint_dir(directory) -> bool:
+  """True when `directory` holds only fcn_jax checkpoint steps (and orbax's temporary step dirs):
+  what `save_inference(overwrite=True)` may replace."""
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    return False
+  entries = os.listdir(directory)
+  steps = [e for e in entries if _is_step_dir(os.path.join(directory, e))]
+  others = [e for e in entries if e not in steps and '.orbax-checkpoint-tmp' not in e]
+  return bool(steps) and not others
+
+
+def resolve_directory(path) -> str:
+  """The checkpoint-manager directory for `path`: a checkpoints directory itself, a training run's
+  workdir (its checkpoints/), or one step directory (`run/checkpoints/1200`). Raises
+  CheckpointNotFoundError saying what was found instead."""
+  directory = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if not os.path.exists(directory):
+    raise CheckpointNotFoundError(f'checkpoint {directory} does not exist')
+  if not os.path.isdir(directory):
+    raise CheckpointNotFoundError(
+        f'checkpoint {directory} is a file; give the directory written by training '
+        f'(WORKDIR or WORKDIR/checkpoints) or by fcn_jax.convert --out')
+  if _is_step_dir(directory):
+    return directory
+  if any(_is_step_dir(os.path.join(directory, e)) for e in os.listdir(directory)):
+    return directory
+  nested = os.path.join(directory, 'checkpoints')
+  if os.path.isdir(nested):
+    if any(_is_step_dir(os.path.join(nested, e)) for e in os.listdir(nested)):
+      return nested
+    raise CheckpointNotFoundError(f'{nested} holds no checkpoint yet (the run saves its first one '
+                                  f'at config.checkpoint_every)')
+  what = 'is empty' if not os.listdir(directory) else 'holds no fcn_jax checkpoint'
+  raise CheckpointNotFoundError(
+      f'{directory} {what}: expected numbered step directories (1200/ with metadata/ and '
+      f'variables/), as in a training WORKDIR/checkpoints or the output of fcn_jax.convert')
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,9 +337,14 @@ def save_inference(directory, variables: dict, metadata: dict, *, overwrite: boo
   directory = os.path.abspath(os.fspath(directory))
   if 'arch' not in metadata:
     raise ValueError('metadata must contain "arch" (plus num_classes, width, ...) to rebuild the model')
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise FileExistsError(f'{directory} is a file')
   if os.path.isdir(directory) and os.listdir(directory):
     if not overwrite:
       raise FileExistsError(f'{directory} is not empty; pass overwrite=True to replace it')
+    if not is_checkpoint_dir(directory):
+      raise FileExistsError(f'{directory} holds files that are not an fcn_jax checkpoint; not '
+                            f'replacing it (overwrite only replaces a checkpoint directory)')
     import shutil
     shutil.rmtree(directory)
   variables = {k: v for k, v in flax.serialization.to_state_dict(variables).items()
@@ -310,18 +366,14 @@ def _resolve(directory, which: str) -> tuple[str, int]:
 
   `directory` may also be a step directory itself (`run/1200`).
   """
-  directory = os.path.abspath(os.fspath(directory))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'checkpoint directory {directory} does not exist')
-  base = os.path.basename(directory)
-  if base.isdigit() and (os.path.isdir(os.path.join(directory, METADATA)) or
-                         os.path.isdir(os.path.join(directory, VARIABLES))):
-    return os.path.dirname(directory), int(base)
+  directory = resolve_directory(directory)
+  if _is_step_dir(directory):
+    return os.path.dirname(directory), int(os.path.basename(directory))
   manager = _manager(directory, max_to_keep=None, read_only=True)
   try:
     steps = list(manager.all_steps())
     if not steps:
-      raise FileNotFoundError(f'no checkpoint in {directory}')
+      raise CheckpointNotFoundError(f'no checkpoint in {directory}')
     if which == 'latest':
       step = manager.latest_step()
     elif which == 'best':
@@ -330,13 +382,18 @@ def _resolve(directory, which: str) -> tuple[str, int]:
     elif str(which).isdigit():
       step = int(which)
       if step not in steps:
-        raise FileNotFoundError(f'no checkpoint for step {step} in {directory}; available: '
+        raise CheckpointNotFoundError(f'no checkpoint for step {step} in {directory}; available: '
                                 f'{sorted(steps)}')
     else:
-      raise ValueError(f"which must be 'best', 'latest' or a step number, got {which!r}")
+      raise UserError(f"which must be 'best', 'latest' or a step number, got {which!r}")
   finally:
     manager.close()
   return directory, int(step)
+
+
+def resolve_step(directory, which: str = 'best') -> tuple[str, int]:
+  """(checkpoint-manager directory, step) that `which` names in `directory` (see load_inference)."""
+  return _resolve(directory, which)
 
 
 def _read_json_item(directory: str, step: int, item: str) -> dict:

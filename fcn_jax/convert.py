@@ -46,7 +46,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from fcn_jax.errors import UserError
+from fcn_jax.errors import UserError, cli
 
 FORMATS = ('pth', 'npz', 'safetensors', 'caffemodel')
 
@@ -509,9 +509,17 @@ def convert_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, arch: 
   """`convert` then `checkpoint.save_inference` to `out`, atomically: written to a temporary
   directory beside `out` and renamed, so a failure leaves nothing behind. Returns the metadata."""
   from fcn_jax import checkpoint
-  out = os.path.abspath(os.fspath(out))
-  if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
-    raise ConversionError(f'{out} exists; pass overwrite=True (--overwrite) to replace it')
+  out = os.path.abspath(os.path.expanduser(os.fspath(out)))
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ConversionError(f'--out {out} is a file; give a directory to write the checkpoint into')
+  if os.path.isdir(out) and os.listdir(out):
+    if not overwrite:
+      raise ConversionError(f'--out {out} exists; pass overwrite=True (--overwrite) to replace it')
+    if not checkpoint.is_checkpoint_dir(out):
+      raise ConversionError(f'--out {out} holds files that are not an fcn_jax checkpoint; '
+                            f'--overwrite only replaces a checkpoint directory. Choose another --out.')
+  if not os.path.isfile(os.path.expanduser(os.fspath(src))):
+    raise ConversionError(f'{src}: no such file')
   variables, metadata = convert(src, arch, **kwargs)
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
@@ -528,6 +536,7 @@ def convert_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, arch: 
   return metadata
 
 
+@cli
 def main(argv: list[str] | None = None) -> int:
   from fcn_jax import preprocessing as preprocessing_lib
   from fcn_jax.models import ARCHS
@@ -547,8 +556,14 @@ def main(argv: list[str] | None = None) -> int:
                       help='record learnable_upsampling=False (the Caffe reference training)')
   parser.add_argument('--init-missing-heads', action='store_true',
                       help='allow FCN layers missing from the file (e.g. FCN-16s from FCN-32s)')
-  parser.add_argument('--overwrite', action='store_true')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace --out if it is an existing fcn_jax checkpoint (never any other '
+                      'directory)')
   args = parser.parse_args(argv)
+  if args.num_classes is not None and args.num_classes < 2:
+    parser.error(f'--num-classes {args.num_classes}: must be >= 2 (background and a class)')
+  if args.width is not None and not args.width > 0:
+    parser.error(f'--width {args.width}: must be > 0 (1.0 = the paper\'s nets)')
   try:
     metadata = convert_to_checkpoint(
         args.src, args.out, args.arch, overwrite=args.overwrite, format=args.format,

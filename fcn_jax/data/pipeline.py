@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from fcn_jax import preprocessing as preprocessing_lib
-from fcn_jax.data import IGNORE_LABEL, decode_example, file_name as _file_name
+from fcn_jax.data import IGNORE_LABEL, DataError, decode_example, file_name as _file_name
 
 
 def rescale(image: np.ndarray, label: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -190,7 +190,9 @@ def _eval_iter(source, preprocess, batch_size, pad_to, shard_index, shard_count)
       image, label = decode_example(record)
       h, w = label.shape
       if h > pad_to or w > pad_to:
-        raise ValueError(f'{_file_name(record)} is {h}x{w}, larger than pad_to={pad_to}')
+        raise DataError(f'{_file_name(record)} is {h}x{w}, larger than pad_to={pad_to}: set pad_to '
+                        f'(evaluate --pad_to, config.eval_pad_to) to at least {max(h, w)}, or 0 for '
+                        f'native-size evaluation')
       images[j, :h, :w] = preprocess(image)
       labels[j, :h, :w] = label
       names[j] = _file_name(record)
@@ -256,12 +258,19 @@ def benchmark(num_images: int = 64, crop_size: int = 320, batch_size: int = 8, s
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--benchmark', action='store_true', required=True)
-  p.add_argument('--crop-size', type=int, default=320)
-  p.add_argument('--batch-size', type=int, default=8)
-  p.add_argument('--seconds', type=float, default=10.0)
-  p.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2])
+  p = argparse.ArgumentParser(
+      prog='python -m fcn_jax.data.pipeline',
+      description='Throughput of the training input pipeline (decode, scale, crop, flip, '
+      'preprocess, batch) on synthetic 500x375 JPEGs, in the main process and with grain workers; '
+      'writes nothing.')
+  p.add_argument('--benchmark', action='store_true', required=True,
+                 help='run the benchmark (the only mode; required so that a bare call explains itself)')
+  p.add_argument('--crop-size', type=int, default=320, help='training crop, pixels (default %(default)s)')
+  p.add_argument('--batch-size', type=int, default=8, help='images per batch (default %(default)s)')
+  p.add_argument('--seconds', type=float, default=10.0,
+                 help='time per measured configuration (default %(default)s)')
+  p.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2],
+                 help='grain worker counts to measure (0 = main process; default %(default)s)')
   a = p.parse_args(argv)
   benchmark(crop_size=a.crop_size, batch_size=a.batch_size, seconds=a.seconds, worker_counts=a.workers)
 
