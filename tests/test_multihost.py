@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -129,12 +130,13 @@ class Workers:
                   for (cmd, env), log in zip(commands, logs)]
     self.logs = logs
 
-  def wait(self, timeout: float) -> list[int | None]:
-    """Until all exit, one fails, or the time is up (the rest are then killed)."""
+  def wait(self, timeout: float, expected: tuple[int, ...] = (0,)) -> list[int | None]:
+    """Until all exit, one exits with a status not in `expected`, or the time is up (the rest are
+    then killed)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
       codes = [p.poll() for p in self.procs]
-      if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+      if all(c is not None for c in codes) or any(c not in (None, *expected) for c in codes):
         break
       time.sleep(0.2)
     self.stop()
@@ -227,3 +229,40 @@ def test_initialize_stays_single_process_without_a_cluster(monkeypatch):
   assert distributed.allgather_bytes(b'abc') == [b'abc']
   np.testing.assert_array_equal(distributed.sum_across_processes(np.eye(2)), np.eye(2))
   assert distributed.main_process_first(lambda: 7, 'x') == 7
+
+
+def test_sigterm_to_one_process_saves_all_at_one_step_and_resumes(prepared, tmp_path):
+  """SIGTERM to process 1 only (a preempted host): both processes agree on the step through jax's
+  preemption sync point, save it and exit 143; the same commands then finish the run, which ends
+  with the parameters of an uninterrupted one-process run over the same global batches."""
+  steps = ['--config.num_train_steps=12', '--config.eval_every=12', '--config.checkpoint_every=6']
+  two, ref = tmp_path / 'two', tmp_path / 'ref'
+  logs = [tmp_path / f'process{k}.log' for k in range(2)]
+
+  def workers(port):
+    return [(cmd + steps, env) for cmd, env in (_worker(two, prepared, port, k) for k in range(2))]
+
+  with Workers(workers(free_port()), logs) as w:
+    metrics = two / 'metrics.jsonl'
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline and all(p.poll() is None for p in w.procs):
+      if metrics.exists() and metrics.read_text().count('\n') >= 1:
+        break
+      time.sleep(0.05)
+    w.procs[1].send_signal(signal.SIGTERM)
+    codes = w.wait(TIMEOUT, expected=(143,))
+  assert codes == [143, 143], f'exit codes {codes}\n{w.output()}'
+  saved = [int(log.read_text().split('SIGTERM: saved step ')[1].split()[0]) for log in logs]
+  assert saved[0] == saved[1] and 0 < saved[0] < 12, w.output()
+  assert saved[0] in [int(p.name) for p in (two / 'checkpoints').iterdir() if p.name.isdigit()]
+
+  ref_cmd, ref_env = _reference(ref, prepared)
+  with Workers(workers(free_port()) + [(ref_cmd + steps, ref_env)],
+               logs + [tmp_path / 'reference.log']) as w:
+    codes = w.wait(TIMEOUT)
+    assert codes == [0, 0, 0], f'exit codes {codes}\n{w.output()}'
+  assert f'at step {saved[0]}' in logs[0].read_text()
+  _, two_vars, _ = checkpoint.load_inference(two / 'checkpoints', which='latest')
+  _, ref_vars, _ = checkpoint.load_inference(ref / 'checkpoints', which='latest')
+  scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(ref_vars['params']))
+  assert _max_abs_diff(two_vars['params'], ref_vars['params']) <= 1e-5 * scale

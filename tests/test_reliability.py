@@ -430,6 +430,9 @@ def test_evaluate_flag_mistakes(finished_run, tmp_path):
   assert_clean_error(run(['experiments.evaluate', *base, '--split=val', '--batch_size=0'], tmp_path),
                      '--batch_size 0')
   assert_clean_error(run(['experiments.evaluate', *base, '--split=nope'], tmp_path), "no split 'nope'")
+  (tmp_path / 'file').write_text('x')
+  assert_clean_error(run(['experiments.evaluate', *base, '--split=val', f'--out={tmp_path / "file"}'],
+                         tmp_path), 'is a file')
   assert_clean_error(run(['experiments.evaluate', *base, '--split=val', '--pad_to=16',
                           f'--out={tmp_path / "e"}'], tmp_path), 'larger than pad_to=16', '--pad_to')
 
