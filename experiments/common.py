@@ -36,8 +36,8 @@ def demo_data_root(config: ml_collections.ConfigDict) -> pathlib.Path:
 def prepare_demo_data(config: ml_collections.ConfigDict) -> None:
   """Demo preset without a dataset of the user's: writes the synthetic VOC-format tree (once, into
   the cache, atomically) and points the dataset at it and at its prepared TFDS files beside it."""
-  if config.preset != 'demo' or config.dataset.manual_dir:
-    return
+  if config.preset != 'demo' or config.dataset.manual_dir or config.dataset.name != 'voc_segmentation/2012':
+    return  # a dataset of the user's
   from fcn_jax.data import synthetic
   from fcn_jax import distributed
   s = config.synthetic

@@ -86,8 +86,8 @@ def _main() -> None:
   if flags.FLAGS.control:
     rows.append(('FCN-32s, same steps', control(workdir)))
   figure = comparison(workdir)
-  table = report.table_markdown(rows,
-                                common.load_config('fcn8s', 'demo').class_names)
+  from fcn_jax.data.classes import VOC_CLASS_NAMES
+  table = report.table_markdown(rows, VOC_CLASS_NAMES)
   (workdir / 'results.md').write_text(
       '# Demo: synthetic VOC-format validation set (reduced width, CPU)\n\n' + table + '\n')
   print('\n' + table.split('\n\n')[0])

@@ -31,14 +31,14 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
 
   need(c.arch in models.ARCHS, 'arch', f'one of {", ".join(sorted(models.ARCHS))}')
   m = c.model
-  need(isinstance(m.num_classes, int) and m.num_classes >= 2, 'model.num_classes',
-       'an integer >= 2 (background and at least one class)')
+  need(isinstance(m.num_classes, int) and (m.num_classes == 0 or m.num_classes >= 2),
+       'model.num_classes', '0 (from the dataset) or an integer >= 2 (background and a class)')
   need(number(m.width) and m.width > 0, 'model.width', 'a number > 0 (1.0 = the paper\'s nets)')
   need(m.dtype in DTYPES, 'model.dtype', f'one of {", ".join(DTYPES)}')
   dropout = m.get('dropout_rate')
   need(dropout is None or (number(dropout) and 0 <= dropout < 1), 'model.dropout_rate',
        'None (0.5, the paper) or a number in [0, 1)')
-  if isinstance(c.class_names, (list, tuple)) and isinstance(m.num_classes, int):
+  if c.class_names and isinstance(m.num_classes, int) and m.num_classes:
     need(len(c.class_names) == m.num_classes, 'class_names',
          f'{m.num_classes} names, one per class (config.model.num_classes)')
   need(c.preprocessing in preprocessing.PRESETS, 'preprocessing',
@@ -64,10 +64,13 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
   need(o.get('algorithm', 'sgd') in ALGORITHMS, 'optim.algorithm', f'one of {", ".join(ALGORITHMS)}')
   need(o.schedule in SCHEDULES, 'optim.schedule', f'one of {", ".join(SCHEDULES)}')
   d = c.dataset
+  eval_name, eval_split = data_lib.eval_dataset(d.name, d.eval_name, d.eval_split)
+  root, fraction = d.get('root', ''), d.get('val_fraction', 0.1)
+  need(number(fraction) and 0 <= fraction < 1, 'dataset.val_fraction', 'a number in [0, 1)')
   for field, name, split in (('dataset.train_split', d.name, d.train_split),
-                             ('dataset.eval_split', d.eval_name or d.name, d.eval_split)):
+                             ('dataset.eval_split', eval_name, eval_split)):
     try:
-      data_lib.check_split(name, split)
+      data_lib.check_split(name, split, root=root, val_fraction=fraction)
     except data_lib.DataError as e:
       out.append(f'config.{field}={split!r}: {e}')
   if c.init_from:

@@ -46,13 +46,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from fcn_jax.data.classes import VOC_CLASS_NAMES
 from fcn_jax.errors import UserError, cli
 
 FORMATS = ('pth', 'npz', 'safetensors', 'caffemodel')
 
-VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat',
-               'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant',
-               'sheep', 'sofa', 'train', 'tvmonitor')
+VOC_CLASSES = VOC_CLASS_NAMES
 
 __all__ = ['ConversionError', 'FORMATS', 'VOC_CLASSES', 'convert', 'convert_to_checkpoint',
            'detect_format', 'import_weights', 'main', 'read_weights']

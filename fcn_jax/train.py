@@ -33,9 +33,6 @@ from fcn_jax import optim
 from fcn_jax import workdir as workdir_lib
 from fcn_jax.errors import Preempted, UserError
 
-VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat',
-               'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant',
-               'sheep', 'sofa', 'train', 'tvmonitor')
 
 
 SCORE_KEYS = ('pixel_acc', 'mean_acc', 'mean_iu', 'fw_iu')
@@ -131,8 +128,13 @@ def optimizer_from_config(config: ml_collections.ConfigDict, model: nn.Module,
       caffe=o.caffe, algorithm=o.get('algorithm', 'sgd'))
 
 
-def metadata_from_config(config: ml_collections.ConfigDict) -> dict:
-  """What inference needs, with no training config: stored in every checkpoint."""
+def metadata_from_config(config: ml_collections.ConfigDict, classes=None) -> dict:
+  """What inference needs, with no training config: stored in every checkpoint. `classes` (a
+  data.ClassInfo) adds the palette and the ignore label."""
+  extra = {}
+  if classes is not None:
+    extra = {'palette': np.asarray(classes.palette).tolist(), 'ignore_label': int(classes.ignore_label),
+             'dataset': config.dataset.name}
   return {
       'arch': config.arch,
       'num_classes': config.model.num_classes,
@@ -144,6 +146,7 @@ def metadata_from_config(config: ml_collections.ConfigDict) -> dict:
       'optimizer': config.optim.get('algorithm', 'sgd'),
       'accumulate_steps': config.accumulate_steps,
       'source': f'trained with fcn_jax ({config.get("preset", "custom")} preset)',
+      **extra,
   }
 
 
@@ -155,14 +158,17 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, varia
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
-               normalize_loss: bool, num_classes: int) -> tuple[TrainState, dict]:
+               normalize_loss: bool, num_classes: int,
+               class_weights: tuple[float, ...] | None = None) -> tuple[TrainState, dict]:
   """One pure SGD micro-step. batch: image (N, H, W, 3) float32, label (N, H, W) int32."""
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
     logits = model.apply(state.variables(params), batch['image'], train=True,
                          rngs={'dropout': dropout_rng})
-    return losses.cross_entropy(logits, batch['label'], normalize=normalize_loss), logits
+    weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
+    return losses.cross_entropy(logits, batch['label'], normalize=normalize_loss,
+                                class_weights=weights), logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -189,11 +195,12 @@ def eval_step(variables: dict, batch: dict, confusion: jax.Array, *, model: nn.M
   return confusion + metrics_lib.confusion_matrix(batch['label'], predictions, num_classes), predictions
 
 
-def compile_train_step(model, tx, mesh: Mesh, *, normalize_loss: bool, num_classes: int) -> Callable:
+def compile_train_step(model, tx, mesh: Mesh, *, normalize_loss: bool, num_classes: int,
+                       class_weights: tuple[float, ...] | None = None) -> Callable:
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P('data'))
   fn = functools.partial(train_step, model=model, tx=tx, normalize_loss=normalize_loss,
-                         num_classes=num_classes)
+                         num_classes=num_classes, class_weights=class_weights)
   return jax.jit(fn, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
                  donate_argnums=(0,))
 
@@ -290,10 +297,15 @@ def initial_variables(model: nn.Module, config: ml_collections.ConfigDict, rng: 
         f'{config.preprocessing!r}; set --config.preprocessing={meta["preprocessing"]}')
   params, copied, kept = transfer_params(variables['params'], source['params'])
   if not copied:
-    raise ValueError(f'no layer of {config.init_from} (arch {meta.get("arch")}) matches '
-                     f'{config.arch} at width {config.model.width}')
+    raise UserError(f'no layer of {config.init_from} (arch {meta.get("arch")}, width '
+                    f'{meta.get("width")}) fits {config.arch} at width {config.model.width}')
   log(f'initialised {len(copied)} layers from {config.init_from} ({meta.get("arch")}); '
       f'kept at init: {", ".join(kept) or "none"}')
+  source_classes = meta.get('num_classes')
+  if source_classes is not None and source_classes != config.model.num_classes:
+    fresh = [k for k in kept if k.startswith('score')]
+    log(f'{config.init_from} has {source_classes} classes, this run {config.model.num_classes}: '
+        f'the backbone is copied, the score layers start fresh ({", ".join(fresh) or "none"})')
   variables = dict(variables, params=params)
   if 'batch_stats' in variables and 'batch_stats' in source:
     variables['batch_stats'], _, _ = transfer_params(variables['batch_stats'], source['batch_stats'])
@@ -314,11 +326,14 @@ def data_sources(config: ml_collections.ConfigDict):
   """(train source, eval source) through our TFDS builders (prepared on first use)."""
   from fcn_jax import data as data_lib
   d = config.dataset
-  kwargs = dict(data_dir=d.data_dir, manual_dir=d.manual_dir or None, download=d.download)
+  kwargs = dict(data_dir=d.data_dir, manual_dir=d.manual_dir or None, download=d.download,
+                root=d.get('root', ''), val_fraction=d.get('val_fraction', 0.1),
+                ignore_label=d.get('ignore_label', 255))
+  eval_name, eval_split = data_lib.eval_dataset(d.name, d.eval_name, d.eval_split)
 
   def sources():
     train = data_lib.get_data_source(d.name, d.train_split, **kwargs)
-    evals = data_lib.get_data_source(d.eval_name or d.name, d.eval_split, **kwargs)
+    evals = data_lib.get_data_source(eval_name, eval_split, **kwargs)
     return train, evals
   # Preparation (first use) by process 0 first: processes sharing a filesystem must not race.
   return distributed.main_process_first(sources, 'fcn_jax.data_sources')
@@ -399,6 +414,53 @@ def resolve_num_updates(config: ml_collections.ConfigDict, num_train_images: int
     raise UserError('set config.num_train_steps (optimiser updates) or config.total_epochs (> 0)')
   images_per_update = config.batch_size * config.accumulate_steps
   return max(1, math.ceil(epochs * num_train_images / images_per_update))
+
+
+def resolve_classes(config: ml_collections.ConfigDict, classes) -> None:
+  """Sets config.model.num_classes and config.class_names from the dataset's classes (0 and ()
+  mean "from the dataset"); a config that contradicts them stops, naming the field."""
+  n = classes.num_classes
+  d = config.dataset
+  where = f'{d.name}' + (f' at {d.root}' if d.get('root') else '')
+  if config.model.num_classes and config.model.num_classes != n:
+    raise UserError(f'config.model.num_classes={config.model.num_classes}, but the dataset {where} '
+                    f'has {n} classes ({", ".join(classes.names[:6])}{", ..." if n > 6 else ""}); '
+                    f'leave it at 0 (from the dataset) or fix the dataset\'s class list')
+  if config.class_names and tuple(config.class_names) != tuple(classes.names):
+    raise UserError(f'config.class_names={tuple(config.class_names)[:6]}... differ from the dataset '
+                    f'{where}\'s {tuple(classes.names)[:6]}...; leave it empty (from the dataset)')
+  config.model.num_classes = n
+  config.class_names = tuple(classes.names)
+
+
+def loss_class_weights(config: ml_collections.ConfigDict, train_source) -> tuple[float, ...] | None:
+  """config.loss_class_weights as per-class loss weights: 'none' (None), 'median_frequency'
+  (median(f) / f_c with f_c the class's share of the training pixels; absent classes 0), or the
+  weights themselves ('1,2,0.5' or a list), one per class."""
+  from fcn_jax import data as data_lib
+  spec = config.get('loss_class_weights', 'none')
+  n = config.model.num_classes
+  if spec in (None, '', 'none'):
+    return None
+  if spec == 'median_frequency':
+    counts = np.asarray(data_lib.pixel_counts(train_source, n, progress=jax.process_index() == 0),
+                        np.float64)
+    freq = counts / max(counts.sum(), 1.0)
+    present = freq > 0
+    weights = np.where(present, np.median(freq[present]) / np.where(present, freq, 1.0), 0.0)
+  else:
+    try:
+      values = spec if isinstance(spec, (list, tuple)) else str(spec).strip('[]() ').split(',')
+      weights = np.asarray([float(v) for v in values], np.float64)
+    except ValueError:
+      raise UserError(f'config.loss_class_weights={spec!r}: none, median_frequency, or one weight '
+                      f'per class (e.g. "1,2,0.5")') from None
+    if weights.shape != (n,) or (weights < 0).any():
+      raise UserError(f'config.loss_class_weights: {weights.size} weights for {n} classes; give '
+                      f'{n} non-negative numbers')
+  _log('class weights: ' + ', '.join(f'{name} {w:.3g}' for name, w in
+                                      zip(config.class_names, weights)))
+  return tuple(float(w) for w in weights)
 
 
 class StopRequest:
@@ -502,14 +564,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
   is_main = jax.process_index() == 0
   k = config.accumulate_steps
-  metadata = metadata_from_config(config)
   checkpointer = ckpt_lib.Checkpointer(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints)
   latest = checkpointer.latest_step()
-  if latest is not None:  # before anything is written or prepared
-    workdir_lib.check_resume_compatible(ckpt_lib.read_metadata(checkpointer.directory, str(latest)),
-                                        metadata, workdir=workdir, step=latest)
+  previous = None
+  if latest is not None:  # before anything is written or prepared (class fields left to 'auto')
+    previous = ckpt_lib.read_metadata(checkpointer.directory, str(latest))
+    known = {k: v for k, v in metadata_from_config(config).items()
+             if not (k == 'num_classes' and not v) and not (k == 'class_names' and not v)}
+    workdir_lib.check_resume_compatible(previous, known, workdir=workdir, step=latest)
   train_source, eval_source = data_sources(config)
+  from fcn_jax import data as data_lib
+  classes, _ = data_lib.class_info(train_source)
+  resolve_classes(config, classes)
+  metadata = metadata_from_config(config, classes)
+  if previous is not None:
+    workdir_lib.check_resume_compatible(previous, metadata, workdir=workdir, step=latest)
   config.num_train_steps = resolve_num_updates(config, len(train_source))
+  class_weights = loss_class_weights(config, train_source)
   if is_main:
     _write_config(workdir, config, latest)
 
@@ -542,7 +613,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   batches = DevicePrefetcher(train_iter, mesh, size=config.get('prefetch', 2))
 
   step_fn = compile_train_step(model, tx, mesh, normalize_loss=config.loss_normalize,
-                               num_classes=config.model.num_classes)
+                               num_classes=config.model.num_classes, class_weights=class_weights)
   writer = report.MetricWriter(workdir, enabled=is_main)
   total = config.num_train_steps
   start = int(jax.device_get(state.step)) // k
@@ -635,7 +706,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     if config.num_figure_examples:
       examples = first_examples(config, eval_source, config.num_figure_examples)
       viz.score_map_figure(model, host_copy(state.variables()), examples, class_names,
-                           workdir / 'figures' / 'score_maps.png', preprocessing=config.preprocessing)
+                           workdir / 'figures' / 'score_maps.png', preprocessing=config.preprocessing,
+                           palette=metadata.get('palette'))
   checkpointer.close()
   return last_scores
 

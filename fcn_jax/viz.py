@@ -10,43 +10,77 @@ import numpy as np
 from PIL import Image
 
 from fcn_jax import preprocessing as prep_lib
-
-
-def voc_palette(num_colors: int = 256) -> np.ndarray:
-  """The PASCAL VOC colour map (bit-interleaved class ids); (num_colors, 3) uint8. 255 is void."""
-  palette = np.zeros((num_colors, 3), np.uint8)
-  for i in range(num_colors):
-    c, r, g, b = i, 0, 0, 0
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    palette[i] = (r, g, b)
-  return palette
+from fcn_jax.data.classes import full_palette, voc_palette
 
 
 PALETTE = voc_palette()
 
 
-def colorize(label: np.ndarray) -> np.ndarray:
-  """(H, W) class ids (255 void) -> (H, W, 3) uint8 in the VOC palette."""
-  return PALETTE[np.asarray(label, np.uint8)]
+def colorize(label: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
+  """(H, W) class ids (255 void) -> (H, W, 3) uint8 in `palette` (the classes' colours; default
+  the VOC palette)."""
+  return full_palette(palette)[np.asarray(label, np.uint8)]
 
 
-def label_png(label: np.ndarray) -> Image.Image:
-  """A palette PNG as VOC's SegmentationClass: pixel value = class id."""
+def label_png(label: np.ndarray, palette: np.ndarray | None = None) -> Image.Image:
+  """A palette PNG as VOC's SegmentationClass: pixel value = class id, shown in `palette`."""
   img = Image.fromarray(np.asarray(label, np.uint8), mode='P')
-  img.putpalette(PALETTE.reshape(-1).tolist())
+  img.putpalette(full_palette(palette).reshape(-1).tolist())
   return img
 
 
-def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5,
+            palette: np.ndarray | None = None) -> np.ndarray:
   """Blends the coloured label map over an RGB image; background and void stay untinted."""
-  color = colorize(label).astype(np.float32)
+  color = colorize(label, palette).astype(np.float32)
   img = np.asarray(image, np.float32)
   tint = ((label > 0) & (label != 255))[..., None]
   return np.where(tint, (1 - alpha) * img + alpha * color, img).astype(np.uint8)
+
+
+def legend_strip(label: np.ndarray, class_names: Sequence[str], palette=None, width: int | None = None,
+                 min_fraction: float = 0.0) -> np.ndarray:
+  """(h, width, 3) uint8 strip naming the classes present in `label` beside their colours."""
+  from PIL import ImageDraw
+  label = np.asarray(label)
+  colors = full_palette(palette)
+  present = [int(c) for c in np.unique(label) if c < len(class_names) and
+             (label == c).mean() > min_fraction]
+  width = width or label.shape[1]
+  entries = [(c, f'{class_names[c]} {100 * (label == c).mean():.0f}%') for c in present]
+  row_h, x, rows = 14, 4, [[]]
+  for c, text in entries:  # wrap entries into rows that fit the width
+    w = 16 + 6 * len(text) + 10
+    if x + w > width and rows[-1]:
+      rows.append([])
+      x = 4
+    rows[-1].append((x, c, text))
+    x += w
+  strip = Image.new('RGB', (width, row_h * len(rows) + 4), (255, 255, 255))
+  draw = ImageDraw.Draw(strip)
+  for r, row in enumerate(rows):
+    y = 2 + r * row_h
+    for x, c, text in row:
+      draw.rectangle([x, y + 1, x + 11, y + 11], fill=tuple(int(v) for v in colors[c]), outline=(0, 0, 0))
+      draw.text((x + 15, y), text, fill=(0, 0, 0))
+  return np.asarray(strip)
+
+
+def overlay_with_legend(image: np.ndarray, label: np.ndarray, class_names: Sequence[str],
+                        palette=None) -> np.ndarray:
+  """`overlay` with the legend of the classes present below it."""
+  top = overlay(image, label, palette=palette)
+  return np.concatenate([top, legend_strip(label, class_names, palette, width=top.shape[1])], axis=0)
+
+
+def _legend(ax, labels: Sequence[np.ndarray], class_names: Sequence[str], palette=None) -> None:
+  """A matplotlib legend of the classes present in any of `labels`."""
+  from matplotlib.patches import Patch
+  colors = full_palette(palette) / 255.0
+  present = sorted({int(c) for lab in labels for c in np.unique(lab) if c < len(class_names)})
+  if present:
+    ax.legend(handles=[Patch(color=colors[c], label=class_names[c]) for c in present],
+              loc='upper left', bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
 
 
 def _plt():
@@ -95,7 +129,7 @@ def predict_scores(model, variables: dict, image: np.ndarray, preprocessing: str
 
 def score_map_figure(model, variables: dict, examples: Sequence[tuple[str, np.ndarray, np.ndarray]],
                      class_names: Sequence[str], path: str | pathlib.Path, preprocessing: str,
-                     classes_per_image: int = 2) -> pathlib.Path:
+                     classes_per_image: int = 2, palette=None) -> pathlib.Path:
   """Paper Fig. 1 style: each image beside the score maps of the classes it contains."""
   plt = _plt()
   rows = len(examples)
@@ -107,8 +141,10 @@ def score_map_figure(model, variables: dict, examples: Sequence[tuple[str, np.nd
     present = sorted(present, key=lambda c: -(label == c).sum())[:classes_per_image]
     row[0].imshow(image)
     row[0].set_title(name, fontsize=8)
-    row[1].imshow(colorize(np.argmax(scores, -1)))
+    prediction = np.argmax(scores, -1)
+    row[1].imshow(colorize(prediction, palette))
     row[1].set_title('prediction', fontsize=8)
+    _legend(row[-1], [prediction, label], class_names, palette)
     for ax, c in zip(row[2:], present):
       ax.imshow(scores[..., c], cmap='jet')
       ax.set_title(f'score: {class_names[c]}', fontsize=8)
@@ -118,7 +154,8 @@ def score_map_figure(model, variables: dict, examples: Sequence[tuple[str, np.nd
 
 
 def comparison_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str],
-                    path: str | pathlib.Path) -> pathlib.Path:
+                    path: str | pathlib.Path, class_names: Sequence[str] | None = None,
+                    palette=None) -> pathlib.Path:
   """Paper Fig. 2 style: one row per image, one column per entry of `columns`.
 
   Each row maps a column name to either an RGB image or an (H, W) label map (coloured in the VOC
@@ -130,8 +167,11 @@ def comparison_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str],
   for r, (ax_row, row) in enumerate(zip(axes, rows)):
     for ax, col in zip(ax_row, columns):
       value = np.asarray(row[col])
-      ax.imshow(value if value.ndim == 3 else colorize(value))
+      ax.imshow(value if value.ndim == 3 else colorize(value, palette))
       if r == 0:
         ax.set_title(col, fontsize=9)
       ax.axis('off')
+    if class_names is not None:
+      _legend(ax_row[-1], [np.asarray(row[c]) for c in columns if np.asarray(row[c]).ndim == 2],
+              class_names, palette)
   return _save(fig, path)

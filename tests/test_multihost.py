@@ -102,6 +102,7 @@ def _config(root: pathlib.Path):
   c = common.load_config('fcn32s', 'demo')
   c.dataset.manual_dir, c.dataset.data_dir = str(root / 'voc'), str(root / 'tfds')
   c.update_from_flattened_dict(SETTINGS)
+  c.model.num_classes = 21  # what training resolves from the VOC-format data
   return c
 
 

@@ -409,7 +409,7 @@ def test_training_config_mistakes_stop_before_any_work(voc, tmp_path):
   data_dir = tmp_path / 'tfds'
   cases = [
       (['--config.model.width=-1'], 'config.model.width=-1.0'),
-      (['--config.model.num_classes=0'], 'config.model.num_classes=0'),
+      (['--config.model.num_classes=1'], 'config.model.num_classes=1'),
       (['--config.dataset.eval_split=vall'], "no split 'vall'"),
       (['--config.dataset.name=pascal'], "unknown dataset 'pascal'"),
       (['--config.optim.lr=1'], "config has no field 'optim.lr'"),

@@ -15,7 +15,6 @@ import ml_collections
 
 from fcn_jax import paths
 from fcn_jax.errors import UserError
-from fcn_jax.train import VOC_CLASSES
 
 # Default persistent XLA compilation cache (see fcn_jax.paths).
 COMPILATION_CACHE_DIR = str(paths.cache_dir() / 'xla')
@@ -39,20 +38,27 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.arch = arch
   c.preset = preset
   c.seed = 0
-  c.class_names = VOC_CLASSES
+  c.class_names = ()  # () = from the dataset (PASCAL VOC's 21; a dataset's classes.txt)
 
   c.model = ml_collections.ConfigDict()
-  c.model.num_classes = 21
+  c.model.num_classes = 0  # 0 = from the dataset; another number must match it
   c.model.width = 1.0
   c.model.dtype = 'float32'          # compute dtype; 'bfloat16' on GPU/TPU
   c.model.learnable_upsampling = True  # intermediate deconvolutions (the final one is always fixed)
   c.model.dropout_rate = ml_collections.config_dict.placeholder(float)  # None: 0.5 after fc6/fc7
 
   c.dataset = ml_collections.ConfigDict()
+  # sbd | voc_segmentation/2012 | voc_segmentation/2011, or your own data: folder | coco |
+  # voc_like with dataset.root (see fcn_jax.data.custom).
   c.dataset.name = 'sbd'
+  c.dataset.root = ''            # the user dataset's directory
+  c.dataset.val_fraction = 0.1   # folder format without splits/: the share of images in 'val'
+  c.dataset.ignore_label = 255   # the mask value to ignore in a user dataset's index masks
   c.dataset.train_split = 'train'
-  c.dataset.eval_name = 'voc_segmentation/2011'  # '' = same as name
-  c.dataset.eval_split = 'seg11valid'
+  # '' = the dataset's default evaluation: VOC2011 seg11valid for sbd (the paper), else 'val' of
+  # the training dataset.
+  c.dataset.eval_name = ''
+  c.dataset.eval_split = ''
   c.dataset.data_dir = '~/tensorflow_datasets'
   c.dataset.manual_dir = ''  # folder with the archives or their extracted trees
   c.dataset.download = False
@@ -73,6 +79,7 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.total_epochs = 175.0
   c.num_train_steps = 0
   c.loss_normalize = True
+  c.loss_class_weights = 'none'  # 'none' | 'median_frequency' | one weight per class: '1,2,0.5'
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = PAPER_LR[arch]
@@ -109,9 +116,7 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
     c.model.width = 0.0625
     c.model.dropout_rate = 0.0
     c.preprocessing = 'torchvision_rgb'  # unit-scale inputs suit a from-scratch init
-    c.dataset.name = 'voc_segmentation/2012'
-    c.dataset.eval_name = ''
-    c.dataset.eval_split = 'val'
+    c.dataset.name = 'voc_segmentation/2012'  # the synthetic set, unless a dataset is named
     # Empty: the synthetic set and its prepared TFDS files, in the cache (see fcn_jax.paths); a
     # manual_dir (and data_dir) of your own trains the demo recipe on that data instead.
     c.dataset.data_dir = ''

@@ -1,4 +1,5 @@
-"""Data: TFDS builders for VOC / SBD (registered on import), synthetic VOC-format trees, and the grain pipeline.
+"""Data: TFDS builders for VOC / SBD and for a user's own data (folder, coco, voc_like; see
+fcn_jax.data.custom), synthetic trees, and the grain pipeline.
 
     source = get_data_source('sbd', 'train', data_dir='~/tensorflow_datasets', manual_dir='/data/manual')
     image, label = decode_example(source[0])      # uint8 (H, W, 3) RGB, uint8 (H, W) with 255 = void
@@ -15,20 +16,42 @@ from PIL import Image
 from fcn_jax.data.builders import (CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES, DataError, MissingDataError, Sbd,
                                    VocSegmentation)
 
-DATASETS = ('voc_segmentation/2012', 'voc_segmentation/2011', 'sbd')
+from fcn_jax.data import custom
+from fcn_jax.data.classes import VOC, ClassInfo
+
+CUSTOM_FORMATS = custom.FORMATS
+DATASETS = ('voc_segmentation/2012', 'voc_segmentation/2011', 'sbd') + CUSTOM_FORMATS
+# Where each dataset is evaluated when config.dataset.eval_name / eval_split are '' (the default):
+# the paper trains on SBD train and evaluates on VOC2011 seg11valid; other datasets on their val.
+DEFAULT_EVAL = {'sbd': ('voc_segmentation/2011', 'seg11valid'),
+                'voc_segmentation/2011': ('voc_segmentation/2011', 'seg11valid')}
 # The splits each builder writes (known before preparing, so that a typo stops before any work).
 SPLITS = {'voc_segmentation/2012': ('train', 'val', 'trainval'),
           'voc_segmentation/2011': ('train', 'val', 'trainval', 'seg11valid'),
           'sbd': ('train', 'val')}
 
-__all__ = ['CLASS_NAMES', 'DATASETS', 'DataError', 'IGNORE_LABEL', 'MissingDataError', 'NUM_CLASSES',
+__all__ = ['CLASS_NAMES', 'CUSTOM_FORMATS', 'ClassInfo', 'DATASETS', 'class_info', 'eval_dataset', 'DataError', 'IGNORE_LABEL', 'MissingDataError', 'NUM_CLASSES',
            'SPLITS', 'check_split', 'decode_example', 'get_builder', 'get_data_source', 'decode_image', 'decode_mask']
 
 
-def get_builder(name: str, *, data_dir: str, download: bool = False):
-  """The TFDS builder for `name` ('voc_segmentation/2012' | 'voc_segmentation/2011' | 'sbd')."""
+def eval_dataset(name: str, eval_name: str = '', eval_split: str = '') -> tuple[str, str]:
+  """(dataset, split) to evaluate a model trained on `name`; '' fields take the defaults."""
+  default_name, default_split = DEFAULT_EVAL.get(name, (name, 'val'))
+  eval_name = eval_name or default_name
+  if not eval_split:
+    eval_split = default_split if eval_name == default_name else 'val'
+  return eval_name, eval_split
+
+
+def get_builder(name: str, *, data_dir: str, download: bool = False, root: str = '',
+                val_fraction: float = 0.1, ignore_label: int = IGNORE_LABEL):
+  """The TFDS builder for `name`: 'voc_segmentation/2012' | 'voc_segmentation/2011' | 'sbd', or a
+  user dataset format ('folder' | 'coco' | 'voc_like', with its `root`)."""
   base, _, config = name.partition('/')
   data_dir = os.path.expanduser(os.fspath(data_dir))
+  if name in CUSTOM_FORMATS:
+    return custom.get_builder(name, root=root, data_dir=data_dir, val_fraction=val_fraction,
+                              ignore_label=ignore_label)
   if base == 'voc_segmentation' and config in ('2012', '2011'):
     return VocSegmentation(config=config, data_dir=data_dir, allow_download=download)
   if base == 'sbd' and not config:
@@ -36,25 +59,37 @@ def get_builder(name: str, *, data_dir: str, download: bool = False):
   raise DataError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')
 
 
-def check_split(name: str, split: str) -> None:
-  """Raises DataError for an unknown dataset or split, before anything is prepared."""
-  if name not in SPLITS:
+def check_split(name: str, split: str, *, root: str = '', val_fraction: float = 0.1) -> None:
+  """Raises DataError for an unknown dataset or split, before anything is prepared (a user
+  dataset's splits are listed from its root: no image is read)."""
+  if name in CUSTOM_FORMATS:
+    if not root:
+      raise DataError(f'dataset {name!r} needs its root directory: config.dataset.root=DIR (--root DIR)')
+    if not os.path.isdir(os.path.expanduser(root)):
+      raise MissingDataError(f'dataset root {root} does not exist (config.dataset.root / --root)')
+    names = custom.source_split_names(name, root, val_fraction)
+  elif name in SPLITS:
+    names = SPLITS[name]
+  else:
     raise DataError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')
-  if split not in SPLITS[name]:
-    raise DataError(f'{name} has no split {split!r}; choose one of {", ".join(SPLITS[name])}')
+  if split not in names:
+    raise DataError(f'{name} has no split {split!r}; choose one of {", ".join(names) or "(none found)"}')
 
 
 def get_data_source(name: str, split: str, *, data_dir: str, manual_dir: str | None = None,
-                    download: bool = False):
+                    download: bool = False, root: str = '', val_fraction: float = 0.1,
+                    ignore_label: int = IGNORE_LABEL):
   """Prepares `name` to array_record under data_dir if not yet prepared, then returns its random-access source.
 
   Sources: `manual_dir` (official archives or extracted trees; see the builder's MANUAL_DOWNLOAD_INSTRUCTIONS), or
-  the official URLs when download=True. Records hold the undecoded JPEG / PNG bytes (decoding is done by
-  `decode_example`, in the grain worker processes), so `source[i]` is cheap and the JPEG bytes are the original.
+  the official URLs when download=True; a user dataset reads its `root`. Records hold the undecoded image / PNG
+  bytes (decoding is done by `decode_example`, in the grain worker processes), so `source[i]` is cheap and the
+  image bytes are the original. The source's `.dataset_info` is the builder's DatasetInfo (see `class_info`).
   """
   import tensorflow_datasets as tfds
-  check_split(name, split)
-  builder = get_builder(name, data_dir=data_dir, download=download)
+  check_split(name, split, root=root, val_fraction=val_fraction)
+  builder = get_builder(name, data_dir=data_dir, download=download, root=root,
+                        val_fraction=val_fraction, ignore_label=ignore_label)
   if not builder.is_prepared():
     config = tfds.download.DownloadConfig(
         manual_dir=os.path.expanduser(os.fspath(manual_dir)) if manual_dir is not None else None,
@@ -63,8 +98,35 @@ def get_data_source(name: str, split: str, *, data_dir: str, manual_dir: str | N
   splits = builder.info.splits
   if split not in splits:
     raise DataError(f'{name} has no split {split!r}; it has {sorted(splits)}')
-  return builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding(),
-                                                 'segmentation_mask': tfds.decode.SkipDecoding()})
+  source = builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding(),
+                                                   'segmentation_mask': tfds.decode.SkipDecoding()})
+  return source
+
+
+def class_info(source) -> tuple[ClassInfo, list[int] | None]:
+  """(classes, per-class pixel counts of the source's split or None) of a data source: a user
+  dataset's from its prepared metadata, PASCAL VOC's otherwise."""
+  info = getattr(source, 'dataset_info', None)
+  metadata = getattr(info, 'metadata', None) or {}
+  if 'class_names' in metadata:
+    split = str(getattr(source, 'split', ''))
+    counts = (metadata.get('pixel_counts') or {}).get(split)
+    return ClassInfo.from_json(dict(metadata)), counts
+  return VOC, None
+
+
+def pixel_counts(source, num_classes: int, progress: bool = True) -> list[int]:
+  """Per-class pixel counts of a source (read from its metadata, else counted over its masks)."""
+  _, counts = class_info(source)
+  if counts is not None:
+    return list(counts)
+  from tqdm.auto import tqdm
+  hist = np.zeros(num_classes, np.int64)
+  for i in tqdm(range(len(source)), desc='counting class pixels', unit='img', disable=not progress,
+                leave=False):
+    mask = decode_mask(source[i]['segmentation_mask'])
+    hist += np.bincount(mask[mask < num_classes].ravel(), minlength=num_classes)[:num_classes]
+  return hist.tolist()
 
 
 def decode_image(data) -> np.ndarray:

@@ -32,13 +32,11 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from fcn_jax.data.classes import IGNORE_LABEL, VOC_CLASS_NAMES
 from fcn_jax.errors import UserError
 
-NUM_CLASSES = 21
-IGNORE_LABEL = 255
-CLASS_NAMES = (
-    'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
-    'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
+CLASS_NAMES = VOC_CLASS_NAMES
+NUM_CLASSES = len(CLASS_NAMES)
 
 # Official archives. MD5s are the published ones (also used by torchvision.datasets).
 VOC_ARCHIVES = {
