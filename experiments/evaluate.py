@@ -20,7 +20,11 @@ from experiments.configs import common as configs
 
 flags.DEFINE_string('checkpoint', None, 'A training WORKDIR (or its checkpoints/), or the output '
                     'directory of fcn_jax.convert.', required=True)
-flags.DEFINE_string('dataset', 'voc_segmentation/2011', 'voc_segmentation/2011 | voc_segmentation/2012 | sbd')
+flags.DEFINE_string('dataset', 'voc_segmentation/2011', 'voc_segmentation/2011 | voc_segmentation/2012 | '
+                    'sbd, or your own data: folder | coco | voc_like (with --root)')
+flags.DEFINE_string('root', '', 'The directory of a folder / coco / voc_like dataset.')
+flags.DEFINE_float('val_fraction', 0.1, 'folder format without splits/: the share of images in val.')
+flags.DEFINE_integer('ignore_label', 255, 'The mask value a user dataset marks as ignored.')
 flags.DEFINE_string('split', 'seg11valid', 'Split to evaluate.')
 flags.DEFINE_string('data_dir', '~/tensorflow_datasets', 'Prepared TFDS data.')
 flags.DEFINE_string('manual_dir', '', 'Archives or extracted trees, if not prepared yet.')
@@ -58,7 +62,7 @@ def check_flags(f) -> None:
                     f'are padded to S x S)')
   if f.which not in ('best', 'latest') and not f.which.isdigit():
     raise UserError(f'--which {f.which!r}: best, latest or a step number')
-  data_lib.check_split(f.dataset, f.split)
+  data_lib.check_split(f.dataset, f.split, root=f.root, val_fraction=f.val_fraction)
   if f.out and pathlib.Path(f.out).expanduser().is_file():
     raise UserError(f'--out {f.out} is a file; give a directory')
 
@@ -87,10 +91,16 @@ def evaluate(f) -> None:
   model, variables, meta = checkpoint.load_inference(root, which=str(step))
   try:
     source = data_lib.get_data_source(f.dataset, f.split, data_dir=f.data_dir,
-                                      manual_dir=f.manual_dir or None, download=f.download)
+                                      manual_dir=f.manual_dir or None, download=f.download,
+                                      root=f.root, val_fraction=f.val_fraction,
+                                      ignore_label=f.ignore_label)
   except data_lib.MissingDataError as e:
     raise UserError(f'{e}\n\nGive --manual_dir DIR (the archives or trees above) or --download, or '
                     f'--data_dir where the data is prepared.') from None
+  classes, _ = data_lib.class_info(source)
+  if classes.num_classes != meta['num_classes']:
+    raise UserError(f'the checkpoint predicts {meta["num_classes"]} classes, the dataset '
+                    f'{f.dataset} has {classes.num_classes}: evaluate it on the data it was trained for')
   batches = pipeline.eval_batches(source, preprocessing=meta['preprocessing'],
                                   batch_size=f.batch_size, pad_to=f.pad_to or None)
   scores, _ = train.evaluate(model, variables, batches, num_classes=meta['num_classes'], progress=True)

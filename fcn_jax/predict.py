@@ -2,8 +2,10 @@
 
 For every input image it writes, under OUT and mirroring the inputs' folders below their common
 parent (a/img.jpg -> OUT/a/img.png):
-  <stem>.png          the label map: an 8-bit palette PNG whose pixel values are the class ids
-  <stem>_overlay.jpg  the image with the label map blended over it
+  <stem>.png          the label map: an 8-bit palette PNG whose pixel values are the class ids,
+                      shown in the classes' colours (the checkpoint's palette)
+  <stem>_overlay.jpg  the image with the label map blended over it, and a legend of the classes
+                      found (name, colour, share of the image) below it
   <stem>_scores.npy   with --save-scores: float32 (H, W, num_classes) scores at the input size
 The checkpoint's metadata supplies the architecture, classes and preprocessing: no training config
 is needed. Nothing is overwritten unless --overwrite, and an input is never overwritten. Images are
@@ -88,6 +90,8 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
   from fcn_jax import checkpoint, preprocessing, viz
   model, variables, meta = checkpoint.load_inference(checkpoint_dir, which=which)
   prep = preprocessing.get(meta['preprocessing'])
+  palette = meta.get('palette')
+  class_names = meta.get('class_names') or [str(i) for i in range(meta.get('num_classes', 21))]
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))  # compiles once per image size
   written, failed = [], []
   items = zip(inputs, plan)
@@ -103,8 +107,9 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
     scores = np.asarray(apply(variables, prep(image)[None]))[0]
     label = np.argmax(scores, -1).astype(np.uint8)
     outputs['label'].parent.mkdir(parents=True, exist_ok=True)
-    viz.label_png(label).save(outputs['label'])
-    Image.fromarray(viz.overlay(image, label)).save(outputs['overlay'], quality=92)
+    viz.label_png(label, palette).save(outputs['label'])
+    Image.fromarray(viz.overlay_with_legend(image, label, class_names, palette)).save(
+        outputs['overlay'], quality=92)
     if save_scores:
       np.save(outputs['scores'], scores.astype(np.float32))
     written.append(outputs['label'])

@@ -326,7 +326,9 @@ def data_sources(config: ml_collections.ConfigDict):
   """(train source, eval source) through our TFDS builders (prepared on first use)."""
   from fcn_jax import data as data_lib
   d = config.dataset
-  kwargs = dict(data_dir=d.data_dir, manual_dir=d.manual_dir or None, download=d.download,
+  from fcn_jax import paths
+  kwargs = dict(data_dir=d.data_dir or str(paths.cache_dir() / 'tfds'),
+                manual_dir=d.manual_dir or None, download=d.download,
                 root=d.get('root', ''), val_fraction=d.get('val_fraction', 0.1),
                 ignore_label=d.get('ignore_label', 255))
   eval_name, eval_split = data_lib.eval_dataset(d.name, d.eval_name, d.eval_split)

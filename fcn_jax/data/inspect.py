@@ -1,0 +1,113 @@
+"""Look at a dataset of your own before training on it: `python -m fcn_jax.data.inspect ROOT`.
+
+Detects the format (folder, coco or voc_like; see fcn_jax.data.custom), checks every example as
+preparation would, and prints the images per split, their sizes, and the classes with their pixel
+frequencies; then draws a few examples (image | mask in the class colours) with the class legend.
+Exit status 1 when a problem is found (each is listed with its file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+
+from fcn_jax.data import custom
+from fcn_jax.errors import UserError, cli
+
+
+def detect_format(root: pathlib.Path) -> str:
+  if (root / 'annotations').is_dir():
+    return 'coco'
+  if (root / 'JPEGImages').is_dir():
+    return 'voc_like'
+  if (root / 'images').is_dir():
+    return 'folder'
+  raise UserError(f'{root}: no images/ (folder), JPEGImages/ (voc_like) or annotations/ (coco); '
+                  f'see python -m fcn_jax.data.inspect --help')
+
+
+def summary(fmt: str, root: pathlib.Path, val_fraction: float = 0.1,
+            ignore_label: int = 255) -> tuple[str, dict]:
+  """(printable report, {'classes', 'rows', 'counts'}) of a dataset; raises DataError on problems."""
+  from PIL import Image
+  classes = custom.class_info(fmt, root, ignore_label)
+  splits = custom.source_splits(fmt, root, val_fraction)
+  rows, counts = custom.validate(fmt, root, classes, splits)
+  lines = [f'{fmt} dataset at {root}: {sum(len(r) for r in rows.values())} images, '
+           f'{classes.num_classes} classes']
+  for split, items in rows.items():
+    sizes = []
+    for example, _ in items:
+      with Image.open(example.image) as im:
+        sizes.append(im.size[::-1])
+    h, w = np.asarray(sizes).T if sizes else (np.zeros(1), np.zeros(1))
+    lines.append(f'  {split}: {len(items)} images, height {int(h.min())}..{int(h.max())} (median '
+                 f'{int(np.median(h))}), width {int(w.min())}..{int(w.max())} (median '
+                 f'{int(np.median(w))})')
+  total = np.sum([counts[s] for s in counts], axis=0)
+  lines.append('  class                 id   pixels (all splits)   share   ' +
+               '   '.join(f'{s:>8}' for s in counts))
+  for i, name in enumerate(classes.names):
+    share = total[i] / max(total.sum(), 1)
+    per_split = '   '.join(f'{counts[s][i]:>8}' for s in counts)
+    warn = '  <- no pixels' if total[i] == 0 else ''
+    lines.append(f'  {name[:20]:<20} {i:>3}   {int(total[i]):>19}   {100 * share:5.1f}%   {per_split}{warn}')
+  return '\n'.join(lines), {'classes': classes, 'rows': rows, 'counts': counts}
+
+
+def examples_figure(data: dict, path: pathlib.Path, count: int = 4) -> pathlib.Path:
+  """Image | mask (class colours, ignore in the VOC void colour) rows with the class legend."""
+  import io
+  from PIL import Image
+  from fcn_jax import viz
+  classes = data['classes']
+  items = [item for rows in data['rows'].values() for item in rows][:count]
+  rows = []
+  for example, mask_png in items:
+    with Image.open(example.image) as im:
+      image = np.asarray(im.convert('RGB'))
+    with Image.open(io.BytesIO(mask_png)) as m:
+      label = np.asarray(m)
+    rows.append({'image': image, 'mask': label})
+  return viz.comparison_rows(rows, ['image', 'mask'], path, class_names=classes.names,
+                             palette=classes.palette)
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m fcn_jax.data.inspect', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('root', help='the dataset directory')
+  parser.add_argument('--format', choices=('auto',) + custom.FORMATS, default='auto',
+                      help='the layout (default: detected from the directories present)')
+  parser.add_argument('--val-fraction', type=float, default=0.1,
+                      help='folder format without splits/: the share of images in val')
+  parser.add_argument('--ignore-label', type=int, default=255,
+                      help='the mask value that marks ignored pixels in index masks')
+  parser.add_argument('--examples', type=int, default=4, help='examples to draw (0: none)')
+  parser.add_argument('--out', help='the figure to write (default: ./<root name>_examples.png; '
+                      'an existing file is not replaced)')
+  args = parser.parse_args(argv)
+  root = pathlib.Path(args.root).expanduser()
+  if not root.is_dir():
+    raise UserError(f'{root}: no such directory')
+  fmt = detect_format(root) if args.format == 'auto' else args.format
+  try:
+    report, data = summary(fmt, root, args.val_fraction, args.ignore_label)
+  except custom.DataError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(report)
+  if args.examples > 0:
+    out = pathlib.Path(args.out or f'{root.resolve().name}_examples.png')
+    if out.exists():
+      raise UserError(f'{out} exists; pass another --out')
+    print(f'examples: {examples_figure(data, out, args.examples)}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
