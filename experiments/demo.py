@@ -17,10 +17,13 @@ from absl import app, flags
 from experiments import common
 
 ARCHS = ('fcn32s', 'fcn16s', 'fcn8s')
-NAMES = {'fcn32s': 'FCN-32s', 'fcn16s': 'FCN-16s', 'fcn8s': 'FCN-8s'}
+NAMES = {'fcn32s': 'FCN-32s', 'fcn16s': 'FCN-16s', 'fcn8s': 'FCN-8s',
+         'fcn8s_atonce': 'FCN-8s at-once, from scratch'}
 
 flags.DEFINE_string('workdir', 'runs/demo', 'Output directory.')
 flags.DEFINE_integer('steps', 0, 'Override the training steps of every stage (0 = the preset).')
+flags.DEFINE_bool('atonce', True, 'Also train FCN-8s at-once in one stage from scratch (the demo '
+                  'preset\'s from-scratch recipe: no skip scaling), for as many steps as FCN-32s.')
 flags.DEFINE_bool('control', False, 'Also continue FCN-32s for as many steps as FCN-8s had in all '
                   '(32s + 16s + 8s stages), to separate the skips\' gain from the extra training.')
 
@@ -83,6 +86,13 @@ def _main() -> None:
     results[arch] = common.run(config, workdir / arch)
     print(f'{NAMES[arch]} trained and evaluated in {time.perf_counter() - t0:.0f} s')
   rows = [(NAMES[a], results[a]) for a in ARCHS]
+  if flags.FLAGS.atonce:
+    config = common.load_config('fcn8s_atonce', 'demo')
+    if flags.FLAGS.steps:
+      config.num_train_steps = flags.FLAGS.steps
+    t0 = time.perf_counter()
+    rows.append((NAMES['fcn8s_atonce'], common.run(config, workdir / 'fcn8s_atonce')))
+    print(f'{NAMES["fcn8s_atonce"]} trained and evaluated in {time.perf_counter() - t0:.0f} s')
   if flags.FLAGS.control:
     rows.append(('FCN-32s, same steps', control(workdir)))
   figure = comparison(workdir)

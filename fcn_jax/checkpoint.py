@@ -418,7 +418,8 @@ def build_from_metadata(metadata: dict):
   from fcn_jax import models  # imported here: checkpoints do not need the models to be importable
   if 'arch' not in metadata:
     raise ValueError(f'metadata has no "arch": {sorted(metadata)}')
-  kwargs = {k: metadata[k] for k in ('num_classes', 'width', 'learnable_upsampling') if k in metadata}
+  kwargs = {k: metadata[k] for k in ('num_classes', 'width', 'learnable_upsampling', 'skip_scaling')
+            if k in metadata}
   if metadata.get('dtype') is not None:
     kwargs['dtype'] = jnp.dtype(metadata['dtype'])
   return models.build(metadata['arch'], **kwargs)

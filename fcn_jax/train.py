@@ -115,7 +115,8 @@ def model_from_config(config: ml_collections.ConfigDict) -> nn.Module:
   return models.build(config.arch, num_classes=config.model.num_classes, width=config.model.width,
                       dtype=jnp.dtype(config.model.dtype),
                       learnable_upsampling=config.model.learnable_upsampling,
-                      dropout_rate=config.model.get('dropout_rate'))
+                      dropout_rate=config.model.get('dropout_rate'),
+                      skip_scaling=config.model.get('skip_scaling', True))
 
 
 def optimizer_from_config(config: ml_collections.ConfigDict, model: nn.Module,
@@ -140,6 +141,7 @@ def metadata_from_config(config: ml_collections.ConfigDict, classes=None) -> dic
       'num_classes': config.model.num_classes,
       'width': config.model.width,
       'learnable_upsampling': config.model.learnable_upsampling,
+      'skip_scaling': config.model.get('skip_scaling', True),
       'preprocessing': config.preprocessing,
       'class_names': list(config.class_names),
       # Not needed for inference; a resumed run must match them (fcn_jax.workdir).

@@ -313,9 +313,9 @@ def test_readme_walkthrough_prepare_train_evaluate_predict(tmp_path):
   proc = run('fcn_jax.data.inspect', str(data), '--out', str(tmp_path / 'examples.png'))
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert 'square' in proc.stdout and '4 classes' in proc.stdout and (tmp_path / 'examples.png').exists()
-  work = tmp_path / 'runs' / 'shapes32'
-  proc = run('experiments.fcn32s', f'--workdir={work}',
-             f'--config={REPO}/experiments/configs/fcn32s.py:demo', '--config.dataset.name=folder',
+  work = tmp_path / 'runs' / 'shapes'
+  proc = run('experiments.fcn8s_atonce', f'--workdir={work}',
+             f'--config={REPO}/experiments/configs/fcn8s_atonce.py:demo', '--config.dataset.name=folder',
              f'--config.dataset.root={data}', '--config.num_train_steps=6', '--config.eval_every=6',
              '--config.batch_size=2', '--config.crop_size=64', '--config.eval_pad_to=128',
              '--config.log_every=2', '--config.num_figure_examples=1')
@@ -324,6 +324,7 @@ def test_readme_walkthrough_prepare_train_evaluate_predict(tmp_path):
   assert list(results['per_class_iu']) == ['background', 'square', 'triangle', 'disc']
   meta = checkpoint.read_metadata(work)
   assert meta['num_classes'] == 4 and meta['palette'][1] == list(synthetic.COLOUR_CLASSES[1][1])
+  assert meta['skip_scaling'] is False  # the demo preset's from-scratch at-once
   proc = run('experiments.evaluate', f'--checkpoint={work}', '--dataset=folder', f'--root={data}',
              '--split=val', '--pad_to=128', '--batch_size=2', '--compilation_cache_dir=')
   assert proc.returncode == 0, proc.stderr[-3000:]

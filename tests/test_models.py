@@ -595,3 +595,16 @@ def test_bad_images_raise_value_error():
       model.apply(variables, jnp.zeros(shape))
   with pytest.raises(ValueError, match=r'\(N, H, W, 3\)'):
     model.init(jax.random.key(0), jnp.zeros((4, 4, 3)))
+
+
+def test_atonce_without_skip_scaling_is_fcn8s():
+  """skip_scaling=False (the demo preset's from-scratch at-once) drops only the fixed skip scales."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 37, 41, 3)), jnp.float32)
+  fcn8s = models.build('fcn8s', width=1 / 16, num_classes=3)
+  params = models.init_variables(fcn8s, jax.random.key(0))['params']
+  params = jax.tree.map(lambda p: p + 0.01, params)  # non-zero score layers
+  unscaled = models.build('fcn8s_atonce', width=1 / 16, num_classes=3, skip_scaling=False)
+  scaled = models.build('fcn8s_atonce', width=1 / 16, num_classes=3)
+  want = fcn8s.apply({'params': params}, x)
+  np.testing.assert_array_equal(unscaled.apply({'params': params}, x), want)
+  assert float(jnp.max(jnp.abs(scaled.apply({'params': params}, x) - want))) > 1e-4

@@ -46,6 +46,7 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'          # compute dtype; 'bfloat16' on GPU/TPU
   c.model.learnable_upsampling = True  # intermediate deconvolutions (the final one is always fixed)
   c.model.dropout_rate = ml_collections.config_dict.placeholder(float)  # None: 0.5 after fc6/fc7
+  c.model.skip_scaling = True  # FCN-8s at-once's fixed skip scales (False: from scratch)
 
   c.dataset = ml_collections.ConfigDict()
   # sbd | voc_segmentation/2012 | voc_segmentation/2011, or your own data: folder | coco |
@@ -115,6 +116,9 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
     # Adam and no dropout get there in ~1000 steps where the paper's SGD would need far more.
     c.model.width = 0.0625
     c.model.dropout_rate = 0.0
+    # From scratch, at-once's fixed skip scales (0.01, 0.0001, sized for ImageNet features under
+    # SGD) mute the pool3 / pool4 skips: FCN-8s at-once then learns no better than FCN-32s.
+    c.model.skip_scaling = False
     c.preprocessing = 'torchvision_rgb'  # unit-scale inputs suit a from-scratch init
     c.dataset.name = 'voc_segmentation/2012'  # the synthetic set, unless a dataset is named
     # Empty: the synthetic set and its prepared TFDS files, in the cache (see fcn_jax.paths); a

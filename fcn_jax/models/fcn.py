@@ -111,6 +111,9 @@ class FCN(nn.Module):
   dtype: Any = jnp.float32
   learnable_upsampling: bool = True  # intermediate deconvolutions; the final one is always fixed
   dropout_rate: float | None = None  # None: the classifier's own (0.5 after fc6/fc7); 0 disables
+  # False drops the skips' fixed scales (FCN-8s at-once's 0.01 / 0.0001): they fit ImageNet-trained
+  # features under SGD, but from scratch they mute the skips (see experiments/configs: demo).
+  skip_scaling: bool = True
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -125,7 +128,7 @@ class FCN(nn.Module):
     for skip, up, crop in zip(self.arch.skips, geo.upsamples, geo.skip_crops):
       score = self._upsample(up, score)
       tapped = feats[skip.tap]
-      if skip.scale != 1.0:
+      if skip.scale != 1.0 and self.skip_scaling:
         tapped = tapped * jnp.asarray(skip.scale, self.dtype)
       score = score + layers.crop_like(self._score(f'score_{skip.tap}', tapped), crop, score.shape)
     score = self._upsample(geo.upsamples[-1], score)
@@ -146,7 +149,8 @@ class FCN(nn.Module):
 
 
 def build(arch: str, num_classes: int = 21, width: float = 1.0, dtype: Any = jnp.float32,
-          learnable_upsampling: bool = True, dropout_rate: float | None = None) -> FCN:
+          learnable_upsampling: bool = True, dropout_rate: float | None = None,
+          skip_scaling: bool = True) -> FCN:
   """The FCN named `arch` (one of ARCHS).
 
   Args:
@@ -158,6 +162,7 @@ def build(arch: str, num_classes: int = 21, width: float = 1.0, dtype: Any = jnp
       (the Caffe reference). The final deconvolution is always frozen.
     dropout_rate: None keeps the classifier's dropout (0.5 after fc6 and fc7, as the paper); a
       number replaces it (0 disables it, e.g. for short from-scratch runs at reduced width).
+    skip_scaling: False drops FCN-8s at-once's fixed skip scales (for training from scratch).
   """
   if arch not in ARCHS:
     raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
@@ -166,7 +171,8 @@ def build(arch: str, num_classes: int = 21, width: float = 1.0, dtype: Any = jnp
   if width <= 0:
     raise ValueError(f'width must be > 0, got {width}')
   return FCN(ARCHS[arch], num_classes=num_classes, width=width, dtype=dtype,
-             learnable_upsampling=learnable_upsampling, dropout_rate=dropout_rate)
+             learnable_upsampling=learnable_upsampling, dropout_rate=dropout_rate,
+             skip_scaling=skip_scaling)
 
 
 def frozen_mask(model: FCN, params: Any) -> Any:
