@@ -14,23 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import platform
 import subprocess
 import sys
 import time
 
+from benchmarks.run import cpu_name
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BAR = 0.60
-
-
-def cpu_model() -> str:
-  try:
-    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('model name'):
-        return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
       return 2
     r = json.loads((run_dir / 'results.json').read_text())
     rows.append((arch, r, seconds))
-  print(f'CPU: {cpu_model()}; dataset {data} ({a.classes} classes, 400 train / 100 val, 96x128)')
+  print(f'CPU: {cpu_name()}; dataset {data} ({a.classes} classes, 400 train / 100 val, 96x128)')
   print('| net (demo preset, from scratch) | steps | pixel acc. | mean IU | time |')
   print('|---|---:|---:|---:|---:|')
   for arch, r, seconds in rows:

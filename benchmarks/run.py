@@ -378,7 +378,7 @@ def markdown_table(rows: list[dict]) -> str:
 def environment() -> dict:
   env = {
       'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-      'host': platform.node(), 'cpu': _cpu_name(), 'cores': os.cpu_count(),
+      'host': platform.node(), 'cpu': cpu_name(), 'cores': os.cpu_count(),
       'python': platform.python_version(), 'jax': jax.__version__,
       'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
       'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
@@ -401,7 +401,7 @@ def environment() -> dict:
   return env
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
   try:
     for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
       if line.startswith('model name'):

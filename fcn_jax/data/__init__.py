@@ -8,6 +8,7 @@ fcn_jax.data.custom), synthetic trees, and the grain pipeline.
 from __future__ import annotations
 
 import io
+import logging
 import os
 
 import numpy as np
@@ -18,6 +19,20 @@ from fcn_jax.data.builders import (CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES, DataE
 
 from fcn_jax.data import custom
 from fcn_jax.data.classes import VOC, ClassInfo
+
+
+
+class _QuietPreparation(logging.Filter):
+  """Drops TFDS warnings that are normal here: a user dataset's generated builder config, and a
+  dataset directory that has no dataset_info.json yet (before its first preparation)."""
+
+  EXPECTED = ('Using custom data configuration', 'has no dataset_info.json')
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not any(text in record.getMessage() for text in self.EXPECTED)
+
+
+logging.getLogger('absl').addFilter(_QuietPreparation())
 
 CUSTOM_FORMATS = custom.FORMATS
 DATASETS = ('voc_segmentation/2012', 'voc_segmentation/2011', 'sbd') + CUSTOM_FORMATS
