@@ -336,3 +336,19 @@ def test_readme_walkthrough_prepare_train_evaluate_predict(tmp_path):
     assert im.mode == 'P' and im.getpalette()[3:6] == list(synthetic.COLOUR_CLASSES[1][1])
   with Image.open(tmp_path / 'pred' / 'scene_00000_overlay.jpg') as im:
     assert im.size[0] == 128 and im.size[1] > 96  # the legend strip below the image
+
+
+@pytest.mark.parametrize('preset', ['paper', 'heavy'])
+def test_paper_and_heavy_presets_run_on_a_folder_dataset(tmp_path, preset):
+  """The recipes' plumbing on a user dataset (one update at a tiny size: not their results)."""
+  root = synthetic.write_folder_dataset(tmp_path / 'ds', num_train=3, num_val=2, num_classes=3)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.fcn32s', f'--workdir={tmp_path / "run"}',
+       f'--config={REPO}/experiments/configs/fcn32s.py:{preset}', '--config.dataset.name=folder',
+       f'--config.dataset.root={root}', f'--config.dataset.data_dir={tmp_path / "tfds"}',
+       '--config.model.width=0.0625', '--config.batch_size=1', '--config.crop_size=64',
+       '--config.num_train_steps=1', '--config.eval_pad_to=128', '--config.num_figure_examples=0'],
+      env=env(tmp_path), capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / 'run' / 'results.json').read_text())
+  assert list(results['per_class_iu']) == ['background', 'square', 'triangle'] and results['step'] == 1
