@@ -7,6 +7,13 @@ import math
 import pathlib
 from typing import Any, Mapping, Sequence
 
+def _step_of(line: str) -> float:
+  try:
+    return float(json.loads(line).get('step', -1))
+  except ValueError:
+    return math.inf  # a line cut short by a kill: dropped with the records after the checkpoint
+
+
 SCORE_COLUMNS = (('pixel_acc', 'pixel acc.'), ('mean_acc', 'mean acc.'), ('mean_iu', 'mean IU'),
                  ('fw_iu', 'f.w. IU'))
 
@@ -14,17 +21,30 @@ SCORE_COLUMNS = (('pixel_acc', 'pixel acc.'), ('mean_acc', 'mean acc.'), ('mean_
 class MetricWriter:
   """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
 
-  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
+  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, resume_step: int | None = None):
+    """resume_step: the checkpoint step a resumed run restarts from; records after it (written by
+    the interrupted run past its last checkpoint, and about to be written again) are dropped, so
+    that every step appears once."""
     self.enabled = enabled
     self.path = pathlib.Path(workdir) / 'metrics.jsonl'
     self._tb = None
     if enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
+      if resume_step is not None and self.path.exists():
+        self._drop_after(resume_step)
       try:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(str(pathlib.Path(workdir) / 'tensorboard'))
       except ImportError:  # TensorBoard is a convenience; metrics.jsonl is the record.
         self._tb = None
+
+  def _drop_after(self, step: int) -> None:
+    lines = self.path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) <= step]
+    if len(kept) != len(lines):
+      tmp = self.path.with_name(self.path.name + '.tmp')
+      tmp.write_text(''.join(kept))
+      tmp.replace(self.path)
 
   def write(self, step: int, kind: str, values: Mapping[str, Any]) -> None:
     if not self.enabled:

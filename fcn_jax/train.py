@@ -618,7 +618,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
   step_fn = compile_train_step(model, tx, mesh, normalize_loss=config.loss_normalize,
                                num_classes=config.model.num_classes, class_weights=class_weights)
-  writer = report.MetricWriter(workdir, enabled=is_main)
+  writer = report.MetricWriter(workdir, enabled=is_main, resume_step=latest)
   total = config.num_train_steps
   start = int(jax.device_get(state.step)) // k
   if start > total:

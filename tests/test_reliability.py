@@ -336,9 +336,14 @@ def test_sigterm_saves_and_the_same_command_resumes_identically(voc, tmp_path):
   assert 0 < saved < 16
   assert saved in [int(p.name) for p in (work / 'checkpoints').iterdir() if p.name.isdigit()]
   assert not (work / workdir_lib.LOCK_NAME).exists()
+  with (work / 'metrics.jsonl').open('a') as f:  # as if killed after logging past the checkpoint
+    f.write(json.dumps({'step': saved + 1, 'kind': 'train', 'loss': 1.0}) + '\n{"step": 9')
   again = run(train_cmd(work, voc, data_dir, *steps), tmp_path)
   assert again.returncode == 0, again.stderr[-3000:]
   assert f'resumed from {work / "checkpoints"} at step {saved}' in again.stderr + again.stdout
+  rows = [json.loads(line) for line in (work / 'metrics.jsonl').read_text().splitlines()]
+  train_steps = [r['step'] for r in rows if r['kind'] == 'train']
+  assert train_steps == list(range(1, 17)), train_steps  # every step once
   a = checkpoint.load_inference(tmp_path / 'ref', which='latest')[1]['params']
   b = checkpoint.load_inference(work, which='latest')[1]['params']
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
