@@ -48,13 +48,15 @@ def read_rgb(path: str | os.PathLike, max_size: int = DEFAULT_MAX_SIZE) -> np.nd
     Image.MAX_IMAGE_PIXELS = previous
 
 
-def find_images(inputs: list[str | os.PathLike]) -> list[pathlib.Path]:
-  """Image files among `inputs`: files as given, directories searched recursively (by suffix).
-  Raises ImageError for a path that does not exist or a directory without images."""
+def find_images(inputs: list[str | os.PathLike], glob: str | None = None) -> list[pathlib.Path]:
+  """Image files among `inputs`: files as given, directories searched recursively (by suffix, or
+  the files matching `glob`). Raises ImageError for a path that does not exist or a directory
+  without images."""
   found: list[pathlib.Path] = []
   for item in map(pathlib.Path, inputs):
     if item.is_dir():
-      files = sorted(p for p in item.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+      files = sorted(p for p in item.rglob(glob or '*') if p.is_file() and
+                     (glob or p.suffix.lower() in IMAGE_SUFFIXES))
       if not files:
         raise ImageError(f'{item}: directory holds no image files ({", ".join(IMAGE_SUFFIXES)})')
       found += files

@@ -7,8 +7,11 @@ parent (a/img.jpg -> OUT/a/img.png):
   <stem>_overlay.jpg  the image with the label map blended over it, and a legend of the classes
                       found (name, colour, share of the image) below it
   <stem>_scores.npy   with --save-scores: float32 (H, W, num_classes) scores at the input size
+                      (--scores-format npz: float16 in a compressed .npz, key 'scores')
 The checkpoint's metadata supplies the architecture, classes and preprocessing: no training config
-is needed. Nothing is overwritten unless --overwrite, and an input is never overwritten. Images are
+is needed. Images of mixed sizes are batched by size bucket over all local devices (--exact: native
+size, one at a time). Nothing is overwritten unless --overwrite (--resume skips what is done), and
+an input is never overwritten. Images are
 read as displayed (EXIF orientation applied). An unreadable or too large image is reported and
 skipped; the exit status is then 1.
 """
@@ -19,7 +22,7 @@ import argparse
 import os
 import pathlib
 import sys
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -30,19 +33,20 @@ from fcn_jax.errors import UserError, cli
 OUTPUT_SUFFIXES = {'label': '.png', 'overlay': '_overlay.jpg', 'scores': '_scores.npy'}
 
 
-def output_paths(inputs: list[pathlib.Path], out_dir: pathlib.Path,
-                 save_scores: bool) -> list[dict[str, pathlib.Path]]:
+def output_paths(inputs: list[pathlib.Path], out_dir: pathlib.Path, save_scores: bool,
+                 scores_format: str = 'npy') -> list[dict[str, pathlib.Path]]:
   """Per input, its output files: OUT/<path below the inputs' common parent>/<stem><suffix>.
 
   Raises UserError when two inputs would write the same file (img.jpg and img.png side by side).
   """
   inputs = [p.resolve() for p in inputs]
   base = pathlib.Path(os.path.commonpath([str(p.parent) for p in inputs])) if inputs else out_dir
-  kinds = [k for k in OUTPUT_SUFFIXES if k != 'scores' or save_scores]
+  suffixes = dict(OUTPUT_SUFFIXES, scores=f'_scores.{scores_format}')
+  kinds = [k for k in suffixes if k != 'scores' or save_scores]
   plan, owner = [], {}
   for path in inputs:
     stem = path.relative_to(base).with_suffix('')
-    outputs = {k: out_dir / f'{stem}{OUTPUT_SUFFIXES[k]}' for k in kinds}
+    outputs = {k: out_dir / f'{stem}{suffixes[k]}' for k in kinds}
     for target in outputs.values():
       if target in owner:
         raise UserError(f'{owner[target]} and {path} would both write {target}: rename one of them '
@@ -69,50 +73,91 @@ def check_outputs(inputs: list[pathlib.Path], plan: list[dict[str, pathlib.Path]
                     f'to replace them, or choose another --out')
 
 
+def _decoded(inputs: list[pathlib.Path], max_size: int, workers: int) -> Iterator[dict]:
+  """Decoded images in input order, read ahead by grain (threads; `workers` > 0: processes)."""
+  import grain.python as grain
+
+  def decode(index: int) -> dict:
+    try:
+      return {'index': index, 'image': images_lib.read_rgb(inputs[index], max_size=max_size)}
+    except images_lib.ImageError as e:
+      return {'index': index, 'error': str(e)}
+
+  dataset = grain.MapDataset.source(list(range(len(inputs)))).map(decode)
+  iterator = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
+  if workers > 0:
+    iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(iterator)
+
+
 def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pathlib.Path],
                    out_dir: str | pathlib.Path, save_scores: bool = False, which: str = 'best',
                    overwrite: bool = False, max_size: int = images_lib.DEFAULT_MAX_SIZE,
-                   progress: bool = False) -> tuple[list[pathlib.Path], list[str]]:
+                   progress: bool = False, *, resume: bool = False, exact: bool = False,
+                   batch_size: int = 8, chunk: int = 64, dtype: str | None = None,
+                   scores_format: str = 'npy', workers: int = 0,
+                   glob: str | None = None) -> tuple[list[pathlib.Path], list[str]]:
   """Runs the checkpoint on each image (files, or directories searched recursively).
 
-  Returns (label-map paths written, one message per image that failed). Problems with the inputs
-  or --out as a whole (missing files, collisions, existing outputs) raise UserError before the
-  model is loaded.
+  Images are batched by size bucket (fcn_jax.segmenter; `exact` keeps native-size inference).
+  `resume` skips inputs whose outputs all exist. Returns (label-map paths written, one message per
+  image that failed). Problems with the inputs or --out as a whole (missing files, collisions,
+  existing outputs) raise UserError before the model is loaded.
   """
   out_dir = pathlib.Path(out_dir).expanduser().resolve()
   if out_dir.exists() and not out_dir.is_dir():
     raise UserError(f'--out {out_dir} is a file; give a directory')
-  inputs = images_lib.find_images(list(images))
-  plan = output_paths(inputs, out_dir, save_scores)
-  check_outputs(inputs, plan, overwrite)
+  if scores_format not in ('npy', 'npz'):
+    raise UserError(f'scores format {scores_format!r}: npy or npz')
+  inputs = images_lib.find_images(list(images), glob=glob)
+  plan = output_paths(inputs, out_dir, save_scores, scores_format)
+  if resume:
+    todo = [i for i, outputs in enumerate(plan) if not all(t.exists() for t in outputs.values())]
+    inputs, plan = [inputs[i] for i in todo], [plan[i] for i in todo]
+  check_outputs(inputs, plan, overwrite or resume)
 
-  import jax
-  from fcn_jax import checkpoint, preprocessing, viz
-  model, variables, meta = checkpoint.load_inference(checkpoint_dir, which=which)
-  prep = preprocessing.get(meta['preprocessing'])
-  palette = meta.get('palette')
-  class_names = meta.get('class_names') or [str(i) for i in range(meta.get('num_classes', 21))]
-  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))  # compiles once per image size
+  from fcn_jax import segmenter as segmenter_lib, viz
+  seg = segmenter_lib.Segmenter.load(checkpoint_dir, which=which, batch_size=batch_size, dtype=dtype)
   written, failed = [], []
-  items = zip(inputs, plan)
+  bar = None
   if progress:
     from tqdm.auto import tqdm
-    items = tqdm(items, total=len(inputs), desc='predict', unit='image')
-  for path, outputs in items:
-    try:
-      image = images_lib.read_rgb(path, max_size=max_size)
-    except images_lib.ImageError as e:
-      failed.append(str(e))
+    bar = tqdm(total=len(inputs), desc='predict', unit='image')
+
+  def flush(pending: list[dict]) -> None:
+    results = seg([p['image'] for p in pending], scores=save_scores, exact=exact)
+    labels = results['labels'] if save_scores else results
+    for k, (item, label) in enumerate(zip(pending, labels)):
+      outputs = plan[item['index']]
+      outputs['label'].parent.mkdir(parents=True, exist_ok=True)
+      viz.label_png(label, seg.palette).save(outputs['label'])
+      Image.fromarray(viz.overlay_with_legend(item['image'], label, seg.class_names, seg.palette)).save(
+          outputs['overlay'], quality=92)
+      if save_scores:
+        scores = results['scores'][k]
+        if scores_format == 'npz':
+          np.savez_compressed(outputs['scores'], scores=scores.astype(np.float16))
+        else:
+          np.save(outputs['scores'], scores.astype(np.float32))
+      written.append(outputs['label'])
+    if bar is not None:
+      bar.update(len(pending))
+
+  pending: list[dict] = []
+  for item in (_decoded(inputs, max_size, workers) if inputs else ()):
+    if 'error' in item:
+      failed.append(item['error'])
+      if bar is not None:
+        bar.update(1)
       continue
-    scores = np.asarray(apply(variables, prep(image)[None]))[0]
-    label = np.argmax(scores, -1).astype(np.uint8)
-    outputs['label'].parent.mkdir(parents=True, exist_ok=True)
-    viz.label_png(label, palette).save(outputs['label'])
-    Image.fromarray(viz.overlay_with_legend(image, label, class_names, palette)).save(
-        outputs['overlay'], quality=92)
-    if save_scores:
-      np.save(outputs['scores'], scores.astype(np.float32))
-    written.append(outputs['label'])
+    pending.append(item)
+    if len(pending) >= chunk:
+      flush(pending)
+      pending = []
+  if pending:
+    flush(pending)
+  if bar is not None:
+    bar.close()
   return written, failed
 
 
@@ -132,13 +177,32 @@ def main(argv: list[str] | None = None) -> int:
                       help='longest image side accepted, in pixels (default %(default)s; 0 = no '
                       'limit): larger images are reported and skipped, since memory grows with the '
                       'pixel count')
+  parser.add_argument('--resume', action='store_true',
+                      help='skip the images whose outputs all exist (after an interrupted run)')
+  parser.add_argument('--exact', action='store_true',
+                      help='native-size inference, one image at a time (one compile per size); '
+                      'default: batches padded to size buckets (multiples of 64 px)')
+  parser.add_argument('--batch-size', type=int, default=8, help='images per batch (default 8)')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), help='compute dtype (default: '
+                      'the checkpoint\'s, float32)')
+  parser.add_argument('--scores-format', choices=('npy', 'npz'), default='npy',
+                      help='--save-scores as float32 .npy, or float16 compressed .npz')
+  parser.add_argument('--glob', help='inside directories, only the files matching this pattern '
+                      '(e.g. "*.jpg"; default: every image)')
+  parser.add_argument('--workers', type=int, default=0,
+                      help='image-decoding worker processes (0: threads of this process)')
   parser.add_argument('images', nargs='+', help='image files, or directories (searched recursively)')
   args = parser.parse_args(argv)
   if args.max_size < 0:
     parser.error('--max-size must be >= 0')
+  if args.batch_size < 1 or args.workers < 0:
+    parser.error('--batch-size must be >= 1 and --workers >= 0')
   paths, failed = predict_images(args.checkpoint, args.images, args.out,
                                  save_scores=args.save_scores, which=args.which,
-                                 overwrite=args.overwrite, max_size=args.max_size, progress=True)
+                                 overwrite=args.overwrite, max_size=args.max_size, progress=True,
+                                 resume=args.resume, exact=args.exact, batch_size=args.batch_size,
+                                 dtype=args.dtype, scores_format=args.scores_format,
+                                 workers=args.workers, glob=args.glob)
   for message in failed:
     print(f'error: {message}', file=sys.stderr)
   print(f'wrote {len(paths)} label maps to {args.out}' +

@@ -33,8 +33,6 @@ from fcn_jax import optim
 from fcn_jax import workdir as workdir_lib
 from fcn_jax.errors import Preempted, UserError
 
-
-
 SCORE_KEYS = ('pixel_acc', 'mean_acc', 'mean_iu', 'fw_iu')
 
 
@@ -326,9 +324,8 @@ def _log(msg: str) -> None:
 
 def data_sources(config: ml_collections.ConfigDict):
   """(train source, eval source) through our TFDS builders (prepared on first use)."""
-  from fcn_jax import data as data_lib
+  from fcn_jax import data as data_lib, paths
   d = config.dataset
-  from fcn_jax import paths
   kwargs = dict(data_dir=d.data_dir or str(paths.cache_dir() / 'tfds'),
                 manual_dir=d.manual_dir or None, download=d.download,
                 root=d.get('root', ''), val_fraction=d.get('val_fraction', 0.1),
