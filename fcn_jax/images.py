@@ -21,17 +21,20 @@ class ImageError(UserError):
   """An image file that cannot be used (unreadable, too large)."""
 
 
-def read_rgb(path: str | os.PathLike, max_size: int = DEFAULT_MAX_SIZE) -> np.ndarray:
+def read_rgb(path, max_size: int = DEFAULT_MAX_SIZE) -> np.ndarray:
   """uint8 RGB (H, W, 3) of `path` as image viewers show it (EXIF orientation applied).
 
+  path: a file path, or a binary file object (an upload).
   max_size: the longest side allowed (checked from the header, before decoding; 0 = no limit).
   """
-  path = pathlib.Path(path)
+  source = path if hasattr(path, 'read') else pathlib.Path(path)
+  if hasattr(path, 'read'):
+    path = 'the uploaded image'
   previous = Image.MAX_IMAGE_PIXELS
   Image.MAX_IMAGE_PIXELS = None  # checked below against the user's own limit, before decoding
   try:
     try:
-      with Image.open(path) as probe:  # lazy: reads the header only
+      with Image.open(source) as probe:  # lazy: reads the header only
         width, height = probe.size
     except (OSError, ValueError, SyntaxError) as e:
       raise ImageError(f'{path}: cannot read the image ({e})') from None
@@ -39,8 +42,10 @@ def read_rgb(path: str | os.PathLike, max_size: int = DEFAULT_MAX_SIZE) -> np.nd
       raise ImageError(f'{path}: image is {width}x{height}, larger than --max-size {max_size} '
                        f'(longest side). Downscale it, or raise --max-size (0 = no limit; memory '
                        f'grows with the pixel count)')
+    if hasattr(source, 'seek'):
+      source.seek(0)
     try:
-      with Image.open(path) as im:
+      with Image.open(source) as im:
         return np.asarray(ImageOps.exif_transpose(im).convert('RGB'))
     except (OSError, ValueError, SyntaxError) as e:
       raise ImageError(f'{path}: cannot decode the image ({e})') from None
