@@ -30,6 +30,27 @@ from PIL import Image
 from fcn_jax import images as images_lib
 from fcn_jax.errors import UserError, cli
 
+class RecordInput:
+  """One example of a TFDS split (its image bytes), named by the record's file_name."""
+
+  def __init__(self, source, index: int, name: str):
+    self.source, self.index, self.name = source, index, name
+
+  def read(self) -> np.ndarray:
+    from fcn_jax import data as data_lib
+    return data_lib.decode_image(self.source[self.index]['image'])
+
+  def __str__(self) -> str:
+    return f'{self.name} (record {self.index})'
+
+
+def dataset_inputs(name: str, split: str, **kwargs) -> list[RecordInput]:
+  """Every example of a dataset split (prepared through its builder if needed)."""
+  from fcn_jax import data as data_lib
+  source = data_lib.get_data_source(name, split, **kwargs)
+  return [RecordInput(source, i, data_lib.file_name(source[i])) for i in range(len(source))]
+
+
 OUTPUT_SUFFIXES = {'label': '.png', 'overlay': '_overlay.jpg', 'scores': '_scores.npy'}
 
 
@@ -39,13 +60,17 @@ def output_paths(inputs: list[pathlib.Path], out_dir: pathlib.Path, save_scores:
 
   Raises UserError when two inputs would write the same file (img.jpg and img.png side by side).
   """
-  inputs = [p.resolve() for p in inputs]
-  base = pathlib.Path(os.path.commonpath([str(p.parent) for p in inputs])) if inputs else out_dir
+  files = [p.resolve() for p in inputs if not isinstance(p, RecordInput)]
+  base = pathlib.Path(os.path.commonpath([str(p.parent) for p in files])) if files else out_dir
   suffixes = dict(OUTPUT_SUFFIXES, scores=f'_scores.{scores_format}')
   kinds = [k for k in suffixes if k != 'scores' or save_scores]
   plan, owner = [], {}
   for path in inputs:
-    stem = path.relative_to(base).with_suffix('')
+    if isinstance(path, RecordInput):
+      stem = pathlib.PurePosixPath(path.name).with_suffix('')
+    else:
+      path = path.resolve()
+      stem = path.relative_to(base).with_suffix('')
     outputs = {k: out_dir / f'{stem}{suffixes[k]}' for k in kinds}
     for target in outputs.values():
       if target in owner:
@@ -59,7 +84,7 @@ def output_paths(inputs: list[pathlib.Path], out_dir: pathlib.Path, save_scores:
 def check_outputs(inputs: list[pathlib.Path], plan: list[dict[str, pathlib.Path]],
                   overwrite: bool) -> None:
   """Refuses to write over an input (ever) or over an existing file (without --overwrite)."""
-  input_set = {p.resolve() for p in inputs}
+  input_set = {p.resolve() for p in inputs if not isinstance(p, RecordInput)}
   targets = [t for outputs in plan for t in outputs.values()]
   clobbered = [t for t in targets if t.resolve() in input_set]
   if clobbered:
@@ -78,10 +103,13 @@ def _decoded(inputs: list[pathlib.Path], max_size: int, workers: int) -> Iterato
   import grain.python as grain
 
   def decode(index: int) -> dict:
+    item = inputs[index]
     try:
-      return {'index': index, 'image': images_lib.read_rgb(inputs[index], max_size=max_size)}
-    except images_lib.ImageError as e:
-      return {'index': index, 'error': str(e)}
+      if isinstance(item, RecordInput):
+        return {'index': index, 'image': item.read()}
+      return {'index': index, 'image': images_lib.read_rgb(item, max_size=max_size)}
+    except (images_lib.ImageError, OSError, ValueError) as e:
+      return {'index': index, 'error': str(e) if isinstance(e, images_lib.ImageError) else f'{item}: {e}'}
 
   dataset = grain.MapDataset.source(list(range(len(inputs)))).map(decode)
   iterator = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
@@ -96,7 +124,8 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
                    progress: bool = False, *, resume: bool = False, exact: bool = False,
                    batch_size: int = 8, chunk: int = 64, dtype: str | None = None,
                    scores_format: str = 'npy', workers: int = 0,
-                   glob: str | None = None) -> tuple[list[pathlib.Path], list[str]]:
+                   glob: str | None = None,
+                   records: list[RecordInput] | None = None) -> tuple[list[pathlib.Path], list[str]]:
   """Runs the checkpoint on each image (files, or directories searched recursively).
 
   Images are batched by size bucket (fcn_jax.segmenter; `exact` keeps native-size inference).
@@ -109,8 +138,15 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
     raise UserError(f'--out {out_dir} is a file; give a directory')
   if scores_format not in ('npy', 'npz'):
     raise UserError(f'scores format {scores_format!r}: npy or npz')
-  inputs = images_lib.find_images(list(images), glob=glob)
+  inputs = images_lib.find_images(list(images), glob=glob) if images else []
+  inputs = inputs + list(records or [])
+  if not inputs:
+    raise UserError('no inputs: give image files or directories, or --dataset and --split')
   plan = output_paths(inputs, out_dir, save_scores, scores_format)
+  import jax
+  if jax.process_count() > 1:  # each process predicts its shard; outputs never collide
+    shard = slice(jax.process_index(), None, jax.process_count())
+    inputs, plan = inputs[shard], plan[shard]
   if resume:
     todo = [i for i, outputs in enumerate(plan) if not all(t.exists() for t in outputs.values())]
     inputs, plan = [inputs[i] for i in todo], [plan[i] for i in todo]
@@ -191,8 +227,31 @@ def main(argv: list[str] | None = None) -> int:
                       '(e.g. "*.jpg"; default: every image)')
   parser.add_argument('--workers', type=int, default=0,
                       help='image-decoding worker processes (0: threads of this process)')
-  parser.add_argument('images', nargs='+', help='image files, or directories (searched recursively)')
+  parser.add_argument('--dataset', help='predict a dataset split instead of files (with --split): '
+                      'voc_segmentation/2012, sbd, folder, coco, voc_like, ...')
+  parser.add_argument('--split', help='the split of --dataset')
+  parser.add_argument('--data-dir', default='~/tensorflow_datasets', help='prepared TFDS data')
+  parser.add_argument('--manual-dir', help='VOC / SBD archives or trees, if not prepared yet')
+  parser.add_argument('--root', default='', help='the directory of a folder / coco / voc_like dataset')
+  parser.add_argument('--coordinator_address', help='several processes (one per host): host:port '
+                      'of process 0; each process predicts its shard of the inputs')
+  parser.add_argument('--num_processes', type=int, help='number of processes')
+  parser.add_argument('--process_id', type=int, help='this process\'s id')
+  parser.add_argument('--distributed', choices=('auto', 'on', 'off'), default='auto',
+                      help='as in training (fcn_jax.distributed)')
+  parser.add_argument('images', nargs='*', help='image files, or directories (searched recursively)')
   args = parser.parse_args(argv)
+  if bool(args.dataset) != bool(args.split):
+    parser.error('--dataset and --split go together')
+  if not args.images and not args.dataset:
+    parser.error('give image files or directories, or --dataset and --split')
+  from fcn_jax import distributed
+  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, None,
+                         mode=args.distributed)
+  records = None
+  if args.dataset:
+    records = dataset_inputs(args.dataset, args.split, data_dir=args.data_dir,
+                             manual_dir=args.manual_dir, root=args.root)
   if args.max_size < 0:
     parser.error('--max-size must be >= 0')
   if args.batch_size < 1 or args.workers < 0:
@@ -202,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                                  overwrite=args.overwrite, max_size=args.max_size, progress=True,
                                  resume=args.resume, exact=args.exact, batch_size=args.batch_size,
                                  dtype=args.dtype, scores_format=args.scores_format,
-                                 workers=args.workers, glob=args.glob)
+                                 workers=args.workers, glob=args.glob, records=records)
   for message in failed:
     print(f'error: {message}', file=sys.stderr)
   print(f'wrote {len(paths)} label maps to {args.out}' +

@@ -223,3 +223,29 @@ def test_service_page_in_headless_chromium(server, tmp_path):
   dom = proc.stdout
   assert 'data-done="1"' in dom, (proc.stderr[-2000:], dom[-2000:])
   assert 'legend-entry' in dom and 'background' in dom and 'data:image/png;base64,' in dom
+
+
+def test_predict_a_dataset_split_in_two_processes(trained, tmp_path):
+  """--dataset/--split as input, sharded over two processes (jax.distributed on localhost)."""
+  import socket
+  root = synthetic.write_folder_dataset(tmp_path / 'ds', num_train=2, num_val=5, num_classes=4)
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'}
+  for name in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    env.pop(name, None)
+  out = tmp_path / 'out'
+  cmd = [sys.executable, '-m', 'fcn_jax.predict', '--checkpoint', str(trained), '--out', str(out),
+         '--dataset', 'folder', '--split', 'val', '--root', str(root),
+         '--data-dir', str(tmp_path / 'tfds'), f'--coordinator_address=127.0.0.1:{port}',
+         '--num_processes=2']
+  # Prepare once (the processes would otherwise both prepare it), then run the two shards.
+  from fcn_jax import data as data_lib
+  data_lib.get_data_source('folder', 'val', data_dir=str(tmp_path / 'tfds'), root=str(root))
+  procs = [subprocess.Popen(cmd + [f'--process_id={k}'], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for k in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs
+  assert sorted(p.name for p in out.glob('*.png')) == [f'scene_{i:05d}.png' for i in range(2, 7)]
+  assert 'wrote 3 label maps' in logs[0] and 'wrote 2 label maps' in logs[1], logs
