@@ -114,6 +114,9 @@ def _decoded(inputs: list[pathlib.Path], max_size: int, workers: int) -> Iterato
   dataset = grain.MapDataset.source(list(range(len(inputs)))).map(decode)
   iterator = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
   if workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+      flags.FLAGS(['fcn_jax.predict'], known_only=True)
     iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(iterator)
 

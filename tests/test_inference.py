@@ -88,7 +88,7 @@ def test_predict_batches_resumes_and_writes_npz(trained, tmp_path):
     Image.fromarray(synthetic.render_colour_scene(6, i, 4, h, w)[0]).save(images / f'sub{i % 2}' / f'p{i}.jpg')
   out = tmp_path / 'out'
   written, failed = predict.predict_images(trained, [images], out, save_scores=True,
-                                           scores_format='npz', glob='*.jpg')
+                                           scores_format='npz', glob='*.jpg', workers=1)
   assert not failed and len(written) == 3
   data = np.load(out / 'sub0' / 'p0_scores.npz')['scores']
   assert data.dtype == np.float16 and data.shape == (96, 128, 4)
