@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 	$(PY) -m experiments.demo --workdir $(WORKDIR)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 # Removes only what setup and the tests build here: never runs/ (training outputs) or the cache
 # (~/.cache/fcn_jax: the compilation cache and the demo data, rebuilt on demand).

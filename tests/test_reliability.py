@@ -192,6 +192,7 @@ def test_make_clean_keeps_runs(tmp_path):
   assert not (tmp_path / '.venv').exists()
 
 
+@pytest.mark.xdist_group('finished_run')  # one worker builds the shared run
 def test_evaluate_default_out_keeps_run_results_and_converted_results_apart(finished_run, voc,
                                                                             tiny_checkpoint, tmp_path):
   work, data_dir = finished_run['work'], finished_run['data_dir']
@@ -256,6 +257,7 @@ def test_second_run_in_a_busy_workdir_stops_before_writing(voc, tmp_path):
     sleeper.wait()
 
 
+@pytest.mark.xdist_group('finished_run')  # one worker builds the shared run
 def test_incompatible_resume_names_the_field_and_changes_nothing(finished_run, voc, tmp_path):
   work = finished_run['work']
   config_before = (work / 'config.json').read_text()
@@ -270,6 +272,7 @@ def test_incompatible_resume_names_the_field_and_changes_nothing(finished_run, v
   assert sorted(p.name for p in (work / 'checkpoints').iterdir()) == steps_before
 
 
+@pytest.mark.xdist_group('finished_run')  # one worker builds the shared run
 def test_lowering_num_train_steps_reports_the_true_step(finished_run, voc, tmp_path):
   base = tmp_path / 'copy'
   shutil.copytree(finished_run['work'], base)
@@ -354,6 +357,7 @@ def test_sigterm_saves_and_the_same_command_resumes_identically(voc, tmp_path):
 # Clear errors
 
 
+@pytest.mark.xdist_group('finished_run')  # one worker builds the shared run
 def test_checkpoint_paths_missing_empty_wrong_or_the_run_directory(finished_run, tmp_path):
   work = finished_run['work']
   assert checkpoint.resolve_directory(work) == str(work / 'checkpoints')  # the run dir just works
@@ -428,6 +432,7 @@ def test_training_config_mistakes_stop_before_any_work(voc, tmp_path):
   assert not data_dir.exists() and not (tmp_path / 'run').exists()
 
 
+@pytest.mark.xdist_group('finished_run')  # one worker builds the shared run
 def test_evaluate_flag_mistakes(finished_run, tmp_path):
   work, data_dir = finished_run['work'], finished_run['data_dir']
   base = [f'--checkpoint={work}', '--dataset=voc_segmentation/2012', f'--data_dir={data_dir}',
