@@ -28,29 +28,38 @@ VOC_SIZES = [(500, 375), (375, 500), (500, 333), (333, 500), (500, 500), (480, 3
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory) -> pathlib.Path:
-  """FCN-8s at-once trained from scratch (the demo preset) for 200 steps on colour shapes."""
+  """FCN-8s at-once trained from scratch (the demo preset) for 300 steps on colour shapes."""
   base = tmp_path_factory.mktemp('trained')
   root = synthetic.write_folder_dataset(base / 'shapes', num_train=64, num_val=8, num_classes=4)
   from experiments import common
   c = common.load_config('fcn8s_atonce', 'demo')
   c.dataset.name, c.dataset.root, c.dataset.data_dir = 'folder', str(root), str(base / 'tfds')
-  c.num_train_steps, c.eval_every, c.checkpoint_every = 200, 200, 200
+  c.num_train_steps, c.eval_every, c.checkpoint_every = 300, 300, 300
   c.eval_pad_to, c.num_figure_examples, c.compilation_cache_dir = 128, 0, ''
   scores = train.train_and_evaluate(c, base / 'run')
   assert scores['mean_iu'] > 0.3, scores  # it learned something: predictions have structure
   return base / 'run'
 
 
+def mosaic(seed: int, height: int, width: int) -> np.ndarray:
+  """A VOC-sized image tiled with 96x128 scenes: objects at the scale the model was trained on."""
+  rows = [np.concatenate([synthetic.render_colour_scene(seed, 100 * r + c, 4, 96, 128)[0]
+                          for c in range(-(-width // 128))], 1) for r in range(-(-height // 96))]
+  return np.ascontiguousarray(np.concatenate(rows, 0)[:height, :width])
+
+
 def test_bucketed_labels_agree_with_native_size_on_voc_sized_inputs(trained):
   seg = Segmenter.load(trained, batch_size=4)
-  images = [synthetic.render_colour_scene(5, i, 4, h, w)[0] for i, (h, w) in enumerate(VOC_SIZES)]
+  images = [mosaic(5 + i, h, w) for i, (h, w) in enumerate(VOC_SIZES)]
   bucketed = seg(images)
   buckets = set(seg.compiled_shapes)
   native = seg(images, exact=True)
   agree = sum(int((a == b).sum()) for a, b in zip(bucketed, native)) / sum(a.size for a in native)
   print(f'bucketed vs native labels: {100 * agree:.3f}% of pixels agree')
   assert agree >= 0.995, agree
-  assert len(np.unique(np.concatenate([x.ravel() for x in native]))) >= 3  # not all background
+  foreground = sum(int((x > 0).sum()) for x in native) / sum(x.size for x in native)
+  print(f'foreground predicted on {100 * foreground:.1f}% of the pixels')
+  assert foreground > 0.01  # the model draws objects: the agreement is not all background
   assert all(a.shape == im.shape[:2] and a.dtype == np.uint8 for a, im in zip(bucketed, images))
   # One compile per bucket (sides rounded up to 64): 8 sizes, 4 buckets.
   assert buckets == {(4, 512, 384, 3), (4, 384, 512, 3), (4, 512, 512, 3), (4, 512, 448, 3)}, buckets
