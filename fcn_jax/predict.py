@@ -46,8 +46,10 @@ class RecordInput:
 
 def dataset_inputs(name: str, split: str, **kwargs) -> list[RecordInput]:
   """Every example of a dataset split (prepared through its builder if needed)."""
-  from fcn_jax import data as data_lib
-  source = data_lib.get_data_source(name, split, **kwargs)
+  from fcn_jax import data as data_lib, distributed
+  # Preparation (first use) by process 0 first: processes sharing a filesystem must not race.
+  source = distributed.main_process_first(lambda: data_lib.get_data_source(name, split, **kwargs),
+                                          'fcn_jax.predict_data')
   return [RecordInput(source, i, data_lib.file_name(source[i])) for i in range(len(source))]
 
 

@@ -252,9 +252,7 @@ def test_predict_a_dataset_split_in_two_processes(trained, tmp_path):
          '--dataset', 'folder', '--split', 'val', '--root', str(root),
          '--data-dir', str(tmp_path / 'tfds'), f'--coordinator_address=127.0.0.1:{port}',
          '--num_processes=2']
-  # Prepare once (the processes would otherwise both prepare it), then run the two shards.
-  from fcn_jax import data as data_lib
-  data_lib.get_data_source('folder', 'val', data_dir=str(tmp_path / 'tfds'), root=str(root))
+  # Not prepared yet: process 0 prepares it while process 1 waits, then both read it.
   procs = [subprocess.Popen(cmd + [f'--process_id={k}'], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for k in range(2)]
   logs = [p.communicate(timeout=300)[0] for p in procs]
