@@ -100,6 +100,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   try:
     return train.train_and_evaluate(config, workdir)
   except data_lib.MissingDataError as e:
+    if config.dataset.name in data_lib.CUSTOM_FORMATS:  # the message names the layout to fix
+      raise UserError(f'{e}\n(config.dataset.root={config.dataset.root}; README: "Train on your '
+                      f'own data")') from None
     raise SystemExit(f'{e}\n\nFrom the command line: --config.dataset.manual_dir=DIR (the archives or '
                      f'trees above) or --config.dataset.download=True; prepared data is kept under '
                      f'--config.dataset.data_dir={config.dataset.data_dir}.'
