@@ -72,7 +72,7 @@ def read_classes_txt(path: pathlib.Path, *, ignore_label: int = IGNORE_LABEL) ->
         raise DataError(f'{path}:{number}: colour {rgb} outside 0..255')
       parts = parts[:-3]
     name = ' '.join(parts)
-    if not name or (len(parts) != len(line.split()) - (3 if rgb else 0)):
+    if not name:
       raise DataError(f'{path}:{number}: expected `name` or `name R G B`, got {raw!r}')
     if name == 'ignore':
       if rgb is None:
@@ -377,7 +377,6 @@ def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str,
   if fmt == 'coco':
     category_ids = {c['id']: i + 1 for i, c in enumerate(coco_categories(root))}
   out, counts = {}, {}
-  seen_everywhere: dict[str, str] = {}
   from tqdm.auto import tqdm
   for split, examples in splits.items():
     if not examples:
@@ -399,7 +398,6 @@ def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str,
         continue
       hist += np.bincount(ids_map[ids_map != IGNORE_LABEL].ravel(), minlength=len(classes.names))[:len(hist)]
       rows.append((example, encode_mask_png(ids_map)))
-      seen_everywhere.setdefault(example.id, split)
     out[split], counts[split] = rows, hist.tolist()
   if problems:
     shown = '\n  '.join(problems[:MAX_PROBLEMS])
