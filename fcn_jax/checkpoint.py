@@ -36,8 +36,8 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as preserva
 
 from fcn_jax.errors import UserError
 
-__all__ = ['CheckpointNotFoundError', 'Checkpointer', 'is_checkpoint_dir', 'load_inference',
-           'read_metadata', 'resolve_directory', 'resolve_step', 'save_inference']
+__all__ = ['CheckpointNotFoundError', 'Checkpointer', 'build_from_metadata', 'is_checkpoint_dir',
+           'load_inference', 'model_config_of', 'model_metadata', 'read_metadata', 'resolve_directory', 'resolve_step', 'save_inference']
 
 VARIABLES = 'variables'
 TRAIN_STATE = 'train_state'
@@ -413,16 +413,42 @@ def read_metadata(directory, which: str = 'best') -> dict:
   return _from_json(dict(_read_json_item(root, step, METADATA)))
 
 
+def model_metadata(model_config: dict) -> dict:
+  """The checkpoint metadata describing a model: `model` (the model config, exactly the keyword
+  arguments of models.build, the one source build_from_metadata reads) and read-only summaries of
+  it for people and the resume checks (arch, num_classes, width, ...)."""
+  from fcn_jax import models
+  model_config = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in model_config.items()}
+  model_config['dtype'] = jnp.dtype(model_config.get('dtype') or 'float32').name
+  spec = models.ARCHS[model_config['arch']]
+  counts = model_config.get('num_classes')
+  if isinstance(counts, (list, tuple)):
+    counts = [int(c) for c in counts]
+    model_config['num_classes'] = counts
+  return {'model': model_config,
+          **{k: v for k, v in model_config.items() if k in _MODEL_SUMMARY},
+          'num_classes': counts,
+          'head_names': [h.name for h in spec.heads],
+          'input_channels': spec.input_channels}
+
+
+_MODEL_SUMMARY = ('arch', 'width', 'learnable_upsampling', 'skip_scaling')
+
+
+def model_config_of(metadata: dict) -> dict:
+  """The model config of checkpoint metadata (older checkpoints: from their top-level fields)."""
+  if 'model' in metadata:
+    return dict(metadata['model'])
+  if 'arch' not in metadata:
+    raise ValueError(f'metadata has no "model" or "arch": {sorted(metadata)}')
+  legacy = ('arch', 'num_classes', 'width', 'learnable_upsampling', 'skip_scaling', 'dtype')
+  return {k: metadata[k] for k in legacy if metadata.get(k) is not None}
+
+
 def build_from_metadata(metadata: dict):
   """The flax module described by checkpoint metadata."""
   from fcn_jax import models  # imported here: checkpoints do not need the models to be importable
-  if 'arch' not in metadata:
-    raise ValueError(f'metadata has no "arch": {sorted(metadata)}')
-  kwargs = {k: metadata[k] for k in ('num_classes', 'width', 'learnable_upsampling', 'skip_scaling')
-            if k in metadata}
-  if metadata.get('dtype') is not None:
-    kwargs['dtype'] = jnp.dtype(metadata['dtype'])
-  return models.build(metadata['arch'], **kwargs)
+  return models.build_from_config(model_config_of(metadata))
 
 
 def load_inference(directory, which: str = 'best'):

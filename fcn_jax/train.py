@@ -109,12 +109,17 @@ def host_copy(tree: Any) -> Any:
 # State, steps.
 
 
+def model_config(config: ml_collections.ConfigDict) -> dict:
+  """The model config: config.arch and config.model as they are (the keyword arguments of
+  models.build), passed to the builder and stored in every checkpoint as metadata['model']."""
+  model = config.model.to_dict()
+  if isinstance(model.get('num_classes'), (list, tuple)):
+    model['num_classes'] = list(model['num_classes'])
+  return {'arch': config.arch, **model}
+
+
 def model_from_config(config: ml_collections.ConfigDict) -> nn.Module:
-  return models.build(config.arch, num_classes=config.model.num_classes, width=config.model.width,
-                      dtype=jnp.dtype(config.model.dtype),
-                      learnable_upsampling=config.model.learnable_upsampling,
-                      dropout_rate=config.model.get('dropout_rate'),
-                      skip_scaling=config.model.get('skip_scaling', True))
+  return models.build_from_config(model_config(config))
 
 
 def optimizer_from_config(config: ml_collections.ConfigDict, model: nn.Module,
@@ -135,11 +140,7 @@ def metadata_from_config(config: ml_collections.ConfigDict, classes=None) -> dic
     extra = {'palette': np.asarray(classes.palette).tolist(), 'ignore_label': int(classes.ignore_label),
              'dataset': config.dataset.name}
   return {
-      'arch': config.arch,
-      'num_classes': config.model.num_classes,
-      'width': config.model.width,
-      'learnable_upsampling': config.model.learnable_upsampling,
-      'skip_scaling': config.model.get('skip_scaling', True),
+      **ckpt_lib.model_metadata(model_config(config)),
       'preprocessing': config.preprocessing,
       'class_names': list(config.class_names),
       # Not needed for inference; a resumed run must match them (fcn_jax.workdir).

@@ -34,6 +34,7 @@ class Conv:
   stride: int = 1
   padding: int = 0
   batch_norm: bool = False  # torchvision BasicConv2d: conv without bias, BatchNorm(eps=1e-3), ReLU
+  groups: int = 1  # Caffe `group`: input and output channels split into this many halves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,16 @@ class MaxPool:
 @dataclasses.dataclass(frozen=True)
 class Dropout:
   rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LRN:
+  """Caffe LRN across channels: x / (k + alpha / size * sum of x^2 over `size` channels)^beta."""
+  name: str
+  size: int = 5
+  alpha: float = 1e-4
+  beta: float = 0.75
+  k: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +76,7 @@ class Inception:
     return self.c1 + self.c3 + self.c5 + self.pool_proj
 
 
-Layer = Union[Conv, MaxPool, Dropout, Inception]
+Layer = Union[Conv, MaxPool, Dropout, Inception, LRN]
 
 
 def _vgg16() -> tuple[Layer, ...]:
@@ -86,6 +97,18 @@ def _alexnet() -> tuple[Layer, ...]:
       Conv('conv2', 192, 5, padding=2), MaxPool('pool2', 3, 2),
       Conv('conv3', 384, 3, padding=1), Conv('conv4', 256, 3, padding=1),
       Conv('conv5', 256, 3, padding=1), MaxPool('pool5', 3, 2),
+      Conv('fc6', 4096, 6), Dropout(0.5), Conv('fc7', 4096, 1), Dropout(0.5),
+  )
+
+
+def _caffenet() -> tuple[Layer, ...]:
+  # CaffeNet / the released voc-fcn-alexnet: 96-channel conv1, LRN after pool1 and pool2, conv2/4/5
+  # in two groups (the two GPUs of Krizhevsky et al.).
+  return (
+      Conv('conv1', 96, 11, stride=4, padding=FIRST_CONV_PAD), MaxPool('pool1', 3, 2), LRN('norm1'),
+      Conv('conv2', 256, 5, padding=2, groups=2), MaxPool('pool2', 3, 2), LRN('norm2'),
+      Conv('conv3', 384, 3, padding=1), Conv('conv4', 384, 3, padding=1, groups=2),
+      Conv('conv5', 256, 3, padding=1, groups=2), MaxPool('pool5', 3, 2),
       Conv('fc6', 4096, 6), Dropout(0.5), Conv('fc7', 4096, 1), Dropout(0.5),
   )
 
@@ -113,7 +136,7 @@ def _googlenet() -> tuple[Layer, ...]:
   )
 
 
-BACKBONES = {'vgg16': _vgg16, 'alexnet': _alexnet, 'googlenet': _googlenet}
+BACKBONES = {'vgg16': _vgg16, 'alexnet': _alexnet, 'caffenet': _caffenet, 'googlenet': _googlenet}
 
 
 def get_backbone(name: str) -> tuple[Layer, ...]:
@@ -191,15 +214,19 @@ def scaled(features: int, width: float) -> int:
   return max(1, int(round(features * width)))
 
 
-def conv_relu(layer: Conv, width: float, dtype: jnp.dtype):
+def conv_relu(layer: Conv, width: float, dtype: jnp.dtype, name: str | None = None):
   """The flax module for one Conv spec: Conv + ReLU, or torchvision's BasicConv2d."""
   features = scaled(layer.features, width)
+  name = name or layer.name
   if layer.batch_norm:
-    return BasicConv(features, layer.kernel, layer.stride, layer.padding, dtype=dtype, name=layer.name)
+    return BasicConv(features, layer.kernel, layer.stride, layer.padding, dtype=dtype, name=name)
+  if features % layer.groups:
+    raise ValueError(f'{layer.name}: {features} channels at width {width:g} do not split into '
+                     f'{layer.groups} groups; choose a width that keeps them even')
   conv = nn.Conv(features, (layer.kernel, layer.kernel), strides=layer.stride,
                  padding=[(layer.padding, layer.padding)] * 2, dtype=dtype,
-                 kernel_init=nn.initializers.he_normal(),
-                 conv_general_dilated=layers.conv_general_dilated, name=layer.name)
+                 feature_group_count=layer.groups, kernel_init=nn.initializers.he_normal(),
+                 conv_general_dilated=layers.conv_general_dilated, name=name)
   return lambda x: nn.relu(conv(x))
 
 
@@ -240,21 +267,24 @@ class InceptionBlock(nn.Module):
 
 
 def apply_backbone(spec: tuple[Layer, ...], x: jax.Array, *, width: float, dtype: jnp.dtype,
-                   train: bool, dropout_rate: float | None = None) -> dict[str, jax.Array]:
+                   train: bool, dropout_rate: float | None = None,
+                   name_of=lambda name: name) -> dict[str, jax.Array]:
   """Runs a layer spec inside the calling module's compact scope (so parameters are named
-  conv1_1, fc6, ... at the top level, as in Caffe).
+  conv1_1, fc6, ... at the top level, as in Caffe; `name_of` renames them, e.g. conv1_1color).
 
-  Input (N, H, W, 3). Returns {'out': (N, h, w, C)} plus the output of every pooling layer by name.
+  Input (N, H, W, C). Returns {'out': (N, h, w, C')} plus the output of every pooling layer by name.
   """
   taps = {}
   for layer in spec:
     if isinstance(layer, Conv):
-      x = conv_relu(layer, width, dtype)(x)
+      x = conv_relu(layer, width, dtype, name=name_of(layer.name))(x)
     elif isinstance(layer, MaxPool):
       x = layers.max_pool_ceil(x, layer.window, layer.stride, layer.padding)
       taps[layer.name] = x
+    elif isinstance(layer, LRN):
+      x = layers.lrn_across_channels(x, layer.size, layer.alpha, layer.beta, layer.k)
     elif isinstance(layer, Inception):
-      x = InceptionBlock(layer, width, dtype=dtype, name=layer.name)(x)
+      x = InceptionBlock(layer, width, dtype=dtype, name=name_of(layer.name))(x)
     elif isinstance(layer, Dropout):
       # Elementwise, training only (Caffe Dropout).
       rate = layer.rate if dropout_rate is None else dropout_rate

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 from fractions import Fraction
-from typing import Any
+import inspect
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -30,18 +31,64 @@ class Skip:
 
 
 @dataclasses.dataclass(frozen=True)
+class Head:
+  """One output of the net: its own score layers, skips and upsampling on the shared trunk."""
+  name: str = 'labels'  # what the head predicts (file names, metadata, metrics)
+  suffix: str = ''      # appended to its Caffe layer names (SIFT Flow: score_fr_sem, upscore2_geo)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+  """One input stream: a complete backbone over `channels` input channels.
+
+  Several streams (NYUD late fusion) average their score maps at each level before upsampling.
+  """
+  channels: int = 3
+  suffix: str = ''  # appended to its layer names (late fusion: conv1_1color ... score_frhha)
+  renames: tuple[tuple[str, str], ...] = ()  # early fusion: (('conv1_1', 'conv1_1_bgrd'),)
+
+  def name_of(self, name: str) -> str:
+    return dict(self.renames).get(name, name) + self.suffix
+
+
+@dataclasses.dataclass(frozen=True)
 class ArchSpec:
   backbone: str
   skips: tuple[Skip, ...] = ()
+  heads: tuple[Head, ...] = (Head(),)
+  streams: tuple[Stream, ...] = (Stream(),)
+  default_classes: tuple[int, ...] = (21,)  # per head, when build() is not told
 
+  @property
+  def input_channels(self) -> int:
+    return sum(s.channels for s in self.streams)
+
+
+_SIFT_FLOW_HEADS = (Head('semantic', '_sem'), Head('geometric', '_geo'))
+_FCN16S_SKIPS = (Skip('pool4'),)
+_FCN8S_SKIPS = (Skip('pool4'), Skip('pool3'))
+_LATE_FUSION = (Stream(3, 'color'), Stream(3, 'hha'))
 
 ARCHS: dict[str, ArchSpec] = {
     'fcn32s': ArchSpec('vgg16'),
-    'fcn16s': ArchSpec('vgg16', (Skip('pool4'),)),
-    'fcn8s': ArchSpec('vgg16', (Skip('pool4'), Skip('pool3'))),
+    'fcn16s': ArchSpec('vgg16', _FCN16S_SKIPS),
+    'fcn8s': ArchSpec('vgg16', _FCN8S_SKIPS),
     'fcn8s_atonce': ArchSpec('vgg16', (Skip('pool4', 0.01), Skip('pool3', 0.0001))),
-    'fcn_alexnet': ArchSpec('alexnet'),
+    'fcn_alexnet': ArchSpec('alexnet'),           # torchvision AlexNet layout
+    'fcn_alexnet_caffe': ArchSpec('caffenet'),    # the released voc-fcn-alexnet (CaffeNet layout)
     'fcn_googlenet': ArchSpec('googlenet'),
+    # SIFT Flow: semantic and geometric heads on one VGG16 trunk.
+    'fcn32s_two_heads': ArchSpec('vgg16', heads=_SIFT_FLOW_HEADS, default_classes=(33, 3)),
+    'fcn16s_two_heads': ArchSpec('vgg16', _FCN16S_SKIPS, heads=_SIFT_FLOW_HEADS,
+                                 default_classes=(33, 3)),
+    'fcn8s_two_heads': ArchSpec('vgg16', _FCN8S_SKIPS, heads=_SIFT_FLOW_HEADS,
+                                default_classes=(33, 3)),
+    # NYUDv2 colour + log depth, early fusion: a 4-channel first convolution.
+    'fcn32s_early_fusion': ArchSpec('vgg16', streams=(Stream(4, renames=(('conv1_1', 'conv1_1_bgrd'),)),),
+                                    default_classes=(40,)),
+    # NYUDv2 colour and HHA, late fusion: two complete streams, score maps averaged.
+    'fcn32s_late_fusion': ArchSpec('vgg16', streams=_LATE_FUSION, default_classes=(40,)),
+    'fcn16s_late_fusion': ArchSpec('vgg16', _FCN16S_SKIPS, streams=_LATE_FUSION, default_classes=(40,)),
 }
 
 SKIP_UPSAMPLE_KERNEL = 4  # upscore2 / upscore_pool4: k4 s2
@@ -101,12 +148,14 @@ def geometry(arch: ArchSpec | str) -> Geometry:
 
 
 class FCN(nn.Module):
-  """Fully convolutional network. Input (N, H, W, 3) preprocessed images; output (N, H, W, classes)
-  float32 scores, for any H, W >= 1.
+  """Fully convolutional network. Input (N, H, W, C) preprocessed inputs (C = arch.input_channels:
+  the modalities concatenated, e.g. 3 for colour, 4 for colour + depth, 6 for colour and HHA);
+  output (N, H, W, classes) float32 scores, for any H, W >= 1, or with several heads a dict
+  {head name: scores}.
   """
 
   arch: ArchSpec
-  num_classes: int = 21
+  num_classes: tuple[int, ...] = (21,)  # one per head
   width: float = 1.0
   dtype: Any = jnp.float32
   learnable_upsampling: bool = True  # intermediate deconvolutions; the final one is always fixed
@@ -116,46 +165,92 @@ class FCN(nn.Module):
   skip_scaling: bool = True
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f'expected images of shape (N, H, W, 3), got {images.shape}')
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array | dict[str, jax.Array]:
+    channels = self.arch.input_channels
+    if images.ndim != 4 or images.shape[-1] != channels:
+      raise ValueError(f'expected inputs of shape (N, H, W, {channels}), got {images.shape}')
     spec = backbones.get_backbone(self.arch.backbone)
     geo = geometry(self.arch)
     x = images.astype(self.dtype)
-    feats = backbones.apply_backbone(spec, x, width=self.width, dtype=self.dtype, train=train,
-                                     dropout_rate=self.dropout_rate)
-    score = self._score('score_fr', feats['out'])
-    for skip, up, crop in zip(self.arch.skips, geo.upsamples, geo.skip_crops):
-      score = self._upsample(up, score)
-      tapped = feats[skip.tap]
-      if skip.scale != 1.0 and self.skip_scaling:
-        tapped = tapped * jnp.asarray(skip.scale, self.dtype)
-      score = score + layers.crop_like(self._score(f'score_{skip.tap}', tapped), crop, score.shape)
-    score = self._upsample(geo.upsamples[-1], score)
-    return layers.crop_like(score, geo.final_crop, images.shape).astype(jnp.float32)
+    features, start = [], 0
+    for stream in self.arch.streams:
+      features.append(backbones.apply_backbone(
+          spec, x[..., start:start + stream.channels], width=self.width, dtype=self.dtype,
+          train=train, dropout_rate=self.dropout_rate, name_of=stream.name_of))
+      start += stream.channels
+    outputs = {}
+    for head, num_classes in zip(self.arch.heads, self.num_classes):
+      score = self._fused_score(head, num_classes, 'fr', features, 'out', 1.0)
+      for skip, up, crop in zip(self.arch.skips, geo.upsamples, geo.skip_crops):
+        score = self._upsample(head, num_classes, up, score)
+        scale = skip.scale if self.skip_scaling else 1.0
+        tapped = self._fused_score(head, num_classes, skip.tap, features, skip.tap, scale)
+        score = score + layers.crop_like(tapped, crop, score.shape)
+      score = self._upsample(head, num_classes, geo.upsamples[-1], score)
+      outputs[head.name] = layers.crop_like(score, geo.final_crop, images.shape).astype(jnp.float32)
+    return outputs if len(outputs) > 1 else outputs[self.arch.heads[0].name]
 
-  def _score(self, name: str, x: jax.Array) -> jax.Array:
+  def _fused_score(self, head: Head, num_classes: int, level: str, features: list[dict], tap: str,
+                   scale: float) -> jax.Array:
+    """score_<level><head suffix><stream suffix> per stream, averaged over the streams (Caffe
+    Eltwise SUM with coefficients 1/n: late fusion's score_fused = 0.5 colour + 0.5 HHA)."""
+    scores = []
+    for stream, feats in zip(self.arch.streams, features):
+      tapped = feats[tap]
+      if scale != 1.0:
+        tapped = tapped * jnp.asarray(scale, self.dtype)
+      scores.append(self._score(f'score_{level}{head.suffix}{stream.suffix}', num_classes, tapped))
+    if len(scores) == 1:
+      return scores[0]
+    return sum(scores[1:], scores[0]) * jnp.asarray(1 / len(scores), scores[0].dtype)
+
+  def _score(self, name: str, num_classes: int, x: jax.Array) -> jax.Array:
     # Zero-initialised 1x1 classifiers: training starts from the backbone's features, not noise.
-    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, kernel_init=nn.initializers.zeros,
+    return nn.Conv(num_classes, (1, 1), dtype=self.dtype, kernel_init=nn.initializers.zeros,
                    name=name)(x)
 
-  def _upsample(self, up: Upsample, x: jax.Array) -> jax.Array:
-    return layers.Deconv(self.num_classes, up.kernel, up.stride, dtype=self.dtype, name=up.name)(x)
+  def _upsample(self, head: Head, num_classes: int, up: Upsample, x: jax.Array) -> jax.Array:
+    return layers.Deconv(num_classes, up.kernel, up.stride, dtype=self.dtype,
+                         name=f'{up.name}{head.suffix}')(x)
+
+  @property
+  def head_names(self) -> tuple[str, ...]:
+    return tuple(h.name for h in self.arch.heads)
 
   def frozen_modules(self) -> tuple[str, ...]:
     """Top-level parameter names the optimiser must keep fixed."""
     ups = geometry(self.arch).upsamples
-    return tuple(u.name for u in ups if u.final or not self.learnable_upsampling)
+    return tuple(f'{u.name}{h.suffix}' for h in self.arch.heads for u in ups
+                 if u.final or not self.learnable_upsampling)
 
 
-def build(arch: str, num_classes: int = 21, width: float = 1.0, dtype: Any = jnp.float32,
-          learnable_upsampling: bool = True, dropout_rate: float | None = None,
-          skip_scaling: bool = True) -> FCN:
-  """The FCN named `arch` (one of ARCHS).
+def head_classes(arch: str, num_classes: int | Sequence[int] | None) -> tuple[int, ...]:
+  """num_classes as one count per head of `arch` (an int is the count of a single-headed net;
+  None the arch's default)."""
+  heads = ARCHS[arch].heads
+  if num_classes is None:
+    return ARCHS[arch].default_classes
+  counts = (num_classes,) if isinstance(num_classes, (int, np.integer)) else tuple(num_classes)
+  if len(counts) != len(heads):
+    names = ', '.join(h.name for h in heads)
+    raise ValueError(f'{arch} has {len(heads)} heads ({names}): num_classes needs {len(heads)} '
+                     f'counts, got {num_classes!r}')
+  if any(int(c) < 1 for c in counts):
+    raise ValueError(f'num_classes must be >= 1, got {num_classes!r}')
+  return tuple(int(c) for c in counts)
+
+
+def build(arch: str, num_classes: int | Sequence[int] | None = None, width: float = 1.0,
+          dtype: Any = jnp.float32, learnable_upsampling: bool = True,
+          dropout_rate: float | None = None, skip_scaling: bool = True) -> FCN:
+  """The FCN named `arch` (one of ARCHS). Its keyword arguments are the model config: what
+  `train` reads from config.model and what every checkpoint stores as metadata['model'].
 
   Args:
-    arch: fcn32s, fcn16s, fcn8s, fcn8s_atonce, fcn_alexnet or fcn_googlenet.
-    num_classes: output classes (21 for PASCAL VOC).
+    arch: one of ARCHS (fcn32s, fcn16s, fcn8s, fcn8s_atonce, fcn_alexnet, fcn_alexnet_caffe,
+      fcn_googlenet, fcn{32,16,8}s_two_heads, fcn32s_early_fusion, fcn{32,16}s_late_fusion).
+    num_classes: output classes (21 for PASCAL VOC); one count per head for several heads
+      (SIFT Flow: (33, 3)). None: the arch's default (21; two heads (33, 3); NYUD fusion 40).
     width: multiplies every channel count of the backbone (e.g. 1/8 for CPU tests and demos).
     dtype: compute dtype (bfloat16 on GPU/TPU); parameters stay float32 and scores are float32.
     learnable_upsampling: train the intermediate deconvolutions (the seed report) or freeze them
@@ -166,13 +261,22 @@ def build(arch: str, num_classes: int = 21, width: float = 1.0, dtype: Any = jnp
   """
   if arch not in ARCHS:
     raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
-  if num_classes < 1:
-    raise ValueError(f'num_classes must be >= 1, got {num_classes}')
   if width <= 0:
     raise ValueError(f'width must be > 0, got {width}')
-  return FCN(ARCHS[arch], num_classes=num_classes, width=width, dtype=dtype,
-             learnable_upsampling=learnable_upsampling, dropout_rate=dropout_rate,
-             skip_scaling=skip_scaling)
+  return FCN(ARCHS[arch], num_classes=head_classes(arch, num_classes), width=width,
+             dtype=jnp.dtype(dtype), learnable_upsampling=learnable_upsampling,
+             dropout_rate=dropout_rate, skip_scaling=skip_scaling)
+
+
+MODEL_CONFIG_FIELDS = tuple(inspect.signature(build).parameters)
+
+
+def build_from_config(model_config: Mapping[str, Any]) -> FCN:
+  """`build(**model_config)`, with a clear error for a field `build` does not know."""
+  unknown = sorted(set(model_config) - set(MODEL_CONFIG_FIELDS))
+  if unknown:
+    raise ValueError(f'unknown model config fields {unknown}; known: {list(MODEL_CONFIG_FIELDS)}')
+  return build(**model_config)
 
 
 def frozen_mask(model: FCN, params: Any) -> Any:
@@ -183,7 +287,7 @@ def frozen_mask(model: FCN, params: Any) -> Any:
 
 def init_variables(model: FCN, rng: jax.Array, image_size: int = 1) -> dict:
   """Initial variables ({'params'} plus frozen BatchNorm statistics for GoogLeNet)."""
-  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  images = jnp.zeros((1, image_size, image_size, model.arch.input_channels), jnp.float32)
   # Jitted: bit-identical values, but one compiled program instead of one per op and parameter
   # shape (GoogLeNet at width 1/16 on a loaded 2-core CPU: 20 s instead of 50 s). What remains is
   # XLA compiling one threefry generator per parameter (~1 s each on CPU).
@@ -206,19 +310,23 @@ def describe(arch: str) -> dict[str, Any]:
   out the upsampling filters, which are reported in `upsampling_params`).
   """
   model = build(arch)
-  spec = backbones.get_backbone(ARCHS[arch].backbone)
+  spec = ARCHS[arch]
+  backbone = backbones.get_backbone(spec.backbone)
   shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))['params']
-  geo = geometry(ARCHS[arch])
-  up_names = {u.name for u in geo.upsamples}
+  geo = geometry(spec)
+  up_names = {f'{u.name}{h.suffix}' for u in geo.upsamples for h in spec.heads}
   upsampling = count_params({k: v for k, v in shapes.items() if k in up_names})
   return {
       'arch': arch,
-      'backbone': ARCHS[arch].backbone,
-      'conv_layers': backbones.conv_depth(spec) + 1,  # + score_fr
+      'backbone': spec.backbone,
+      'heads': {h.name: n for h, n in zip(spec.heads, model.num_classes)},
+      'input_channels': spec.input_channels,
+      'streams': len(spec.streams),
+      'conv_layers': backbones.conv_depth(backbone) + 1,  # + score_fr, along one stream
       'params': count_params(shapes) - upsampling,
       'upsampling_params': upsampling,
-      'receptive_field': backbones.receptive_field(spec),
-      'max_stride': backbones.max_stride(spec),
+      'receptive_field': backbones.receptive_field(backbone),
+      'max_stride': backbones.max_stride(backbone),
       'skip_crops': geo.skip_crops,
       'final_crop': geo.final_crop,
       'upsampling': [dataclasses.asdict(u) for u in geo.upsamples],

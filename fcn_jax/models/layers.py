@@ -217,6 +217,18 @@ class Deconv(nn.Module):
     return transposed_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
 
 
+def lrn_across_channels(x: jax.Array, size: int, alpha: float, beta: float, k: float = 1.0) -> jax.Array:
+  """Caffe LRN (ACROSS_CHANNELS): x / (k + alpha / size * sum_{|c' - c| <= size // 2} x_c'^2)^beta.
+
+  Channels beyond the edges count as zero (Caffe pads the squared input with zeros).
+  """
+  half = size // 2
+  sq = jnp.square(x.astype(jnp.float32))
+  window = jax.lax.reduce_window(sq, 0.0, jax.lax.add, (1, 1, 1, size), (1, 1, 1, 1),
+                                 ((0, 0), (0, 0), (0, 0), (half, size - 1 - half)))
+  return (x / jnp.power(k + (alpha / size) * window, beta)).astype(x.dtype)
+
+
 def crop_like(x: jax.Array, offset: int, shape: Sequence[int]) -> jax.Array:
   """Caffe Crop (axis 2): x[:, offset:offset+H, offset:offset+W] with (H, W) = shape[1:3]."""
   h, w = shape[1], shape[2]
