@@ -1,7 +1,12 @@
 """Imports pretrained weights: ImageNet backbones and the released FCN models, into an orbax checkpoint.
 
-    python -m fcn_jax.convert SRC --arch ARCH --out DIR [--format auto|pth|npz|safetensors|caffemodel]
-        [--preprocessing caffe_bgr|torchvision_rgb|inception_rgb] [--num-classes N] [--width W]
+    python -m fcn_jax.convert SRC --out DIR [--arch ARCH] [--format auto|pth|npz|safetensors|caffemodel]
+        [--preprocessing caffe_bgr|torchvision_rgb|inception_rgb|...] [--num-classes N] [--width W]
+
+Without --arch, the file must be one of the fifteen reference nets (fcn_jax.zoo): it is recognised
+from its layer names and blob shapes (the NYUD colour and HHA nets, which share one layout, from
+the released file name or --modality), and the checkpoint records the net's classes, heads, input
+modalities and each modality's preprocessing.
 
 Sources (the format is detected from the file's contents, not its name):
 
@@ -226,6 +231,8 @@ LAYOUTS = {
          'fc6': 'classifier.0', 'fc7': 'classifier.3'},
         (r'^classifier\.6\.', _NUM_BATCHES), 'torchvision_rgb'),
     'caffe_alexnet': Layout('caffe_alexnet', 'alexnet', {}, (r'^fc8\.', _NUM_BATCHES), 'caffe_bgr'),
+    # CaffeNet / the released voc-fcn-alexnet (grouped conv2/4/5; the LRN layers have no blobs).
+    'caffe_caffenet': Layout('caffe_caffenet', 'caffenet', {}, (r'^fc8\.', _NUM_BATCHES), 'caffe_bgr'),
     'torchvision_alexnet': Layout(
         'torchvision_alexnet', 'alexnet',
         {'conv1': 'features.0', 'conv2': 'features.3', 'conv3': 'features.6', 'conv4': 'features.8',
@@ -284,10 +291,17 @@ def guess_archs(keys: Iterable[str]) -> list[str]:
   has = lambda k: k in keys
   if any(k.startswith('inception3a.') for k in keys):
     return ['fcn_googlenet']
+  if has('conv1_1color.weight') or has('conv1_1hha.weight'):
+    return ['fcn16s_late_fusion' if has('score_pool4color.weight') else 'fcn32s_late_fusion']
+  if has('conv1_1_bgrd.weight'):
+    return ['fcn32s_early_fusion']
+  if has('score_fr_sem.weight') or has('score_fr_geo.weight'):
+    stride = '8s' if has('score_pool3_sem.weight') else '16s' if has('score_pool4_sem.weight') else '32s'
+    return [f'fcn{stride}_two_heads']
   vgg = has('conv5_3.weight') or has('features.28.weight')
   alex = (has('conv5.weight') or has('features.10.weight')) and not vgg
   if alex:
-    return ['fcn_alexnet']
+    return ['fcn_alexnet_caffe', 'fcn_alexnet'] if has('conv5.weight') else ['fcn_alexnet']
   if not vgg:
     return []
   if has('scale_pool4.weight') or has('scale_pool3.weight'):
@@ -349,6 +363,12 @@ def _listing(title: str, items: list[str], limit: int = 40) -> str:
   return f'{title} ({len(items)}):\n' + '\n'.join(f'    {s}' for s in shown)
 
 
+def _classes_text(num_classes) -> str:
+  if isinstance(num_classes, (tuple, list)):
+    return ' + '.join(map(str, num_classes)) + ' classes'
+  return f'{num_classes} classes'
+
+
 def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int | None = None,
                    width: float | None = None, init_missing_heads: bool = False,
                    learnable_upsampling: bool = True) -> tuple[dict, dict]:
@@ -376,10 +396,10 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
     raise ConversionError(f'unknown arch {arch!r}; choose one of {sorted(fcn_lib.ARCHS)}')
   spec = fcn_lib.ARCHS[arch]
   keys = set(state)
-  is_fcn = 'score_fr.weight' in keys
+  is_fcn = any(k.startswith('score_fr') for k in keys)
 
   # The layout whose backbone keys the file covers best.
-  probe = _targets(models.build(arch, num_classes=1, width=1.0))
+  probe = _targets(models.build(arch, num_classes=(1,) * len(spec.heads), width=1.0))
   scored = []
   for layout in _layouts_for(spec.backbone):
     backbone_keys = {t.source_key(layout) for t in probe if not t.is_head}
@@ -406,8 +426,13 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
     first_weight = state.get(first.source_key(layout))
     width = float(first_weight.shape[0]) / first.shape[-1] if first_weight is not None else 1.0
   if num_classes is None:
-    score = state.get('score_fr.weight')
-    num_classes = int(score.shape[0]) if is_fcn and score is not None and score.ndim >= 1 else 21
+    counts = []
+    for head in spec.heads:
+      score = state.get(f'score_fr{head.suffix}{spec.streams[0].suffix}.weight')
+      counts.append(int(score.shape[0]) if is_fcn and score is not None and score.ndim >= 1 else None)
+    if None in counts:
+      counts = list(spec.default_classes) if len(spec.heads) > 1 else [21]
+    num_classes = counts[0] if len(counts) == 1 else tuple(counts)
 
   model = models.build(arch, num_classes=num_classes, width=width,
                        learnable_upsampling=learnable_upsampling)
@@ -428,7 +453,7 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
     value = _fit(np.asarray(state[key]), t)
     if value is None:
       mismatched.append(f'{key}: file has {tuple(state[key].shape)}, {arch} (width {width:g}, '
-                        f'{num_classes} classes) needs {_expected_source_shape(t)}')
+                        f'{_classes_text(num_classes)}) needs {_expected_source_shape(t)}')
       continue
     _set(variables, t.path, np.ascontiguousarray(value, dtype=np.float32))
 
@@ -450,7 +475,7 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
   unexpected = sorted(keys - used - set(ignored))
   if missing or unexpected or mismatched:
     parts = [f'cannot load the file into {arch} (layout {layout.name}, width {width:g}, '
-             f'{num_classes} classes):' + guess_hint()]
+             f'{_classes_text(num_classes)}):' + guess_hint()]
     if missing:
       parts.append(_listing('missing keys', missing))
     if unexpected:
@@ -469,42 +494,80 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
 # Whole conversions
 
 
-def convert(src: str | os.PathLike, arch: str, *, format: str = 'auto', num_classes: int | None = None,
-            width: float | None = None, preprocessing: str | None = None,
-            learnable_upsampling: bool = True, class_names: list[str] | None = None,
-            init_missing_heads: bool = False) -> tuple[dict, dict]:
-  """Reads `src` and maps it onto `arch`: (variables, checkpoint metadata). Writes nothing."""
+def convert(src: str | os.PathLike, arch: str | None = None, *, format: str = 'auto',
+            num_classes: int | None = None, width: float | None = None,
+            preprocessing: str | None = None, learnable_upsampling: bool = True,
+            class_names: list[str] | None = None, init_missing_heads: bool = False,
+            modality: str | None = None, log=None) -> tuple[dict, dict]:
+  """Reads `src` and maps it onto `arch`: (variables, checkpoint metadata). Writes nothing.
+
+  Without `arch`, the file must be one of the fifteen reference nets (fcn_jax.zoo.recognise):
+  their arch, classes, heads, modalities and preprocessing come from the recognised net.
+  `log(message)` receives what was recognised and why.
+  """
+  from fcn_jax import checkpoint, zoo
   from fcn_jax import preprocessing as preprocessing_lib
+  from fcn_jax.models import fcn as fcn_lib
   src = os.fspath(src)
   state, fmt = read_weights(src, format)
+  net, why = None, ''
+  try:
+    net, why = zoo.recognise(state, src, modality)
+  except zoo.RecognitionError as e:
+    if arch is None:
+      raise ConversionError(f'{src}: {e}. Nothing fits; pass --arch to convert it anyway.') from None
+    why = str(e)
+  if arch is None:
+    arch = net.arch
+    if log:
+      log(f'recognised {net.name} ({why}) -> arch {arch}')
+  elif net is not None and net.arch != arch:
+    net = None  # --arch overrides: generic metadata for that arch
+  elif net is not None and log:
+    log(f'recognised {net.name} ({why})')
+  if modality is not None and (net is None or len(net.modalities) != 1):
+    raise ConversionError(f'--modality is for the NYUD colour / HHA nets; {src} is not one of them')
+  if net is not None and num_classes is None:
+    num_classes = net.num_classes
   variables, info = import_weights(state, arch, num_classes=num_classes, width=width,
                                    init_missing_heads=init_missing_heads,
                                    learnable_upsampling=learnable_upsampling)
-  prep = preprocessing or ('caffe_bgr' if fmt == 'caffemodel' else info['preprocessing'])
+  prep = preprocessing or (net.modalities[0][1] if net is not None else
+                           'caffe_bgr' if fmt == 'caffemodel' else info['preprocessing'])
   preprocessing_lib.get(prep)  # validates the name
   n = info['num_classes']
-  if class_names is None:
-    class_names = list(VOC_CLASSES) if n == len(VOC_CLASSES) else [f'class_{i}' for i in range(n)]
-  if len(class_names) != n:
-    raise ConversionError(f'{len(class_names)} class names for {n} classes')
+  heads = fcn_lib.ARCHS[arch].heads
+  if net is not None and n == net.num_classes and class_names is None:
+    metadata = net.metadata(width=info['width'], learnable_upsampling=learnable_upsampling)
+    metadata['preprocessing'] = prep
+    metadata['modalities'][0]['preprocessing'] = prep
+  else:
+    if class_names is None:
+      counts = [n] if isinstance(n, int) else list(n)
+      class_names = (list(VOC_CLASSES) if counts == [len(VOC_CLASSES)] else
+                     [f'class_{i}' for i in range(counts[0])])
+    if len(heads) == 1 and len(class_names) != n:
+      raise ConversionError(f'{len(class_names)} class names for {n} classes')
+    model = {'arch': arch, 'num_classes': n, 'width': info['width'],
+             'learnable_upsampling': learnable_upsampling}
+    metadata = {**checkpoint.model_metadata(model), 'preprocessing': prep,
+                'class_names': list(class_names)}
+    channels = fcn_lib.ARCHS[arch].input_channels
+    if channels != 3:
+      raise ConversionError(f'{arch} takes {channels} input channels; only the reference nets '
+                            '(converted without --arch) say which modalities they are')
   what = 'FCN weights' if info['kind'] == 'fcn' else 'ImageNet backbone (FCN layers initialised)'
-  metadata = {
-      'arch': arch,
-      'num_classes': n,
-      'width': info['width'],
-      'learnable_upsampling': learnable_upsampling,
-      'preprocessing': prep,
-      'class_names': list(class_names),
+  metadata.update({
       'source': f'{os.path.basename(src)}: {what}, {fmt} file, {info["layout"]} layout',
       'source_format': fmt,
       'source_layout': info['layout'],
       'source_kind': info['kind'],
-  }
+  })
   return variables, metadata
 
 
-def convert_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, arch: str, *,
-                          overwrite: bool = False, **kwargs) -> dict:
+def convert_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, arch: str | None = None,
+                          *, overwrite: bool = False, **kwargs) -> dict:
   """`convert` then `checkpoint.save_inference` to `out`, atomically: written to a temporary
   directory beside `out` and renamed, so a failure leaves nothing behind. Returns the metadata."""
   from fcn_jax import checkpoint
@@ -543,7 +606,11 @@ def main(argv: list[str] | None = None) -> int:
       prog='python -m fcn_jax.convert',
       description='Import ImageNet backbones or released FCN models into an fcn_jax checkpoint.')
   parser.add_argument('src', help='.pth / .npz / .safetensors state dict or Caffe .caffemodel')
-  parser.add_argument('--arch', required=True, choices=sorted(ARCHS))
+  parser.add_argument('--arch', choices=sorted(ARCHS),
+                      help='default: recognised from the file (the fifteen reference nets)')
+  parser.add_argument('--modality', choices=('color', 'hha'),
+                      help='NYUD 40-class FCN-32s: colour or HHA input (their files share one '
+                      'layout; default: from the file name)')
   parser.add_argument('--out', required=True, help='checkpoint directory to write')
   parser.add_argument('--format', default='auto', choices=('auto',) + FORMATS)
   parser.add_argument('--preprocessing', choices=sorted(preprocessing_lib.PRESETS),
@@ -569,12 +636,15 @@ def main(argv: list[str] | None = None) -> int:
         num_classes=args.num_classes, width=args.width, preprocessing=args.preprocessing,
         learnable_upsampling=not args.frozen_upsampling,
         class_names=args.class_names.split(',') if args.class_names else None,
-        init_missing_heads=args.init_missing_heads)
+        init_missing_heads=args.init_missing_heads, modality=args.modality,
+        log=lambda message: print(message))
   except ConversionError as e:
     print(f'error: {e}\nnothing was written.', file=sys.stderr)
     return 2
-  print(f'wrote {os.path.abspath(args.out)}: {metadata["arch"]}, {metadata["num_classes"]} classes, '
-        f'width {metadata["width"]:g}, preprocessing {metadata["preprocessing"]} '
+  inputs = ' + '.join(f'{m["name"]} ({m["preprocessing"]})' for m in
+                      preprocessing_lib.modalities_of(metadata))
+  print(f'wrote {os.path.abspath(args.out)}: {metadata["arch"]}, '
+        f'{_classes_text(metadata["num_classes"])}, width {metadata["width"]:g}, inputs {inputs} '
         f'({metadata["source"]})')
   return 0
 

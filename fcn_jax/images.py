@@ -71,3 +71,28 @@ def find_images(inputs: list[str | os.PathLike], glob: str | None = None) -> lis
       raise ImageError(f'{item}: no such file or directory')
   unique = list(dict.fromkeys(p.resolve() for p in found))
   return unique
+
+
+def read_modality(path, modality: str) -> np.ndarray:
+  """An extra input modality as the reference data layers read it: HHA (H, W, 3) uint8 as stored,
+  depth (H, W) as stored (16-bit PNG values)."""
+  try:
+    with Image.open(path) as im:
+      if modality == 'hha':
+        return np.asarray(im.convert('RGB'))
+      if modality == 'depth':
+        return np.asarray(im if im.mode in ('I;16', 'I', 'F', 'L') else im.convert('I'))
+  except (OSError, ValueError, SyntaxError) as e:
+    raise ImageError(f'{path}: cannot read the {modality} image ({e})') from None
+  raise ValueError(f'unknown modality {modality!r}')
+
+
+def find_companion(directory: pathlib.Path, relative: pathlib.PurePath) -> pathlib.Path | None:
+  """The file for the image at `relative` in another modality's directory: the same relative
+  path and stem, any image suffix (PNG first)."""
+  stem = directory / relative.with_suffix('')
+  for suffix in ('.png',) + IMAGE_SUFFIXES:
+    for candidate in (stem.with_name(stem.name + suffix), stem.with_name(stem.name + suffix.upper())):
+      if candidate.is_file():
+        return candidate
+  return None

@@ -8,6 +8,13 @@ parent (a/img.jpg -> OUT/a/img.png):
                       found (name, colour, share of the image) below it
   <stem>_scores.npy   with --save-scores: float32 (H, W, num_classes) scores at the input size
                       (--scores-format npz: float16 in a compressed .npz, key 'scores')
+A net with several heads (SIFT Flow: semantic, geometric) writes these per head, with the head's
+name after the stem: <stem>_semantic.png, <stem>_semantic_overlay.jpg, <stem>_semantic_scores.npy,
+<stem>_geometric.png, ...
+A net with more input modalities than colour (NYUD HHA, colour + HHA, colour + depth) reads them
+by the image's file name: --hha-dir DIR (HHA PNGs) and --depth-dir DIR (16-bit depth PNGs), each
+holding, for IMAGE_DIR/a/img_5001.png, DIR/a/img_5001.png (any image suffix). An HHA-only net
+takes the HHA images themselves as its inputs.
 The checkpoint's metadata supplies the architecture, classes and preprocessing: no training config
 is needed. Images of mixed sizes are batched by size bucket over all local devices (--exact: native
 size, one at a time). Nothing is overwritten unless --overwrite (--resume skips what is done), and
@@ -56,14 +63,21 @@ def dataset_inputs(name: str, split: str, **kwargs) -> list[RecordInput]:
 OUTPUT_SUFFIXES = {'label': '.png', 'overlay': '_overlay.jpg', 'scores': '_scores.npy'}
 
 
+def input_base(inputs: list) -> pathlib.Path | None:
+  """The common parent of the input files (outputs and companion modalities mirror below it)."""
+  files = [p.resolve() for p in inputs if not isinstance(p, RecordInput)]
+  return pathlib.Path(os.path.commonpath([str(p.parent) for p in files])) if files else None
+
+
 def output_paths(inputs: list[pathlib.Path], out_dir: pathlib.Path, save_scores: bool,
-                 scores_format: str = 'npy') -> list[dict[str, pathlib.Path]]:
-  """Per input, its output files: OUT/<path below the inputs' common parent>/<stem><suffix>.
+                 scores_format: str = 'npy',
+                 heads: list[str] | None = None) -> list[dict[str, pathlib.Path]]:
+  """Per input, its output files: OUT/<path below the inputs' common parent>/<stem><suffix>
+  (keys label, overlay, scores; with several `heads`: label/<head>, overlay/<head>, ...).
 
   Raises UserError when two inputs would write the same file (img.jpg and img.png side by side).
   """
-  files = [p.resolve() for p in inputs if not isinstance(p, RecordInput)]
-  base = pathlib.Path(os.path.commonpath([str(p.parent) for p in files])) if files else out_dir
+  base = input_base(inputs) or out_dir
   suffixes = dict(OUTPUT_SUFFIXES, scores=f'_scores.{scores_format}')
   kinds = [k for k in suffixes if k != 'scores' or save_scores]
   plan, owner = [], {}
@@ -73,7 +87,10 @@ def output_paths(inputs: list[pathlib.Path], out_dir: pathlib.Path, save_scores:
     else:
       path = path.resolve()
       stem = path.relative_to(base).with_suffix('')
-    outputs = {k: out_dir / f'{stem}{suffixes[k]}' for k in kinds}
+    if heads and len(heads) > 1:
+      outputs = {f'{k}/{h}': out_dir / f'{stem}_{h}{suffixes[k]}' for h in heads for k in kinds}
+    else:
+      outputs = {k: out_dir / f'{stem}{suffixes[k]}' for k in kinds}
     for target in outputs.values():
       if target in owner:
         raise UserError(f'{owner[target]} and {path} would both write {target}: rename one of them '
@@ -100,16 +117,64 @@ def check_outputs(inputs: list[pathlib.Path], plan: list[dict[str, pathlib.Path]
                     f'to replace them, or choose another --out')
 
 
-def _decoded(inputs: list[pathlib.Path], max_size: int, workers: int) -> Iterator[dict]:
-  """Decoded images in input order, read ahead by grain (threads; `workers` > 0: processes)."""
+def companion_dirs(modalities: list[str], hha_dir: str | None, depth_dir: str | None,
+                   records: bool) -> dict[str, pathlib.Path]:
+  """The directories of the modalities besides the images themselves ({'hha': DIR, ...}).
+
+  The first modality is read from the inputs (an HHA-only net's inputs are HHA images); every
+  further one needs its --<modality>-dir.
+  """
+  given = {'hha': hha_dir, 'depth': depth_dir}
+  needed = modalities[1:]
+  for name, directory in given.items():
+    if directory and name not in needed:
+      raise UserError(f'--{name}-dir: this checkpoint takes {" + ".join(modalities)} inputs, not '
+                      f'{name}; leave --{name}-dir out')
+  dirs = {}
+  for name in needed:
+    if name not in given:
+      raise UserError(f'this checkpoint needs {name} inputs, which fcn_jax.predict cannot read')
+    if not given[name]:
+      raise UserError(f'this checkpoint takes {" + ".join(modalities)} inputs: pass --{name}-dir '
+                      f'DIR with a {name} image per input image (same file name)')
+    if records:
+      raise UserError(f'--dataset inputs of a {" + ".join(modalities)} net are not supported yet; '
+                      f'predict the image files with --{name}-dir')
+    directory = pathlib.Path(given[name]).expanduser()
+    if not directory.is_dir():
+      raise UserError(f'--{name}-dir {directory}: no such directory')
+    dirs[name] = directory
+  return dirs
+
+
+def _decoded(inputs: list[pathlib.Path], max_size: int, workers: int,
+             companions: dict[str, pathlib.Path] | None = None) -> Iterator[dict]:
+  """Decoded images in input order, read ahead by grain (threads; `workers` > 0: processes).
+
+  Each item holds 'image' (the first modality: RGB) and the `companions` modalities by name.
+  """
   import grain.python as grain
+  companions = companions or {}
+  base = input_base(inputs)
 
   def decode(index: int) -> dict:
     item = inputs[index]
     try:
       if isinstance(item, RecordInput):
         return {'index': index, 'image': item.read()}
-      return {'index': index, 'image': images_lib.read_rgb(item, max_size=max_size)}
+      decoded = {'index': index, 'image': images_lib.read_rgb(item, max_size=max_size)}
+      for name, directory in companions.items():
+        relative = item.resolve().relative_to(base)
+        found = images_lib.find_companion(directory, relative)
+        if found is None:
+          raise images_lib.ImageError(f'{item}: no {name} image for it in {directory} (looked for '
+                                      f'{directory / relative.with_suffix(".png")})')
+        decoded[name] = images_lib.read_modality(found, name)
+        if decoded[name].shape[:2] != decoded['image'].shape[:2]:
+          raise images_lib.ImageError(f'{found}: {name} is {decoded[name].shape[1]}x'
+                                      f'{decoded[name].shape[0]}, the image {item} '
+                                      f'{decoded["image"].shape[1]}x{decoded["image"].shape[0]}')
+      return decoded
     except (images_lib.ImageError, OSError, ValueError) as e:
       return {'index': index, 'error': str(e) if isinstance(e, images_lib.ImageError) else f'{item}: {e}'}
 
@@ -129,8 +194,9 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
                    progress: bool = False, *, resume: bool = False, exact: bool = False,
                    batch_size: int = 8, chunk: int = 64, dtype: str | None = None,
                    scores_format: str = 'npy', workers: int = 0,
-                   glob: str | None = None,
-                   records: list[RecordInput] | None = None) -> tuple[list[pathlib.Path], list[str]]:
+                   glob: str | None = None, records: list[RecordInput] | None = None,
+                   hha_dir: str | None = None,
+                   depth_dir: str | None = None) -> tuple[list[pathlib.Path], list[str]]:
   """Runs the checkpoint on each image (files, or directories searched recursively).
 
   Images are batched by size bucket (fcn_jax.segmenter; `exact` keeps native-size inference).
@@ -147,7 +213,12 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
   inputs = inputs + list(records or [])
   if not inputs:
     raise UserError('no inputs: give image files or directories, or --dataset and --split')
-  plan = output_paths(inputs, out_dir, save_scores, scores_format)
+  from fcn_jax import checkpoint, preprocessing
+  metadata = checkpoint.read_metadata(checkpoint_dir, which)
+  heads = list(metadata.get('head_names') or [])
+  modalities = [m['name'] for m in preprocessing.modalities_of(metadata)]
+  companions = companion_dirs(modalities, hha_dir, depth_dir, bool(records))
+  plan = output_paths(inputs, out_dir, save_scores, scores_format, heads=heads)
   import jax
   if jax.process_count() > 1:  # each process predicts its shard; outputs never collide
     shard = slice(jax.process_index(), None, jax.process_count())
@@ -165,27 +236,36 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
     from tqdm.auto import tqdm
     bar = tqdm(total=len(inputs), desc='predict', unit='image')
 
+  def model_inputs(item: dict) -> dict:
+    # The inputs are the first modality (an HHA-only net reads HHA images), the others companions.
+    return {modalities[0]: item['image'], **{name: item[name] for name in modalities[1:]}}
+
   def flush(pending: list[dict]) -> None:
-    results = seg([p['image'] for p in pending], scores=save_scores, exact=exact)
+    results = seg([model_inputs(p) for p in pending], scores=save_scores, exact=exact)
     labels = results['labels'] if save_scores else results
     for k, (item, label) in enumerate(zip(pending, labels)):
       outputs = plan[item['index']]
-      outputs['label'].parent.mkdir(parents=True, exist_ok=True)
-      viz.label_png(label, seg.palette).save(outputs['label'])
-      Image.fromarray(viz.overlay_with_legend(item['image'], label, seg.class_names, seg.palette)).save(
-          outputs['overlay'], quality=92)
-      if save_scores:
-        scores = results['scores'][k]
-        if scores_format == 'npz':
-          np.savez_compressed(outputs['scores'], scores=scores.astype(np.float16))
-        else:
-          np.save(outputs['scores'], scores.astype(np.float32))
-      written.append(outputs['label'])
+      by_head = label if isinstance(label, dict) else {None: label}
+      for head, head_label in by_head.items():
+        key = (lambda kind: kind) if head is None else (lambda kind: f'{kind}/{head}')
+        outputs[key('label')].parent.mkdir(parents=True, exist_ok=True)
+        names, palette = seg.class_names_of(head), seg.palette_of(head)
+        viz.label_png(head_label, palette).save(outputs[key('label')])
+        Image.fromarray(viz.overlay_with_legend(item['image'], head_label, names, palette)).save(
+            outputs[key('overlay')], quality=92)
+        if save_scores:
+          scores = results['scores'][k]
+          scores = scores if head is None else scores[head]
+          if scores_format == 'npz':
+            np.savez_compressed(outputs[key('scores')], scores=scores.astype(np.float16))
+          else:
+            np.save(outputs[key('scores')], scores.astype(np.float32))
+        written.append(outputs[key('label')])
     if bar is not None:
       bar.update(len(pending))
 
   pending: list[dict] = []
-  for item in (_decoded(inputs, max_size, workers) if inputs else ()):
+  for item in (_decoded(inputs, max_size, workers, companions) if inputs else ()):
     if 'error' in item:
       failed.append(item['error'])
       if bar is not None:
@@ -228,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                       'the checkpoint\'s, float32)')
   parser.add_argument('--scores-format', choices=('npy', 'npz'), default='npy',
                       help='--save-scores as float32 .npy, or float16 compressed .npz')
+  parser.add_argument('--hha-dir', help='HHA images for a net with HHA inputs besides colour '
+                      '(NYUD late fusion), by the image\'s file name')
+  parser.add_argument('--depth-dir', help='depth PNGs for a colour + depth net (NYUD early '
+                      'fusion), by the image\'s file name')
   parser.add_argument('--glob', help='inside directories, only the files matching this pattern '
                       '(e.g. "*.jpg"; default: every image)')
   parser.add_argument('--workers', type=int, default=0,
@@ -266,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                                  overwrite=args.overwrite, max_size=args.max_size, progress=True,
                                  resume=args.resume, exact=args.exact, batch_size=args.batch_size,
                                  dtype=args.dtype, scores_format=args.scores_format,
-                                 workers=args.workers, glob=args.glob, records=records)
+                                 workers=args.workers, glob=args.glob, records=records,
+                                 hha_dir=args.hha_dir, depth_dir=args.depth_dir)
   for message in failed:
     print(f'error: {message}', file=sys.stderr)
   print(f'wrote {len(paths)} label maps to {args.out}' +

@@ -4,6 +4,13 @@
   Caffe mean.
 - `torchvision_rgb`: torchvision ImageNet weights: RGB / 255, minus the ImageNet mean, over its std.
 - `inception_rgb`: torchvision GoogLeNet with transform_input=True: RGB / 255 mapped to [-1, 1].
+- The reference nets of the other datasets (their data layers, ZOO.md sec. 4): `pascal_context_bgr`,
+  `sift_flow_bgr`, `nyud_bgr` (BGR minus each dataset's mean), `nyud_hha` (the HHA PNG's channels
+  as stored, minus the HHA mean) and `nyud_log_depth` (log of the depth PNG minus 7.844, 1 channel).
+
+A net with several input modalities (NYUD: colour and HHA, colour and depth) lists them in its
+checkpoint metadata, `modalities`: [{'name', 'preprocessing'}, ...]; its input is each modality
+preprocessed by its own preset and concatenated on the channel axis in that order (`prepare`).
 """
 
 from __future__ import annotations
@@ -22,21 +29,34 @@ class Preprocessing:
   name: str
   bgr: bool        # reverse the channels of an RGB image
   scale: float     # multiply 0..255 values by this first
-  mean: tuple[float, float, float]  # in the model's channel order, after scaling
-  std: tuple[float, float, float]
+  mean: tuple[float, ...]  # in the model's channel order, after scaling
+  std: tuple[float, ...]
+  log: bool = False  # natural log first (depth); values below 1 count as 1 (no -inf)
+
+  @property
+  def channels(self) -> int:
+    return len(self.mean)
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
-    """uint8 RGB (..., H, W, 3) -> float32 model input of the same shape."""
+    """(..., H, W, C) images (uint8 RGB; one-channel inputs may be (..., H, W)) -> float32 model
+    input (..., H, W, C)."""
     x = np.asarray(images, np.float32)
-    if x.shape[-1] != 3:
-      raise ValueError(f'expected RGB images (..., H, W, 3), got shape {x.shape}')
+    if self.channels == 1 and (x.ndim == 2 or x.shape[-1] != 1):
+      x = x[..., None]
+    if x.shape[-1] != self.channels:
+      what = 'RGB images (..., H, W, 3)' if self.channels == 3 else f'{self.channels}-channel inputs'
+      raise ValueError(f'expected {what} for {self.name}, got shape {x.shape}')
     if self.bgr:
       x = x[..., ::-1]
+    if self.log:
+      x = np.log(np.maximum(x, 1.0))
     x = x * np.float32(self.scale)
     return ((x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)).astype(np.float32)
 
   def invert(self, inputs: np.ndarray) -> np.ndarray:
     """Model input -> uint8 RGB (for figures)."""
+    if self.channels != 3 or self.log:
+      raise ValueError(f'{self.name} inputs are not images; nothing to invert')
     x = np.asarray(inputs, np.float32) * np.asarray(self.std, np.float32) + np.asarray(self.mean, np.float32)
     x = x / np.float32(self.scale)
     if self.bgr:
@@ -48,7 +68,18 @@ PRESETS = {
     'caffe_bgr': Preprocessing('caffe_bgr', True, 1.0, CAFFE_BGR_MEAN, (1.0, 1.0, 1.0)),
     'torchvision_rgb': Preprocessing('torchvision_rgb', False, 1 / 255, IMAGENET_MEAN, IMAGENET_STD),
     'inception_rgb': Preprocessing('inception_rgb', False, 1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    'pascal_context_bgr': Preprocessing('pascal_context_bgr', True, 1.0, (104.007, 116.669, 122.679),
+                                        (1.0, 1.0, 1.0)),
+    'sift_flow_bgr': Preprocessing('sift_flow_bgr', True, 1.0, (114.578, 115.294, 108.353),
+                                   (1.0, 1.0, 1.0)),
+    'nyud_bgr': Preprocessing('nyud_bgr', True, 1.0, (116.190, 97.203, 92.318), (1.0, 1.0, 1.0)),
+    'nyud_hha': Preprocessing('nyud_hha', False, 1.0, (132.431, 94.076, 118.477), (1.0, 1.0, 1.0)),
+    'nyud_log_depth': Preprocessing('nyud_log_depth', False, 1.0, (7.844,), (1.0,), log=True),
 }
+
+# What each modality is read from (fcn_jax.predict's --hha-dir / --depth-dir), for messages.
+MODALITY_SOURCES = {'color': 'the image', 'hha': 'an HHA PNG (--hha-dir)',
+                    'depth': 'a depth PNG (--depth-dir)'}
 
 
 def get(name: str) -> Preprocessing:
@@ -56,3 +87,32 @@ def get(name: str) -> Preprocessing:
     return PRESETS[name]
   except KeyError:
     raise ValueError(f'unknown preprocessing {name!r}; choose one of {sorted(PRESETS)}') from None
+
+
+def modalities_of(metadata: dict) -> list[dict]:
+  """The input modalities of a checkpoint, in channel order: [{'name', 'preprocessing'}, ...]
+  (a single colour input with metadata['preprocessing'] when none are listed)."""
+  listed = metadata.get('modalities')
+  if listed:
+    return [{'name': m['name'], 'preprocessing': m['preprocessing']} for m in listed]
+  return [{'name': 'color', 'preprocessing': metadata['preprocessing']}]
+
+
+def prepare(inputs: dict[str, np.ndarray] | np.ndarray, modalities: list[dict]) -> np.ndarray:
+  """One example's (or batch's) model input: each modality preprocessed, then concatenated.
+
+  `inputs`: {modality name: array}, or a colour image alone for a colour-only net.
+  """
+  if not isinstance(inputs, dict):
+    inputs = {'color': inputs}
+  names = [m['name'] for m in modalities]
+  missing = [n for n in names if n not in inputs]
+  if missing:
+    raise ValueError(f'the model needs {", ".join(names)} inputs; missing: '
+                     + ', '.join(f'{n} ({MODALITY_SOURCES.get(n, n)})' for n in missing))
+  parts = [get(m['preprocessing'])(inputs[m['name']]) for m in modalities]
+  sizes = {p.shape[:-1] for p in parts}
+  if len(sizes) > 1:
+    raise ValueError('the modalities differ in size: ' + ', '.join(
+        f'{n} {p.shape[:-1]}' for n, p in zip(names, parts)))
+  return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)

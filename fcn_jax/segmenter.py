@@ -10,6 +10,10 @@ compile per distinct size), the reference protocol.
     segmenter = Segmenter.load('runs/fcn8s')
     labels = segmenter([image_a, image_b])                 # uint8 RGB (H, W, 3) each -> (H, W) uint8
     out = segmenter(images, scores=True)                   # {'labels': [...], 'scores': [(H, W, C)]}
+
+Nets with several input modalities (NYUD colour + HHA or depth) take one dict per image,
+{'color': RGB, 'hha': HHA, 'depth': depth}, with the modalities the checkpoint lists; nets with
+several heads (SIFT Flow) give one {head name: labels / scores} dict per image.
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ class Segmenter:
     # Rounded up to the device count, so that every batch splits evenly over the devices.
     self.batch_size = -(-batch_size // len(self.devices)) * len(self.devices)
     self.bucket_step = bucket_step
-    self.preprocess = preprocessing.get(metadata['preprocessing'])
+    self.modalities = preprocessing.modalities_of(self.metadata)
+    self.head_names = list(model.head_names)
+    self.channels = model.arch.input_channels
     self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False),
                           in_shardings=(self._replicated, self._batched),
                           out_shardings=self._batched)
@@ -66,58 +72,99 @@ class Segmenter:
     model, variables, metadata = checkpoint.load_inference(checkpoint_dir, which=which)
     return cls(model, variables, metadata, **kwargs)
 
+  def _head_entry(self, head: str | None) -> dict:
+    for entry in self.metadata.get('heads') or ():
+      if head is None or entry.get('name') == head:
+        return entry
+    return {}
+
+  def class_names_of(self, head: str | None = None) -> list[str]:
+    """The class names of `head` (default: the first head)."""
+    entry = self._head_entry(head)
+    names = entry.get('class_names') or (self.metadata.get('class_names') if not entry else None)
+    if names:
+      return list(names)
+    n = self.model.num_classes[self.head_names.index(head) if head else 0]
+    return [str(i) for i in range(n)]
+
+  def palette_of(self, head: str | None = None):
+    entry = self._head_entry(head)
+    return entry.get('palette') if entry else self.metadata.get('palette')
+
   @property
   def class_names(self) -> list[str]:
-    n = self.metadata.get('num_classes', 21)
-    return list(self.metadata.get('class_names') or [str(i) for i in range(n)])
+    return self.class_names_of()
 
   @property
   def palette(self):
-    return self.metadata.get('palette')
+    return self.palette_of()
 
-  def _check(self, image) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-      raise UserError(f'expected a uint8 RGB image of shape (H, W, 3), got {image.dtype} {image.shape}')
-    return image
+  @property
+  def modality_names(self) -> list[str]:
+    return [m['name'] for m in self.modalities]
 
-  def scores(self, images: Sequence[np.ndarray] | np.ndarray, exact: bool = False) -> list[np.ndarray]:
-    """float32 (H, W, C) scores per image, in input order."""
-    images = [self._check(im) for im in images]
-    out: list[np.ndarray | None] = [None] * len(images)
+  def _prepared(self, item) -> np.ndarray:
+    """One image (or {modality: array}) -> (H, W, C) float32 model input."""
+    # A bare array is the first modality (an image; an HHA-only net's HHA image).
+    parts = item if isinstance(item, dict) else {self.modalities[0]['name']: item}
+    color = parts.get('color')
+    if color is not None:
+      color = np.asarray(color)
+      if color.ndim != 3 or color.shape[-1] != 3 or color.dtype != np.uint8:
+        raise UserError(f'expected a uint8 RGB image of shape (H, W, 3), got {color.dtype} '
+                        f'{color.shape}')
+    try:
+      return preprocessing.prepare(parts, self.modalities)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+
+  def _per_head(self, result) -> dict[str, np.ndarray]:
+    if isinstance(result, dict):
+      return {k: np.asarray(v) for k, v in result.items()}
+    return {self.head_names[0]: np.asarray(result)}
+
+  def scores(self, images: Sequence[Any] | np.ndarray, exact: bool = False) -> list[Any]:
+    """float32 (H, W, C) scores per image, in input order ({head: scores} for several heads)."""
+    inputs = [self._prepared(im) for im in images]
+    out: list[dict | None] = [None] * len(inputs)
     if exact:
-      for i, image in enumerate(images):
-        self.compiled_shapes.add(image.shape)
-        out[i] = np.asarray(self._apply_one(self.variables, self.preprocess(image)[None]))[0]
-      return out
-    groups = collections.defaultdict(list)
-    for i, image in enumerate(images):
-      groups[bucket_shape(*image.shape[:2], self.bucket_step)].append(i)
-    for (bh, bw), indices in groups.items():
-      for start in range(0, len(indices), self.batch_size):
-        chunk = indices[start:start + self.batch_size]
-        batch = np.zeros((self.batch_size, bh, bw, 3), np.float32)
-        for j, i in enumerate(chunk):
-          h, w = images[i].shape[:2]
-          batch[j, :h, :w] = self.preprocess(images[i])
-        self.compiled_shapes.add(batch.shape)
-        result = np.asarray(self._apply(self.variables, batch))
-        for j, i in enumerate(chunk):
-          h, w = images[i].shape[:2]
-          out[i] = result[j, :h, :w]
+      for i, x in enumerate(inputs):
+        self.compiled_shapes.add(x.shape)
+        out[i] = {k: v[0] for k, v in self._per_head(self._apply_one(self.variables, x[None])).items()}
+    else:
+      groups = collections.defaultdict(list)
+      for i, x in enumerate(inputs):
+        groups[bucket_shape(*x.shape[:2], self.bucket_step)].append(i)
+      for (bh, bw), indices in groups.items():
+        for start in range(0, len(indices), self.batch_size):
+          chunk = indices[start:start + self.batch_size]
+          batch = np.zeros((self.batch_size, bh, bw, self.channels), np.float32)
+          for j, i in enumerate(chunk):
+            h, w = inputs[i].shape[:2]
+            batch[j, :h, :w] = inputs[i]
+          self.compiled_shapes.add(batch.shape)
+          result = self._per_head(self._apply(self.variables, batch))
+          for j, i in enumerate(chunk):
+            h, w = inputs[i].shape[:2]
+            out[i] = {k: v[j, :h, :w] for k, v in result.items()}
+    if len(self.head_names) == 1:
+      return [o[self.head_names[0]] for o in out]
     return out
 
-  def __call__(self, images: Sequence[np.ndarray] | np.ndarray, *, scores: bool = False,
+  def __call__(self, images: Sequence[Any] | np.ndarray, *, scores: bool = False,
                probabilities: bool = False, exact: bool = False) -> Any:
     """Label maps (uint8 (H, W) class ids) per image; with scores / probabilities a dict that also
-    holds the float32 (H, W, C) scores or softmax probabilities."""
+    holds the float32 (H, W, C) scores or softmax probabilities. With several heads each entry is
+    a {head name: array} dict."""
     raw = self.scores(images, exact=exact)
-    labels = [np.argmax(s, -1).astype(np.uint8) for s in raw]
+    per_head = len(self.head_names) > 1
+    each = lambda fn: [({k: fn(v) for k, v in s.items()} if per_head else fn(s)) for s in raw]
+    labels = each(lambda s: np.argmax(s, -1).astype(np.uint8))
     if not (scores or probabilities):
       return labels
     out: dict[str, Any] = {'labels': labels}
     if scores:
       out['scores'] = raw
     if probabilities:
-      out['probabilities'] = [np.asarray(jax.nn.softmax(jnp.asarray(s), -1)) for s in raw]
+      out['probabilities'] = each(lambda s: np.asarray(jax.nn.softmax(jnp.asarray(s), -1)))
     return out

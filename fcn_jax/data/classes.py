@@ -72,3 +72,34 @@ class ClassInfo:
 
 VOC = ClassInfo(names=VOC_CLASS_NAMES, palette=voc_palette(21), ignore_label=IGNORE_LABEL,
                 has_colors=True)
+
+
+# The reference nets' classes, in their output order (fcn.berkeleyvision.org data/*/classes*.txt).
+# PASCAL-Context's 59-class task: 0 = everything else ("background"), then the 59 classes.
+PASCAL_CONTEXT_CLASS_NAMES = (
+    'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
+    'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa',
+    'train', 'tvmonitor', 'bag', 'bed', 'bench', 'book', 'building', 'cabinet', 'ceiling',
+    'clothes', 'computer', 'cup', 'door', 'fence', 'floor', 'flower', 'food', 'grass', 'ground',
+    'keyboard', 'light', 'mountain', 'mouse', 'curtain', 'platform', 'sign', 'plate', 'road',
+    'rock', 'shelves', 'sidewalk', 'sky', 'snow', 'bedcloth', 'track', 'tree', 'truck', 'wall',
+    'water', 'window', 'wood',
+)
+# SIFT Flow: 33 semantic classes (0 = awning; void 255) and 3 geometric classes.
+SIFT_FLOW_SEMANTIC_CLASS_NAMES = (
+    'awning', 'balcony', 'bird', 'boat', 'bridge', 'building', 'bus', 'car', 'cow', 'crosswalk',
+    'desert', 'door', 'fence', 'field', 'grass', 'moon', 'mountain', 'person', 'plant', 'pole',
+    'river', 'road', 'rock', 'sand', 'sea', 'sidewalk', 'sign', 'sky', 'staircase', 'streetlight',
+    'sun', 'tree', 'window',
+)
+SIFT_FLOW_GEOMETRIC_CLASS_NAMES = (
+    'sky', 'horizontal', 'vertical',
+)
+# NYUDv2, the 40-class task of Gupta et al. (0 = wall; void 255).
+NYUD_CLASS_NAMES = (
+    'wall', 'floor', 'cabinet', 'bed', 'chair', 'sofa', 'table', 'door', 'window', 'bookshelf',
+    'picture', 'counter', 'blinds', 'desk', 'shelves', 'curtain', 'dresser', 'pillow', 'mirror',
+    'floor mat', 'clothes', 'ceiling', 'books', 'refridgerator', 'television', 'paper', 'towel',
+    'shower curtain', 'box', 'whiteboard', 'person', 'night stand', 'toilet', 'sink', 'lamp',
+    'bathtub', 'bag', 'otherstructure', 'otherfurniture', 'otherprop',
+)
