@@ -517,21 +517,27 @@ def convert(src: str | os.PathLike, arch: str | None = None, *, format: str = 'a
     if arch is None:
       raise ConversionError(f'{src}: {e}. Nothing fits; pass --arch to convert it anyway.') from None
     why = str(e)
+  recognised = net
   if arch is None:
     arch = net.arch
-    if log:
-      log(f'recognised {net.name} ({why}) -> arch {arch}')
-  elif net is not None and net.arch != arch:
+  if net is not None and net.arch != arch:
     net = None  # --arch overrides: generic metadata for that arch
   elif net is not None and log:
-    log(f'recognised {net.name} ({why})')
+    log(f'recognised {net.name} ({why}) -> arch {arch}')
   if modality is not None and (net is None or len(net.modalities) != 1):
     raise ConversionError(f'--modality is for the NYUD colour / HHA nets; {src} is not one of them')
   if net is not None and num_classes is None:
     num_classes = net.num_classes
-  variables, info = import_weights(state, arch, num_classes=num_classes, width=width,
-                                   init_missing_heads=init_missing_heads,
-                                   learnable_upsampling=learnable_upsampling)
+  try:
+    variables, info = import_weights(state, arch, num_classes=num_classes, width=width,
+                                     init_missing_heads=init_missing_heads,
+                                     learnable_upsampling=learnable_upsampling)
+  except ConversionError as e:
+    if recognised is not None and recognised.arch != arch:
+      raise ConversionError(f'{src} is the reference net {recognised.name} ({why}), arch '
+                            f'{recognised.arch}: convert it without --arch (or with --arch '
+                            f'{recognised.arch}).\n{e}') from None
+    raise
   prep = preprocessing or (net.modalities[0][1] if net is not None else
                            'caffe_bgr' if fmt == 'caffemodel' else info['preprocessing'])
   preprocessing_lib.get(prep)  # validates the name

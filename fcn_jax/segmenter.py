@@ -99,6 +99,14 @@ class Segmenter:
   def palette(self):
     return self.palette_of()
 
+  def require_single_colour_net(self, what: str) -> None:
+    """Raises UserError for a net with several heads or inputs besides colour (for the tools that
+    do not handle them yet: export, serve)."""
+    if len(self.head_names) > 1 or self.modality_names != ['color']:
+      raise UserError(f'{what} handles single-headed colour nets for now; this checkpoint has heads '
+                      f'{", ".join(self.head_names)} and inputs {" + ".join(self.modality_names)}. '
+                      f'Use python -m fcn_jax.predict (or fcn_jax.segmenter.Segmenter) instead')
+
   @property
   def modality_names(self) -> list[str]:
     return [m['name'] for m in self.modalities]

@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
   a = p.parse_args(argv)
   from fcn_jax.segmenter import Segmenter
   segmenter = Segmenter.load(a.checkpoint, which=a.which, batch_size=1, dtype=a.dtype)
+  segmenter.require_single_colour_net('fcn_jax.serve')
   service = Service(segmenter, max_bytes=a.max_bytes, max_size=a.max_size)
   try:
     server = make_server(service, a.host, a.port)

@@ -158,24 +158,40 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, varia
                     batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params), rng=rng)
 
 
+def label_key(model: nn.Module, head: str) -> str:
+  """The batch key of a head's labels: 'label' for a single-headed net, else 'label_<head>'
+  (SIFT Flow: label_semantic, label_geometric)."""
+  return 'label' if len(model.head_names) == 1 else f'label_{head}'
+
+
+def per_head(model: nn.Module, outputs) -> dict[str, jax.Array]:
+  """The model's scores by head name (a single-headed net returns one array)."""
+  return outputs if isinstance(outputs, dict) else {model.head_names[0]: outputs}
+
+
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
                normalize_loss: bool, num_classes: int,
                class_weights: tuple[float, ...] | None = None) -> tuple[TrainState, dict]:
-  """One pure SGD micro-step. batch: image (N, H, W, 3) float32, label (N, H, W) int32."""
+  """One pure SGD micro-step. batch: image (N, H, W, C) float32 (the modalities concatenated),
+  label (N, H, W) int32 (several heads: label_<head> each). The loss sums the heads' losses (the
+  reference SIFT Flow nets: semantic + geometric); the pixel accuracy is the first head's."""
   dropout_rng = jax.random.fold_in(state.rng, state.step)
+  first = model.head_names[0]
 
   def loss_fn(params):
-    logits = model.apply(state.variables(params), batch['image'], train=True,
-                         rngs={'dropout': dropout_rng})
+    logits = per_head(model, model.apply(state.variables(params), batch['image'], train=True,
+                                         rngs={'dropout': dropout_rng}))
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
-    return losses.cross_entropy(logits, batch['label'], normalize=normalize_loss,
-                                class_weights=weights), logits
+    total = sum(losses.cross_entropy(logits[h], batch[label_key(model, h)], normalize=normalize_loss,
+                                     class_weights=weights if h == first else None)
+                for h in model.head_names)
+    return total, logits[first]
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  labels = batch['label']
-  valid = (labels >= 0) & (labels < num_classes)
+  labels = batch[label_key(model, first)]
+  valid = (labels >= 0) & (labels < model.num_classes[0])
   correct = (jnp.argmax(logits, -1) == labels) & valid
   step_metrics = {
       'loss': loss,
@@ -188,12 +204,19 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
   return new_state, step_metrics
 
 
-def eval_step(variables: dict, batch: dict, confusion: jax.Array, *, model: nn.Module,
-              num_classes: int) -> tuple[jax.Array, jax.Array]:
-  """Adds the batch's confusion matrix to `confusion` on device; returns it and the predictions."""
-  logits = model.apply(variables, batch['image'], train=False)
-  predictions = jnp.argmax(logits, -1).astype(jnp.int32)
-  return confusion + metrics_lib.confusion_matrix(batch['label'], predictions, num_classes), predictions
+def eval_step(variables: dict, batch: dict, confusion: dict, *, model: nn.Module,
+              num_classes: int) -> tuple[dict, jax.Array]:
+  """Adds the batch's confusion matrices ({head: matrix}) to `confusion` on device; returns them
+  and the first head's predictions."""
+  del num_classes  # the model's own, per head
+  logits = per_head(model, model.apply(variables, batch['image'], train=False))
+  out, first = {}, None
+  for head, n in zip(model.head_names, model.num_classes):
+    predictions = jnp.argmax(logits[head], -1).astype(jnp.int32)
+    first = predictions if first is None else first
+    out[head] = confusion[head] + metrics_lib.confusion_matrix(batch[label_key(model, head)],
+                                                               predictions, n)
+  return out, first
 
 
 def compile_train_step(model, tx, mesh: Mesh, *, normalize_loss: bool, num_classes: int,
@@ -237,7 +260,8 @@ def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *, num_
     variables = host_copy(variables)
     mesh = make_mesh(local)
   variables = replicate(variables, mesh)
-  confusion = replicate(jnp.zeros((num_classes, num_classes), jnp.int32), mesh)
+  confusion = replicate({h: jnp.zeros((n, n), jnp.int32)
+                         for h, n in zip(model.head_names, model.num_classes)}, mesh)
   steps: dict[bool, Callable] = {}
   kept = []
   iterator = batches
@@ -249,17 +273,22 @@ def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *, num_
     sharded = n % mesh.devices.size == 0
     if sharded not in steps:
       steps[sharded] = compile_eval_step(model, mesh, num_classes=num_classes, batch_sharded=sharded)
-    device_batch = (shard_batch(batch, mesh) if sharded
-                    else {k: replicate(np.asarray(batch[k]), mesh) for k in ('image', 'label')})
+    keys = ['image'] + [label_key(model, h) for h in model.head_names]
+    device_batch = (shard_batch({k: batch[k] for k in keys}, mesh) if sharded
+                    else {k: replicate(np.asarray(batch[k]), mesh) for k in keys})
     confusion, predictions = steps[sharded](variables, device_batch, confusion)
     if len(kept) < keep_predictions:
       local_preds = np.asarray(predictions)
       names = batch.get('file_name', [''] * len(local_preds))
       for i in range(min(len(local_preds), keep_predictions - len(kept))):
-        if (batch['label'][i] != 255).any():
-          kept.append((str(names[i]), batch['image'][i], batch['label'][i], local_preds[i]))
-  confusion = distributed.sum_across_processes(np.asarray(jax.device_get(confusion)))
-  scores = metrics_lib.segmentation_scores(confusion)
+        first_labels = batch[label_key(model, model.head_names[0])]
+        if (first_labels[i] != 255).any():
+          kept.append((str(names[i]), batch['image'][i], first_labels[i], local_preds[i]))
+  by_head = {h: metrics_lib.segmentation_scores(
+      distributed.sum_across_processes(np.asarray(jax.device_get(c)))) for h, c in confusion.items()}
+  scores = dict(by_head[model.head_names[0]])
+  if len(by_head) > 1:  # the first head's scores drive "best"; every head's are kept
+    scores['heads'] = by_head
   return scores, kept
 
 

@@ -132,3 +132,88 @@ def test_late_fusion_needs_the_hha_dir(tmp_path, capsys):
 def test_readme_lists_every_reference_net():
   readme = (pathlib.Path(__file__).parents[1] / 'README.md').read_text()
   assert zoo.markdown_table() in readme, 'README table out of date: python -m fcn_jax.zoo'
+
+
+def _numpy_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+  """Mean softmax cross-entropy over the pixels labelled with a class (255 ignored)."""
+  z = logits.astype(np.float64)
+  log_p = z - z.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  valid = labels != 255
+  picked = np.take_along_axis(log_p, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+  return float(-(picked * valid).sum() / max(valid.sum(), 1))
+
+
+def test_two_heads_train_on_the_summed_loss_and_evaluate_both():
+  import jax
+  import optax
+  from fcn_jax import models, train
+  model = models.build('fcn16s_two_heads', num_classes=(5, 3), width=1 / 16, dropout_rate=0.0)
+  variables = models.init_variables(model, jax.random.key(0))
+  # Non-zero score layers, so that both heads' scores (and losses) depend on the input.
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: (rng.normal(0, 0.1, x.shape).astype(np.float32)
+                       if str(path[0].key).startswith('score_') else x), variables['params'])
+  tx = optax.sgd(1e-3)
+  state = train.create_train_state(model, tx, {'params': params}, jax.random.key(1))
+  labels = rng.integers(0, 5, (2, 37, 41)).astype(np.int32)
+  geometric = rng.integers(0, 3, (2, 37, 41)).astype(np.int32)
+  geometric[:, :5] = 255
+  batch = {'image': rng.normal(0, 1, (2, 37, 41, 3)).astype(np.float32),
+           'label_semantic': labels, 'label_geometric': geometric}
+  outputs = model.apply({'params': params}, batch['image'])
+  assert set(outputs) == {'semantic', 'geometric'}
+  assert outputs['semantic'].shape == (2, 37, 41, 5) and outputs['geometric'].shape == (2, 37, 41, 3)
+  expected = (_numpy_cross_entropy(np.asarray(outputs['semantic']), labels)
+              + _numpy_cross_entropy(np.asarray(outputs['geometric']), geometric))
+  new_state, step_metrics = train.train_step(state, batch, model=model, tx=tx, normalize_loss=True,
+                                             num_classes=5)
+  assert float(step_metrics['loss']) == pytest.approx(expected, rel=1e-5)
+  for layer in ('score_fr_sem', 'score_fr_geo', 'score_pool4_geo', 'fc7'):
+    assert not np.allclose(new_state.params[layer]['kernel'], params[layer]['kernel']), layer
+  for frozen in ('upscore16_sem', 'upscore16_geo'):
+    assert frozen in model.frozen_modules()
+  scores, _ = train.evaluate(model, {'params': params}, [batch], num_classes=5)
+  assert set(scores['heads']) == {'semantic', 'geometric'}
+  predicted = np.argmax(np.asarray(outputs['geometric']), -1)
+  valid = geometric != 255
+  assert scores['heads']['geometric']['pixel_acc'] == pytest.approx(
+      (predicted == geometric)[valid].mean())
+  assert scores['mean_iu'] == scores['heads']['semantic']['mean_iu']
+
+
+def test_fusion_nets_take_their_modalities_concatenated():
+  import jax
+  from fcn_jax import models
+  early = models.build('fcn32s_early_fusion', width=1 / 16)
+  assert early.arch.input_channels == 4
+  late = models.build('fcn32s_late_fusion', width=1 / 16)
+  variables = models.init_variables(late, jax.random.key(0))
+  assert {'conv1_1color', 'conv1_1hha', 'score_frcolor', 'score_frhha', 'upscore'} <= set(
+      variables['params'])
+  with pytest.raises(ValueError, match=r'\(N, H, W, 6\)'):
+    late.apply(variables, np.zeros((1, 33, 33, 3), np.float32))
+
+
+def test_caffenet_alexnet_under_the_torchvision_arch_names_the_reference_net(tmp_path, capsys):
+  src, _, _ = write_caffemodel(tmp_path, 'voc-fcn-alexnet')
+  assert convert.main([str(src), '--out', str(tmp_path / 'ckpt'), '--arch', 'fcn_alexnet']) == 2
+  err = capsys.readouterr().err
+  assert 'the reference net voc-fcn-alexnet' in err and 'fcn_alexnet_caffe' in err
+  assert 'width 1.5' not in err
+
+
+def test_export_and_serve_refuse_two_heads_clearly(tmp_path):
+  from fcn_jax import export, segmenter
+  from fcn_jax.errors import UserError
+  src, _, _ = write_caffemodel(tmp_path, 'siftflow-fcn32s')
+  assert convert.main([str(src), '--out', str(tmp_path / 'ckpt')]) == 0
+  with pytest.raises(UserError, match='single-headed colour nets'):
+    export.export_checkpoint(tmp_path / 'ckpt', tmp_path / 'model.fcnx')
+  seg = segmenter.Segmenter.load(tmp_path / 'ckpt')
+  with pytest.raises(UserError, match='heads semantic, geometric'):
+    seg.require_single_colour_net('fcn_jax.serve')
+  labels = seg([np.zeros((33, 35, 3), np.uint8)])
+  assert set(labels[0]) == {'semantic', 'geometric'} and labels[0]['geometric'].shape == (33, 35)
+  assert seg.class_names_of('geometric') == ['sky', 'horizontal', 'vertical']

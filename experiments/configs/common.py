@@ -24,9 +24,10 @@ PRESETS = ('paper', 'heavy', 'demo')
 PREDECESSOR = {'fcn16s': 'fcn32s', 'fcn8s': 'fcn16s'}
 
 PAPER_LR = {'fcn32s': 1e-4, 'fcn16s': 1e-6, 'fcn8s': 1e-8, 'fcn8s_atonce': 1e-4,
-            'fcn_alexnet': 1e-3, 'fcn_googlenet': 5e-5}
+            'fcn_alexnet': 1e-3, 'fcn_alexnet_caffe': 1e-3, 'fcn_googlenet': 5e-5}
 HEAVY_LR = {'fcn32s': 1e-10, 'fcn16s': 1e-12, 'fcn8s': 1e-14, 'fcn8s_atonce': 1e-10,
-            'fcn_alexnet': 1e-10, 'fcn_googlenet': 1e-10}
+            'fcn_alexnet': 1e-10, 'fcn_alexnet_caffe': 1e-10, 'fcn_googlenet': 1e-10}
+ALEXNETS = ('fcn_alexnet', 'fcn_alexnet_caffe')
 
 
 def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
@@ -109,7 +110,7 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
     c.optim.momentum = 0.99
     c.optim.learning_rate = HEAVY_LR[arch]
     c.num_train_steps = 300_000 if arch == 'fcn8s_atonce' else 100_000
-    if arch == 'fcn_alexnet':  # Caffe voc-fcn-alexnet: normalised loss, lr 1e-4, iter_size 20
+    if arch in ALEXNETS:  # Caffe voc-fcn-alexnet: normalised loss, lr 1e-4, iter_size 20
       c.loss_normalize, c.optim.learning_rate, c.optim.momentum, c.accumulate_steps = True, 1e-4, 0.9, 20
   elif preset == 'demo':
     # From scratch (no ImageNet weights can be assumed), 1/16 width, on a 2-core CPU in minutes:
@@ -131,7 +132,7 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
     c.crop_size = 128
     c.flip = True
     # FCN-32s learns the classes; the skip stages then fine-tune from it (new score layers at zero).
-    c.num_train_steps = 1000 if arch in ('fcn32s', 'fcn8s_atonce', 'fcn_alexnet', 'fcn_googlenet') else 300
+    c.num_train_steps = 1000 if arch in ('fcn32s', 'fcn8s_atonce', 'fcn_googlenet') + ALEXNETS else 300
     c.optim.algorithm = 'adam'
     c.optim.learning_rate = 1e-3
     c.optim.momentum = 0.9
