@@ -139,6 +139,9 @@ def metadata_from_config(config: ml_collections.ConfigDict, classes=None) -> dic
   if classes is not None:
     extra = {'palette': np.asarray(classes.palette).tolist(), 'ignore_label': int(classes.ignore_label),
              'dataset': config.dataset.name}
+  modalities, _ = input_layout(config)
+  if modalities:
+    extra['modalities'] = [{'name': m, 'preprocessing': p} for m, p in modalities]
   return {
       **ckpt_lib.model_metadata(model_config(config)),
       'preprocessing': config.preprocessing,
@@ -375,11 +378,13 @@ def train_iterator(config: ml_collections.ConfigDict, source, *, batch_size: int
   """This process's training batches (`batch_size` of the global config.batch_size images): a grain
   iterator over its shard of the examples, with get_state() / set_state()."""
   from fcn_jax.data import pipeline
+  modalities, heads = input_layout(config)
   loader = pipeline.train_loader(
       source, batch_size=batch_size, crop_size=config.crop_size,
       preprocessing=config.preprocessing, seed=config.seed,
       scale_range=tuple(config.scale_range) if config.scale_range else None, flip=config.flip,
-      worker_count=config.data_workers, shard_index=shard_index, shard_count=shard_count)
+      worker_count=config.data_workers, shard_index=shard_index, shard_count=shard_count,
+      modalities=modalities, heads=heads)
   return iter(loader)
 
 
@@ -426,12 +431,21 @@ def local_data_state(data_state: Any) -> Any:
   return None
 
 
+def input_layout(config: ml_collections.ConfigDict) -> tuple[list | None, list[str]]:
+  """(modalities, head names) of the configured net: config.modalities [(name, preprocessing)]
+  for a net with several inputs (None: the colour image with config.preprocessing), and the
+  arch's heads. The pipelines put every modality and label map through the same crop and flip."""
+  modalities = [tuple(m) for m in config.get('modalities', ())] or None
+  return modalities, [h.name for h in models.ARCHS[config.arch].heads]
+
+
 def eval_batches(config: ml_collections.ConfigDict, source) -> Iterable[dict]:
   from fcn_jax.data import pipeline
+  modalities, heads = input_layout(config)
   return pipeline.eval_batches(
       source, preprocessing=config.preprocessing, batch_size=config.eval_batch_size,
       pad_to=config.eval_pad_to or None, shard_index=jax.process_index(),
-      shard_count=jax.process_count())
+      shard_count=jax.process_count(), modalities=modalities, heads=heads)
 
 
 def resolve_num_updates(config: ml_collections.ConfigDict, num_train_images: int) -> int:

@@ -217,3 +217,62 @@ def test_export_and_serve_refuse_two_heads_clearly(tmp_path):
   labels = seg([np.zeros((33, 35, 3), np.uint8)])
   assert set(labels[0]) == {'semantic', 'geometric'} and labels[0]['geometric'].shape == (33, 35)
   assert seg.class_names_of('geometric') == ['sky', 'horizontal', 'vertical']
+
+
+def _png(array: np.ndarray) -> bytes:
+  import io
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+@pytest.mark.parametrize('scale_range', [None, (0.7, 1.4)])
+def test_training_transform_crops_every_modality_and_label_alike(scale_range):
+  from fcn_jax import preprocessing
+  from fcn_jax.data import pipeline
+  rng = np.random.default_rng(0)
+  h, w = 57, 83
+  # Every plane encodes its own pixel position, so a plane cropped elsewhere shows.
+  rows, cols = np.mgrid[0:h, 0:w]
+  rgb = np.stack([rows * 4 % 256, cols * 3 % 256, (rows + cols) % 256], -1).astype(np.uint8)
+  hha = rgb[..., ::-1].copy()
+  depth = (1000 + rows * 100 + cols).astype(np.uint16)
+  semantic = ((rows // 4 + cols // 4) % 33).astype(np.uint8)
+  geometric = ((rows // 8) % 3).astype(np.uint8)
+  record = {'image': _png(rgb), 'hha': _png(hha), 'depth': _png(depth), 'file_name': b'x',
+            'segmentation_mask_semantic': _png(semantic), 'segmentation_mask_geometric': _png(geometric)}
+  modalities = [('color', 'nyud_bgr'), ('hha', 'nyud_hha'), ('depth', 'nyud_log_depth')]
+  transform = pipeline.TrainTransform(crop_size=40, preprocessing='nyud_bgr', flip=True,
+                                      scale_range=scale_range, modalities=modalities,
+                                      heads=['semantic', 'geometric'])
+  for seed in range(6):
+    out = transform.random_map(record, np.random.default_rng(seed))
+    assert out['image'].shape == (40, 40, 7)
+    assert set(out) == {'image', 'label_semantic', 'label_geometric'}
+    if scale_range is None:  # exact: undo each preprocessing and compare with the same window
+      color = preprocessing.get('nyud_bgr')
+      back = out['image'][..., :3][..., ::-1] + np.asarray(color.mean[::-1], np.float32)
+      hha_back = out['image'][..., 3:6] + np.asarray(preprocessing.get('nyud_hha').mean, np.float32)
+      depth_back = np.exp(out['image'][..., 6] + 7.844)
+      ys, xs = np.nonzero(out['label_semantic'] != 255)
+      assert len(ys), 'the window holds no pixel of the image'
+      # Each plane's pixel says where in the image it came from: they must agree everywhere.
+      assert np.allclose(hha_back[..., ::-1], back, atol=1e-3)
+      r, c = np.round(back[..., 0] / 4).astype(int), np.round(back[..., 1] / 3).astype(int)
+      d = np.round(depth_back).astype(int) - 1000
+      assert np.array_equal(d[ys, xs] // 100, r[ys, xs]) and np.array_equal(d[ys, xs] % 100, c[ys, xs])
+      assert np.array_equal(out['label_geometric'][ys, xs], (r[ys, xs] // 8) % 3)
+      assert np.array_equal(out['label_semantic'][ys, xs], (r[ys, xs] // 4 + c[ys, xs] // 4) % 33)
+    else:  # resampled: the labels and modalities still share one window
+      valid = out['label_geometric'] != 255
+      assert np.array_equal(valid, out['label_semantic'] != 255)
+      assert np.array_equal(valid, np.any(out['image'] != 0, axis=-1) | valid)
+  # Evaluation: the same modalities and heads, native size and padded.
+  for pad_to in (None, 96):
+    (batch,) = list(pipeline.eval_batches([record], preprocessing='nyud_bgr', pad_to=pad_to,
+                                          modalities=modalities, heads=['semantic', 'geometric']))
+    side = (h, w) if pad_to is None else (96, 96)
+    assert batch['image'].shape == (1, *side, 7)
+    assert np.array_equal(batch['label_geometric'][0, :h, :w], geometric)
+    assert np.array_equal(batch['label_semantic'][0, :h, :w], semantic)
+    assert np.allclose(np.exp(batch['image'][0, :h, :w, 6] + 7.844), depth, rtol=1e-5)

@@ -16,6 +16,7 @@ Throughput: `python -m fcn_jax.data.pipeline --benchmark`.
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import time
 from collections.abc import Iterator
@@ -25,7 +26,8 @@ import numpy as np
 from PIL import Image
 
 from fcn_jax import preprocessing as preprocessing_lib
-from fcn_jax.data import IGNORE_LABEL, DataError, decode_example, file_name as _file_name
+from fcn_jax.data import (IGNORE_LABEL, DataError, decode_example, decode_image, decode_mask,
+                          file_name as _file_name)
 
 
 def rescale(image: np.ndarray, label: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -46,22 +48,49 @@ def crop_or_pad(image: np.ndarray, label: np.ndarray, crop_size: int, rng: np.ra
   The image is preprocessed and placed on a zero canvas (0 = the mean after preprocessing); the label canvas is
   255. Where the image is smaller than crop_size it is placed at a random offset (top-left if rng is None).
   """
-  h, w = label.shape
+  (out_image,), (out_label,) = crop_or_pad_planes([(image, preprocess)], [label], crop_size, rng)
+  return out_image, out_label
+
+
+def _windows(sizes, crop_size: int, rng: np.random.Generator | None) -> tuple[list, list]:
+  """Per dimension: the source window (start, stop) and the destination slice of the canvas."""
   src, dst = [], []
-  for dim in (h, w):
+  for dim in sizes:
     if dim >= crop_size:
       off = int(rng.integers(0, dim - crop_size + 1)) if rng is not None else (dim - crop_size) // 2
-      src.append(slice(off, off + crop_size))
+      src.append((off, off + crop_size))
       dst.append(slice(0, crop_size))
     else:
       off = int(rng.integers(0, crop_size - dim + 1)) if rng is not None else 0
-      src.append(slice(0, dim))
+      src.append((0, dim))
       dst.append(slice(off, off + dim))
-  out_image = np.zeros((crop_size, crop_size, 3), np.float32)
-  out_label = np.full((crop_size, crop_size), IGNORE_LABEL, np.int32)
-  out_image[dst[0], dst[1]] = preprocess(image[src[0], src[1]])
-  out_label[dst[0], dst[1]] = label[src[0], src[1]]
-  return out_image, out_label
+  return src, dst
+
+
+def _canvases(inputs, labels, crop_size: int, dst: list) -> tuple[list, list]:
+  """Preprocessed inputs on zero canvases, labels on 255 canvases, at `dst`."""
+  out_inputs = []
+  for array, preprocess in inputs:
+    x = preprocess(array)
+    canvas = np.zeros((crop_size, crop_size, x.shape[-1]), np.float32)
+    canvas[dst[0], dst[1]] = x
+    out_inputs.append(canvas)
+  out_labels = []
+  for label in labels:
+    canvas = np.full((crop_size, crop_size), IGNORE_LABEL, np.int32)
+    canvas[dst[0], dst[1]] = label
+    out_labels.append(canvas)
+  return out_inputs, out_labels
+
+
+def crop_or_pad_planes(inputs: list, labels: list, crop_size: int,
+                       rng: np.random.Generator | None) -> tuple[list, list]:
+  """crop_or_pad for several aligned planes: every (input, preprocess) and label map gets the same
+  window (one draw of the offsets), so the modalities and the heads' labels stay registered."""
+  src, dst = _windows(labels[0].shape, crop_size, rng)
+  (y0, y1), (x0, x1) = src
+  return _canvases([(a[y0:y1, x0:x1], p) for a, p in inputs], [l[y0:y1, x0:x1] for l in labels],
+                   crop_size, dst)
 
 
 def _ensure_absl_flags_parsed():
@@ -71,67 +100,119 @@ def _ensure_absl_flags_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-class TrainTransform(grain.RandomMapTransform):
-  """record -> {'image': float32 (crop, crop, 3), 'label': int32 (crop, crop)}. Picklable (worker processes)."""
+# Where a record keeps each input modality and each head's labels (the colour image and the single
+# head's mask as in the VOC builders; the NYUD / SIFT Flow builders add the others).
+MODALITY_FEATURES = {'color': 'image', 'hha': 'hha', 'depth': 'depth'}
 
-  def __init__(self, *, crop_size: int, preprocessing: str, scale_range=None, flip: bool = True):
+
+def label_feature(head: str | None) -> str:
+  return 'segmentation_mask' if head is None else f'segmentation_mask_{head}'
+
+
+def batch_label_key(head: str | None) -> str:
+  """The batch key of a head's labels (as fcn_jax.train.label_key)."""
+  return 'label' if head is None else f'label_{head}'
+
+
+def decode_planes(record, modalities: list[str], heads: list[str] | None = None):
+  """A record's input modalities ({name: array}) and label maps ({head or None: uint8 (H, W)})."""
+  inputs = {}
+  for name in modalities:
+    data = record[MODALITY_FEATURES[name]]
+    if name == 'depth':
+      inputs[name] = data if isinstance(data, np.ndarray) and data.dtype != object else np.asarray(
+          Image.open(io.BytesIO(bytes(data))))
+    else:
+      inputs[name] = decode_image(data)
+  labels = {h: decode_mask(record[label_feature(h)]) for h in (heads or [None])}
+  return inputs, labels
+
+
+class TrainTransform(grain.RandomMapTransform):
+  """record -> {'image': float32 (crop, crop, C), 'label': int32 (crop, crop)}. Picklable (worker processes).
+
+  `modalities` [(name, preprocessing)] (default: the colour image with `preprocessing`) are each
+  preprocessed and concatenated into 'image'; several `heads` give 'label_<head>' each. One random
+  scale, crop window and flip apply to every modality and label map.
+  """
+
+  def __init__(self, *, crop_size: int, preprocessing: str, scale_range=None, flip: bool = True,
+               modalities: list[tuple[str, str]] | None = None, heads: list[str] | None = None):
     self.crop_size = int(crop_size)
     self.preprocessing = preprocessing
-    self._preprocess = preprocessing_lib.get(preprocessing)
+    self.modalities = list(modalities or [('color', preprocessing)])
+    self._preprocess = [preprocessing_lib.get(p) for _, p in self.modalities]
+    self.heads = list(heads) if heads and len(heads) > 1 else None
     self.scale_range = tuple(scale_range) if scale_range is not None else None
     self.flip = flip
 
   def random_map(self, element, rng: np.random.Generator):
-    image, label = decode_example(element)
-    if image.shape[:2] != label.shape:
-      raise ValueError(f'{_file_name(element)}: image {image.shape[:2]} and label {label.shape} differ in size')
+    inputs, labels = decode_planes(element, [m for m, _ in self.modalities], self.heads)
+    size = next(iter(labels.values())).shape
+    for name, array in list(inputs.items()) + [(f'label {h}', l) for h, l in labels.items()]:
+      if array.shape[:2] != size:
+        raise ValueError(f'{_file_name(element)}: {name} {array.shape[:2]} and the label {size} '
+                         f'differ in size')
     scale = float(rng.uniform(*self.scale_range)) if self.scale_range is not None else 1.0
-    image, label = scaled_crop_or_pad(image, label, self.crop_size, scale, rng, self._preprocess)
+    planes = [(inputs[m], p) for (m, _), p in zip(self.modalities, self._preprocess)]
+    out_inputs, out_labels = scaled_crop_or_pad_planes(planes, list(labels.values()), self.crop_size,
+                                                       scale, rng)
     if self.flip and rng.random() < 0.5:
-      image, label = image[:, ::-1], label[:, ::-1]
-    return {'image': np.ascontiguousarray(image), 'label': np.ascontiguousarray(label)}
+      out_inputs = [x[:, ::-1] for x in out_inputs]
+      out_labels = [l[:, ::-1] for l in out_labels]
+    image = out_inputs[0] if len(out_inputs) == 1 else np.concatenate(out_inputs, axis=-1)
+    out = {'image': np.ascontiguousarray(image)}
+    for head, label in zip(labels, out_labels):
+      out[batch_label_key(head)] = np.ascontiguousarray(label)
+    return out
 
 
 def scaled_crop_or_pad(image: np.ndarray, label: np.ndarray, crop_size: int, scale: float,
                        rng: np.random.Generator, preprocess) -> tuple[np.ndarray, np.ndarray]:
   """Equivalent to rescale() then crop_or_pad() (up to resampling rounding), but only the cropped window is resampled (PIL resize with a
   source box), so scales > 1 cost no more than the crop itself."""
+  (out_image,), (out_label,) = scaled_crop_or_pad_planes([(image, preprocess)], [label], crop_size,
+                                                         scale, rng)
+  return out_image, out_label
+
+
+def _resize(array: np.ndarray, size, box, resample) -> np.ndarray:
+  """PIL resize of a window; 8-bit images as they are, other arrays (16-bit depth) as float32."""
+  if array.dtype == np.uint8:
+    return np.asarray(Image.fromarray(array).resize(size, resample, box=box))
+  return np.asarray(Image.fromarray(np.asarray(array, np.float32), mode='F').resize(size, resample, box=box))
+
+
+def scaled_crop_or_pad_planes(inputs: list, labels: list, crop_size: int, scale: float,
+                              rng: np.random.Generator) -> tuple[list, list]:
+  """scaled_crop_or_pad for several aligned planes (the same scale and window for all): inputs
+  resampled bilinearly, labels by nearest neighbour."""
   if scale == 1.0:
-    return crop_or_pad(image, label, crop_size, rng, preprocess)
-  h, w = label.shape
+    return crop_or_pad_planes(inputs, labels, crop_size, rng)
+  h, w = labels[0].shape
   nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-  win, dst = [], []
-  for n in (nh, nw):
-    if n >= crop_size:
-      off = int(rng.integers(0, n - crop_size + 1))
-      win.append((off, off + crop_size))
-      dst.append(slice(0, crop_size))
-    else:
-      off = int(rng.integers(0, crop_size - n + 1))
-      win.append((0, n))
-      dst.append(slice(off, off + n))
+  win, dst = _windows((nh, nw), crop_size, rng)
   sy, sx = nh / h, nw / w
   (y0, y1), (x0, x1) = win
   box = (x0 / sx, y0 / sy, x1 / sx, y1 / sy)
   size = (x1 - x0, y1 - y0)
-  image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR, box=box))
-  label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST, box=box))
-  out_image = np.zeros((crop_size, crop_size, 3), np.float32)
-  out_label = np.full((crop_size, crop_size), IGNORE_LABEL, np.int32)
-  out_image[dst[0], dst[1]] = preprocess(image)
-  out_label[dst[0], dst[1]] = label
-  return out_image, out_label
+  return _canvases([(_resize(a, size, box, Image.BILINEAR), p) for a, p in inputs],
+                   [_resize(l, size, box, Image.NEAREST) for l in labels], crop_size, dst)
 
 
 def train_loader(source, *, batch_size: int, crop_size: int, preprocessing: str, seed: int,
                  scale_range: tuple[float, float] | None = None, flip: bool = True, worker_count: int = 0,
-                 shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None) -> grain.DataLoader:
+                 shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
+                 modalities: list[tuple[str, str]] | None = None,
+                 heads: list[str] | None = None) -> grain.DataLoader:
   """Training batches {'image': float32 (B, crop, crop, 3), 'label': int32 (B, crop, crop), 255 = ignore}.
 
   batch_size is per process; shard_index / shard_count split the examples between processes (each process sees a
   disjoint, equally sized part; the remainder is dropped). Every epoch is reshuffled from `seed`; the last partial
   batch of the (finite) stream is dropped so shapes stay fixed. num_epochs=None repeats forever.
   iter(loader) gives a grain iterator with get_state() / set_state() for checkpointing.
+  `modalities` and `heads`: see TrainTransform (several inputs concatenated into 'image', several
+  heads' labels as 'label_<head>').
   """
   preprocessing_lib.get(preprocessing)  # fail fast on a bad name
   if batch_size < 1 or crop_size < 1:
@@ -145,7 +226,8 @@ def train_loader(source, *, batch_size: int, crop_size: int, preprocessing: str,
   shard = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
   sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True,
                                num_epochs=num_epochs, seed=seed)
-  ops = [TrainTransform(crop_size=crop_size, preprocessing=preprocessing, scale_range=scale_range, flip=flip),
+  ops = [TrainTransform(crop_size=crop_size, preprocessing=preprocessing, scale_range=scale_range, flip=flip,
+                        modalities=modalities, heads=heads),
          grain.Batch(batch_size=batch_size, drop_remainder=True)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops, worker_count=worker_count,
                           worker_buffer_size=2,
@@ -153,50 +235,64 @@ def train_loader(source, *, batch_size: int, crop_size: int, preprocessing: str,
 
 
 def eval_batches(source, *, preprocessing: str, batch_size: int = 1, pad_to: int | None = None,
-                 shard_index: int = 0, shard_count: int = 1) -> Iterator[dict]:
+                 shard_index: int = 0, shard_count: int = 1,
+                 modalities: list[tuple[str, str]] | None = None,
+                 heads: list[str] | None = None) -> Iterator[dict]:
   """Deterministic evaluation batches; each example exactly once (over all shards), in source order.
 
-  pad_to=None (requires batch_size=1): native size, {'image': (1, H, W, 3), 'label': (1, H, W)}.
-  pad_to=S: {'image': (B, S, S, 3), 'label': (B, S, S)}: top-left aligned, image padded with 0 (the mean after
+  pad_to=None (requires batch_size=1): native size, {'image': (1, H, W, C), 'label': (1, H, W)}.
+  pad_to=S: {'image': (B, S, S, C), 'label': (B, S, S)}: top-left aligned, image padded with 0 (the mean after
   preprocessing), label with 255; the last batch is filled with all-255 dummy examples (file_name '') and every
   shard yields the same number of batches (what multi-host evaluation needs). Labels are int32.
+  `modalities` / `heads` as in train_loader ('image' concatenates the modalities; 'label_<head>').
   """
-  preprocess = preprocessing_lib.get(preprocessing)
+  modalities = list(modalities or [('color', preprocessing)])
+  preprocess = [(m, preprocessing_lib.get(p)) for m, p in modalities]
+  heads = list(heads) if heads and len(heads) > 1 else None
   if pad_to is None and batch_size != 1:
     raise ValueError('batch_size > 1 needs pad_to (VOC images differ in size)')
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index {shard_index} outside [0, {shard_count})')
-  return _eval_iter(source, preprocess, batch_size, pad_to, shard_index, shard_count)
+  return _eval_iter(source, preprocess, heads, batch_size, pad_to, shard_index, shard_count)
 
 
-def _eval_iter(source, preprocess, batch_size, pad_to, shard_index, shard_count):
+def _eval_example(record, preprocess, heads) -> tuple[np.ndarray, dict]:
+  inputs, labels = decode_planes(record, [m for m, _ in preprocess], heads)
+  parts = [p(inputs[m]) for m, p in preprocess]
+  return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)), labels
+
+
+def _eval_iter(source, preprocess, heads, batch_size, pad_to, shard_index, shard_count):
   n = len(source)
   indices = list(range(shard_index, n, shard_count))
   if pad_to is None:
     for i in indices:
       record = source[i]
-      image, label = decode_example(record)
-      yield {'image': preprocess(image)[None], 'label': label.astype(np.int32)[None],
-             'file_name': [_file_name(record)]}
+      image, labels = _eval_example(record, preprocess, heads)
+      yield {'image': image[None], 'file_name': [_file_name(record)],
+             **{batch_label_key(h): l.astype(np.int32)[None] for h, l in labels.items()}}
     return
   per_shard = math.ceil(n / shard_count)
   num_batches = math.ceil(per_shard / batch_size)
+  channels = sum(p.channels for _, p in preprocess)
   for b in range(num_batches):
-    images = np.zeros((batch_size, pad_to, pad_to, 3), np.float32)
-    labels = np.full((batch_size, pad_to, pad_to), IGNORE_LABEL, np.int32)
+    images = np.zeros((batch_size, pad_to, pad_to, channels), np.float32)
+    labels = {batch_label_key(h): np.full((batch_size, pad_to, pad_to), IGNORE_LABEL, np.int32)
+              for h in (heads or [None])}
     names = [''] * batch_size
     for j, i in enumerate(indices[b * batch_size:(b + 1) * batch_size]):
       record = source[i]
-      image, label = decode_example(record)
-      h, w = label.shape
+      image, example_labels = _eval_example(record, preprocess, heads)
+      h, w = image.shape[:2]
       if h > pad_to or w > pad_to:
         raise DataError(f'{_file_name(record)} is {h}x{w}, larger than pad_to={pad_to}: set pad_to '
                         f'(evaluate --pad_to, config.eval_pad_to) to at least {max(h, w)}, or 0 for '
                         f'native-size evaluation')
-      images[j, :h, :w] = preprocess(image)
-      labels[j, :h, :w] = label
+      images[j, :h, :w] = image
+      for head, label in example_labels.items():
+        labels[batch_label_key(head)][j, :h, :w] = label
       names[j] = _file_name(record)
-    yield {'image': images, 'label': labels, 'file_name': names}
+    yield {'image': images, **labels, 'file_name': names}
 
 
 # ----------------------------------------------------------------------------------------------------------------
