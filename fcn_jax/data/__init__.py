@@ -17,7 +17,7 @@ from PIL import Image
 from fcn_jax.data.builders import (CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES, DataError, MissingDataError, Sbd,
                                    VocSegmentation)
 
-from fcn_jax.data import custom
+from fcn_jax.data import custom, reference
 from fcn_jax.data.classes import VOC, ClassInfo
 
 
@@ -35,17 +35,19 @@ class _QuietPreparation(logging.Filter):
 logging.getLogger('absl').addFilter(_QuietPreparation())
 
 CUSTOM_FORMATS = custom.FORMATS
-DATASETS = ('voc_segmentation/2012', 'voc_segmentation/2011', 'sbd') + CUSTOM_FORMATS
+REFERENCE_DATASETS = tuple(reference.BUILDERS)  # pascal_context, sift_flow, nyud_v2
+DATASETS = ('voc_segmentation/2012', 'voc_segmentation/2011', 'sbd') + REFERENCE_DATASETS + CUSTOM_FORMATS
 # Where each dataset is evaluated when config.dataset.eval_name / eval_split are '' (the default):
 # the paper trains on SBD train and evaluates on VOC2011 seg11valid; other datasets on their val.
 DEFAULT_EVAL = {'sbd': ('voc_segmentation/2011', 'seg11valid'),
-                'voc_segmentation/2011': ('voc_segmentation/2011', 'seg11valid')}
+                'voc_segmentation/2011': ('voc_segmentation/2011', 'seg11valid'),
+                'sift_flow': ('sift_flow', 'test'), 'nyud_v2': ('nyud_v2', 'test')}
 # The splits each builder writes (known before preparing, so that a typo stops before any work).
 SPLITS = {'voc_segmentation/2012': ('train', 'val', 'trainval'),
           'voc_segmentation/2011': ('train', 'val', 'trainval', 'seg11valid'),
-          'sbd': ('train', 'val')}
+          'sbd': ('train', 'val'), **reference.SPLITS}
 
-__all__ = ['CLASS_NAMES', 'CUSTOM_FORMATS', 'ClassInfo', 'DATASETS', 'class_info', 'eval_dataset', 'DataError', 'IGNORE_LABEL', 'MissingDataError', 'NUM_CLASSES',
+__all__ = ['CLASS_NAMES', 'CUSTOM_FORMATS', 'ClassInfo', 'DATASETS', 'REFERENCE_DATASETS', 'class_info', 'head_classes', 'eval_dataset', 'DataError', 'IGNORE_LABEL', 'MissingDataError', 'NUM_CLASSES',
            'SPLITS', 'check_split', 'decode_example', 'get_builder', 'get_data_source', 'decode_image', 'decode_mask']
 
 
@@ -71,6 +73,8 @@ def get_builder(name: str, *, data_dir: str, download: bool = False, root: str =
     return VocSegmentation(config=config, data_dir=data_dir, allow_download=download)
   if base == 'sbd' and not config:
     return Sbd(data_dir=data_dir, allow_download=download)
+  if name in reference.BUILDERS:
+    return reference.BUILDERS[name](data_dir=data_dir, allow_download=download)
   raise DataError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')
 
 
@@ -113,8 +117,8 @@ def get_data_source(name: str, split: str, *, data_dir: str, manual_dir: str | N
   splits = builder.info.splits
   if split not in splits:
     raise DataError(f'{name} has no split {split!r}; it has {sorted(splits)}')
-  source = builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding(),
-                                                   'segmentation_mask': tfds.decode.SkipDecoding()})
+  images = [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
+  source = builder.as_data_source(split, decoders={k: tfds.decode.SkipDecoding() for k in images})
   return source
 
 
@@ -128,6 +132,17 @@ def class_info(source) -> tuple[ClassInfo, list[int] | None]:
     counts = (metadata.get('pixel_counts') or {}).get(split)
     return ClassInfo.from_json(dict(metadata)), counts
   return VOC, None
+
+
+def head_classes(source) -> dict[str | None, tuple[ClassInfo, tuple[int, ...]]]:
+  """{head name (None: a single head): (classes, class ids its metrics leave out)} of a source."""
+  info = getattr(source, 'dataset_info', None)
+  metadata = getattr(info, 'metadata', None) or {}
+  heads = metadata.get('heads')
+  if heads and len(heads) > 1:
+    return {h['name']: (ClassInfo.from_json(h), tuple(h.get('eval_exclude') or ())) for h in heads}
+  exclude = tuple((heads[0].get('eval_exclude') or ()) if heads else ())
+  return {None: (class_info(source)[0], exclude)}
 
 
 def pixel_counts(source, num_classes: int, progress: bool = True) -> list[int]:
