@@ -57,7 +57,8 @@ def resolve_init(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
   """Staged nets start from their predecessor: use config.init_from, train the predecessor first
   (config.train_predecessor), or stop with the exact command to run."""
   from experiments.configs import common
-  pred = common.PREDECESSOR.get(config.arch)
+  name = config.get('name', config.arch)
+  pred = common.predecessor(name)
   if pred is None or config.init_from:
     return
   pred_dir = workdir.parent / pred
@@ -65,19 +66,19 @@ def resolve_init(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
     checkpoint = pred_dir / 'checkpoints'
   elif config.train_predecessor:
     pred_config = load_config(pred, config.preset)
-    for key in ('seed', 'dataset', 'model', 'preprocessing', 'train_predecessor'):
+    for key in ('seed', 'dataset', 'model', 'preprocessing', 'modalities', 'train_predecessor'):
       pred_config[key] = config[key]
     if pred_config.preset == 'demo':
       pred_config.synthetic = config.synthetic
     from fcn_jax import distributed
     if distributed.is_main():
-      print(f'{config.arch} starts from a trained {pred}: training it first in {pred_dir}')
+      print(f'{name} starts from a trained {pred}: training it first in {pred_dir}')
     run(pred_config, pred_dir)
     checkpoint = pred_dir / 'checkpoints'
   else:
     preset = f':{config.preset}' if config.preset else ''
     raise SystemExit(
-        f'{config.arch} is initialised from a trained {pred} (the paper\'s staged training), and no '
+        f'{name} is initialised from a trained {pred} (the paper\'s staged training), and no '
         f'checkpoint was given. Either train it first:\n'
         f'  python -m experiments.{pred} --workdir {shlex.quote(str(pred_dir))} '
         f'--config experiments/configs/{pred}.py{preset}\n'
@@ -274,8 +275,9 @@ def main(arch: str) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     config = flags.FLAGS.config
-    if config.arch != arch:
-      raise app.UsageError(f'--config is for {config.arch}, but this is experiments.{arch}')
+    if config.get('name', config.arch) != arch:
+      raise app.UsageError(f'--config is for {config.get("name", config.arch)}, but this is '
+                           f'experiments.{arch}')
     with user_errors_as_exit():
       initialize_distributed()  # before any JAX computation
       enable_compilation_cache(config.get('compilation_cache_dir', ''))

@@ -31,8 +31,11 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
 
   need(c.arch in models.ARCHS, 'arch', f'one of {", ".join(sorted(models.ARCHS))}')
   m = c.model
-  need(isinstance(m.num_classes, int) and (m.num_classes == 0 or m.num_classes >= 2),
-       'model.num_classes', '0 (from the dataset) or an integer >= 2 (background and a class)')
+  counts = m.num_classes if isinstance(m.num_classes, (tuple, list)) else None
+  need((isinstance(m.num_classes, int) and (m.num_classes == 0 or m.num_classes >= 2)) or
+       (counts is not None and all(isinstance(n, int) and n >= 2 for n in counts)),
+       'model.num_classes', '0 (from the dataset), an integer >= 2 (background and a class), or one '
+       'such count per head for a net with several heads')
   need(number(m.width) and m.width > 0, 'model.width', 'a number > 0 (1.0 = the paper\'s nets)')
   need(m.dtype in DTYPES, 'model.dtype', f'one of {", ".join(DTYPES)}')
   dropout = m.get('dropout_rate')

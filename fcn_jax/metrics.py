@@ -44,14 +44,15 @@ def accumulate(total, batch_confusion) -> np.ndarray:
   return batch if total is None else np.asarray(total, dtype=np.int64) + batch
 
 
-def segmentation_scores(confusion) -> dict:
+def segmentation_scores(confusion, exclude: tuple[int, ...] = ()) -> dict:
   """Pixel accuracy, mean accuracy, mean IU and frequency weighted IU of a confusion matrix.
 
   Exactly the reference score.py: mean accuracy and mean IU are nanmeans, so a class absent from
   both ground truth and prediction (0/0) is skipped; a class predicted but absent from the ground
   truth has IU 0 (and no accuracy); f.w. IU sums over classes present in the ground truth.
   Returns python floats (nan when there is no valid pixel), plus `per_class_iu` and `per_class_acc`
-  lists with nan for undefined entries.
+  lists with nan for undefined entries. `exclude`: class ids left out of the mean accuracy and mean
+  IU (SIFT Flow's classes absent from its test set, whose IU would count 0 when predicted).
   """
   hist = np.asarray(confusion, dtype=np.float64)
   if hist.ndim != 2 or hist.shape[0] != hist.shape[1]:
@@ -65,8 +66,10 @@ def segmentation_scores(confusion) -> dict:
     pixel_acc = diag.sum() / total if total > 0 else np.nan
     per_class_acc = diag / gt
     per_class_iu = diag / (gt + pred - diag)
-    mean_acc = np.nanmean(per_class_acc)
-    mean_iu = np.nanmean(per_class_iu)
+    kept = np.ones(len(diag), bool)
+    kept[list(exclude)] = False
+    mean_acc = np.nanmean(per_class_acc[kept])
+    mean_iu = np.nanmean(per_class_iu[kept])
     freq = gt / total if total > 0 else np.zeros_like(gt)
     present = freq > 0
     fw_iu = (freq[present] * per_class_iu[present]).sum() if total > 0 else np.nan

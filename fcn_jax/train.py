@@ -132,13 +132,21 @@ def optimizer_from_config(config: ml_collections.ConfigDict, model: nn.Module,
       caffe=o.caffe, algorithm=o.get('algorithm', 'sgd'))
 
 
-def metadata_from_config(config: ml_collections.ConfigDict, classes=None) -> dict:
+def metadata_from_config(config: ml_collections.ConfigDict, classes=None,
+                         heads: dict | None = None) -> dict:
   """What inference needs, with no training config: stored in every checkpoint. `classes` (a
-  data.ClassInfo) adds the palette and the ignore label."""
+  data.ClassInfo) adds the palette and the ignore label; `heads` (data.head_classes) each head's
+  classes for a net with several heads."""
   extra = {}
   if classes is not None:
     extra = {'palette': np.asarray(classes.palette).tolist(), 'ignore_label': int(classes.ignore_label),
              'dataset': config.dataset.name}
+  if heads and len(heads) > 1:
+    extra['heads'] = [{'name': h, 'num_classes': c.num_classes, 'class_names': list(c.names),
+                       'palette': np.asarray(c.palette).tolist(), 'eval_exclude': list(e)}
+                      for h, (c, e) in heads.items()]
+    first = extra['heads'][0]
+    extra['palette'] = first['palette']
   modalities, _ = input_layout(config)
   if modalities:
     extra['modalities'] = [{'name': m, 'preprocessing': p} for m, p in modalities]
@@ -245,8 +253,8 @@ def compile_eval_step(model, mesh: Mesh, *, num_classes: int, batch_sharded: boo
 
 
 def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *, num_classes: int,
-             mesh: Mesh | None = None, keep_predictions: int = 0,
-             progress: bool = False) -> tuple[dict, list]:
+             mesh: Mesh | None = None, keep_predictions: int = 0, progress: bool = False,
+             exclude: dict[str, tuple[int, ...]] | None = None) -> tuple[dict, list]:
   """Accumulates ONE confusion matrix over the split (on device, across devices and hosts).
 
   Returns (scores, kept) with kept = up to `keep_predictions` (file_name, image, label, prediction)
@@ -256,6 +264,8 @@ def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *, num_
   own devices, with no cross-process step: shards may differ in length and, at native size, in image
   shape. The confusion matrices are then summed over the processes, so every process returns the
   scores of the whole split. `variables` must be replicated (or identical host values everywhere).
+  Several heads: the first head's scores, plus 'heads': {head: scores}. `exclude` {head: class
+  ids} leaves classes out of a head's mean accuracy and mean IU (the dataset's protocol).
   """
   mesh = mesh or make_mesh()
   if jax.process_count() > 1:
@@ -287,8 +297,10 @@ def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *, num_
         first_labels = batch[label_key(model, model.head_names[0])]
         if (first_labels[i] != 255).any():
           kept.append((str(names[i]), batch['image'][i], first_labels[i], local_preds[i]))
+  exclude = exclude or {}
   by_head = {h: metrics_lib.segmentation_scores(
-      distributed.sum_across_processes(np.asarray(jax.device_get(c)))) for h, c in confusion.items()}
+      distributed.sum_across_processes(np.asarray(jax.device_get(c))), exclude.get(h, ()))
+      for h, c in confusion.items()}
   scores = dict(by_head[model.head_names[0]])
   if len(by_head) > 1:  # the first head's scores drive "best"; every head's are kept
     scores['heads'] = by_head
@@ -461,9 +473,35 @@ def resolve_num_updates(config: ml_collections.ConfigDict, num_train_images: int
   return max(1, math.ceil(epochs * num_train_images / images_per_update))
 
 
-def resolve_classes(config: ml_collections.ConfigDict, classes) -> None:
+def resolve_head_classes(config: ml_collections.ConfigDict, heads: dict) -> None:
+  """A net with several heads: config.model.num_classes from the dataset's heads (data.head_classes),
+  which must be the arch's (SIFT Flow: semantic, geometric)."""
+  names = [h.name for h in models.ARCHS[config.arch].heads]
+  if sorted(map(str, heads)) != sorted(names):
+    raise UserError(f'{config.arch} has the heads {", ".join(names)}, but the dataset '
+                    f'{config.dataset.name} labels {", ".join(map(str, heads))}; choose an arch '
+                    f'with those heads (e.g. fcn16s_two_heads for sift_flow)')
+  counts = tuple(heads[h][0].num_classes for h in names)
+  given = config.model.num_classes
+  if given and tuple(np.atleast_1d(given)) != counts:
+    raise UserError(f'config.model.num_classes={given}, but the dataset\'s heads have {counts} '
+                    f'classes; leave it at 0 (from the dataset)')
+  model = config.model.to_dict()
+  model['num_classes'] = counts
+  config.model = ml_collections.ConfigDict(model)
+  config.class_names = tuple(heads[names[0]][0].names)
+
+
+def resolve_classes(config: ml_collections.ConfigDict, classes, heads: dict | None = None) -> None:
   """Sets config.model.num_classes and config.class_names from the dataset's classes (0 and ()
-  mean "from the dataset"); a config that contradicts them stops, naming the field."""
+  mean "from the dataset"); a config that contradicts them stops, naming the field. `heads`
+  (data.head_classes) for a net with several heads."""
+  if len(models.ARCHS[config.arch].heads) > 1:
+    return resolve_head_classes(config, heads or {None: (classes, ())})
+  if heads and len(heads) > 1:
+    raise UserError(f'the dataset {config.dataset.name} labels several heads '
+                    f'({", ".join(map(str, heads))}); {config.arch} has one: choose an arch with '
+                    f'those heads (e.g. fcn16s_two_heads)')
   n = classes.num_classes
   d = config.dataset
   where = f'{d.name}' + (f' at {d.root}' if d.get('root') else '')
@@ -620,8 +658,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   train_source, eval_source = data_sources(config)
   from fcn_jax import data as data_lib
   classes, _ = data_lib.class_info(train_source)
-  resolve_classes(config, classes)
-  metadata = metadata_from_config(config, classes)
+  heads = data_lib.head_classes(train_source)
+  resolve_classes(config, classes, heads)
+  metadata = metadata_from_config(config, classes, heads)
+  first_head = models.ARCHS[config.arch].heads[0].name
+  eval_exclude = {first_head if h is None else h: e
+                  for h, (_, e) in data_lib.head_classes(eval_source).items()}
   if previous is not None:
     workdir_lib.check_resume_compatible(previous, metadata, workdir=workdir, step=latest)
   config.num_train_steps = resolve_num_updates(config, len(train_source))
@@ -717,10 +759,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         if every(config.eval_every, step) or last:
           flush(step)
           scores, _ = evaluate(model, state.variables(), eval_batches(config, eval_source),
-                               num_classes=config.model.num_classes, mesh=mesh)
+                               num_classes=config.model.num_classes, mesh=mesh,
+                               exclude=eval_exclude)
           last_scores = scores
-          writer.write(step, 'eval', {k_: scores[k_] for k_ in SCORE_KEYS})
-          _log(f'step {step}: ' + ', '.join(f'{k_} {100 * scores[k_]:.2f}' for k_ in SCORE_KEYS))
+          other_heads = {h: v for h, v in scores.get('heads', {}).items() if h != first_head}
+          writer.write(step, 'eval', {k_: scores[k_] for k_ in SCORE_KEYS} | {
+              f'{h}/{k_}': v[k_] for h, v in other_heads.items() for k_ in SCORE_KEYS})
+          _log(f'step {step}: ' + ', '.join(f'{k_} {100 * scores[k_]:.2f}' for k_ in SCORE_KEYS)
+               + ''.join(f'; {h} pixel_acc {100 * v["pixel_acc"]:.2f}' for h, v in other_heads.items()))
         if every(config.checkpoint_every, step) or scores is not None or last:
           save(step, scores)
         if not last and stop.reached(step):
@@ -741,7 +787,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   final_step = max(start, total)
   if last_scores is None:  # resumed a finished run: evaluate the final state
     last_scores, _ = evaluate(model, state.variables(), eval_batches(config, eval_source),
-                              num_classes=config.model.num_classes, mesh=mesh)
+                              num_classes=config.model.num_classes, mesh=mesh, exclude=eval_exclude)
   if is_main:
     class_names = list(config.class_names)
     report.write_results(workdir, config.arch, last_scores, class_names,

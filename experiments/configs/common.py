@@ -30,13 +30,52 @@ HEAVY_LR = {'fcn32s': 1e-10, 'fcn16s': 1e-12, 'fcn8s': 1e-14, 'fcn8s_atonce': 1e
 ALEXNETS = ('fcn_alexnet', 'fcn_alexnet_caffe')
 
 
+# The reference nets of the paper's other datasets (experiments/<name>.py): arch, dataset, its
+# training split, crop size (the datasets' largest image side) and input modalities.
+_CONTEXT = ('pascal_context', 'train', 500, (('color', 'pascal_context_bgr'),))
+_SIFT_FLOW = ('sift_flow', 'trainval', 256, (('color', 'sift_flow_bgr'),))
+_NYUD = ('nyud_v2', 'train', 560)
+RECIPES = {
+    'pascalcontext_fcn32s': ('fcn32s', *_CONTEXT),
+    'pascalcontext_fcn16s': ('fcn16s', *_CONTEXT),
+    'pascalcontext_fcn8s': ('fcn8s', *_CONTEXT),
+    'siftflow_fcn32s': ('fcn32s_two_heads', *_SIFT_FLOW),
+    'siftflow_fcn16s': ('fcn16s_two_heads', *_SIFT_FLOW),
+    'siftflow_fcn8s': ('fcn8s_two_heads', *_SIFT_FLOW),
+    'nyud_fcn32s_color': ('fcn32s', *_NYUD, (('color', 'nyud_bgr'),)),
+    'nyud_fcn32s_hha': ('fcn32s', *_NYUD, (('hha', 'nyud_hha'),)),
+    'nyud_fcn32s_color_d': ('fcn32s_early_fusion', *_NYUD, (('color', 'nyud_bgr'), ('depth', 'nyud_log_depth'))),
+    'nyud_fcn32s_color_hha': ('fcn32s_late_fusion', *_NYUD, (('color', 'nyud_bgr'), ('hha', 'nyud_hha'))),
+    'nyud_fcn16s_color_hha': ('fcn16s_late_fusion', *_NYUD, (('color', 'nyud_bgr'), ('hha', 'nyud_hha'))),
+}
+# Staged recipes start from the coarser one, as on VOC.
+RECIPE_PREDECESSOR = {'pascalcontext_fcn16s': 'pascalcontext_fcn32s',
+                      'pascalcontext_fcn8s': 'pascalcontext_fcn16s',
+                      'siftflow_fcn16s': 'siftflow_fcn32s', 'siftflow_fcn8s': 'siftflow_fcn16s',
+                      'nyud_fcn16s_color_hha': 'nyud_fcn32s_color_hha'}
+# The reference "heavy" solvers (ZOO.md sec. 3): fixed lr by stride; the late-fusion net 1e-12.
+_RECIPE_HEAVY_LR = {'32s': 1e-10, '16s': 1e-12, '8s': 1e-14}
+
+
+def predecessor(name: str) -> str | None:
+  """The experiment a staged one is initialised from (FCN-16s from FCN-32s, ...)."""
+  return RECIPE_PREDECESSOR.get(name) if name in RECIPES else PREDECESSOR.get(name)
+
+
 def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
+  """The config of an arch (PASCAL VOC) or of a reference recipe of another dataset (RECIPES)."""
+  if arch in RECIPES:
+    return _recipe_config(arch, preset)
   preset = preset or 'paper'
   if preset not in PRESETS:
     raise UserError(f'unknown preset {preset!r} for {arch}; choose one of {", ".join(PRESETS)} '
                      f'(e.g. --config experiments/configs/{arch}.py:demo)')
   c = ml_collections.ConfigDict()
   c.arch = arch
+  c.name = arch  # the experiment (experiments/<name>.py)
+  # Nets with several inputs: [(modality, preprocessing)] in channel order (() = the colour image
+  # with config.preprocessing).
+  c.modalities = ()
   c.preset = preset
   c.seed = 0
   c.class_names = ()  # () = from the dataset (PASCAL VOC's 21; a dataset's classes.txt)
@@ -84,7 +123,7 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.loss_class_weights = 'none'  # 'none' | 'median_frequency' | one weight per class: '1,2,0.5'
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = PAPER_LR[arch]
+  c.optim.learning_rate = PAPER_LR.get(arch, PAPER_LR['fcn32s'])
   c.optim.momentum = 0.9
   c.optim.weight_decay = 5e-4
   c.optim.bias_lr_mult = 2.0
@@ -108,7 +147,7 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
     c.batch_size = 1
     c.loss_normalize = False
     c.optim.momentum = 0.99
-    c.optim.learning_rate = HEAVY_LR[arch]
+    c.optim.learning_rate = HEAVY_LR.get(arch, HEAVY_LR['fcn32s'])
     c.num_train_steps = 300_000 if arch == 'fcn8s_atonce' else 100_000
     if arch in ALEXNETS:  # Caffe voc-fcn-alexnet: normalised loss, lr 1e-4, iter_size 20
       c.loss_normalize, c.optim.learning_rate, c.optim.momentum, c.accumulate_steps = True, 1e-4, 0.9, 20
@@ -142,4 +181,27 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
     c.eval_batch_size = 8
     c.eval_pad_to = 160
     c.num_figure_examples = 4
+  return c
+
+
+def _recipe_config(name: str, preset: str) -> ml_collections.ConfigDict:
+  arch, dataset, train_split, crop_size, modalities = RECIPES[name]
+  c = get_config(arch, preset)
+  c.name = name
+  c.dataset.name = dataset
+  c.dataset.train_split = train_split
+  c.modalities = tuple(modalities)
+  c.preprocessing = modalities[0][1]
+  c.crop_size = crop_size
+  stride = next(s for s in ('32s', '16s', '8s') if f'fcn{s}' in arch)
+  if len(modalities) == 2 and modalities[1][0] == 'hha':  # late fusion: 1e-12 for the 32s net too
+    stride = '16s' if stride == '32s' else stride
+  if c.preset == 'paper':
+    c.optim.learning_rate = PAPER_LR.get(f'fcn{stride}', PAPER_LR['fcn32s'])
+  elif c.preset == 'heavy':
+    c.optim.learning_rate = _RECIPE_HEAVY_LR[stride]
+    c.num_train_steps = 300_000
+  elif c.preset == 'demo':
+    c.dataset.data_dir = '~/tensorflow_datasets'
+    c.crop_size = 64
   return c

@@ -1,0 +1,8 @@
+"""siftflow_fcn16s (fcn16s_two_heads on sift_flow, color input): `--config
+experiments/configs/siftflow_fcn16s.py[:paper|heavy|demo]` (see configs/common.py RECIPES)."""
+
+from experiments.configs import common
+
+
+def get_config(preset: str = 'paper'):
+  return common.get_config('siftflow_fcn16s', preset)

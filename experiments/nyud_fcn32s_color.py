@@ -1,0 +1,7 @@
+"""Train and evaluate nyud_fcn32s_color: `python -m experiments.nyud_fcn32s_color --workdir DIR [--config
+experiments/configs/nyud_fcn32s_color.py:PRESET]` (fcn32s on nyud_v2)."""
+
+from experiments import common
+
+if __name__ == '__main__':
+  common.main('nyud_fcn32s_color')

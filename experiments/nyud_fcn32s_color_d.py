@@ -1,0 +1,7 @@
+"""Train and evaluate nyud_fcn32s_color_d: `python -m experiments.nyud_fcn32s_color_d --workdir DIR [--config
+experiments/configs/nyud_fcn32s_color_d.py:PRESET]` (fcn32s_early_fusion on nyud_v2)."""
+
+from experiments import common
+
+if __name__ == '__main__':
+  common.main('nyud_fcn32s_color_d')
