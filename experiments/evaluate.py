@@ -21,7 +21,8 @@ from experiments.configs import common as configs
 flags.DEFINE_string('checkpoint', None, 'A training WORKDIR (or its checkpoints/), or the output '
                     'directory of fcn_jax.convert.', required=True)
 flags.DEFINE_string('dataset', 'voc_segmentation/2011', 'voc_segmentation/2011 | voc_segmentation/2012 | '
-                    'sbd, or your own data: folder | coco | voc_like (with --root)')
+                    'sbd | pascal_context | sift_flow | nyud_v2, or your own data: folder | coco | '
+                    'voc_like (with --root)')
 flags.DEFINE_string('root', '', 'The directory of a folder / coco / voc_like dataset.')
 flags.DEFINE_float('val_fraction', 0.1, 'folder format without splits/: the share of images in val.')
 flags.DEFINE_integer('ignore_label', 255, 'The mask value a user dataset marks as ignored.')
@@ -97,18 +98,36 @@ def evaluate(f) -> None:
   except data_lib.MissingDataError as e:
     raise UserError(f'{e}\n\nGive --manual_dir DIR (the archives or trees above) or --download, or '
                     f'--data_dir where the data is prepared.') from None
-  classes, _ = data_lib.class_info(source)
-  if classes.num_classes != meta['num_classes']:
-    raise UserError(f'the checkpoint predicts {meta["num_classes"]} classes, the dataset '
-                    f'{f.dataset} has {classes.num_classes}: evaluate it on the data it was trained for')
+  # Every head of the net must be a head of the dataset, with as many classes.
+  dataset_heads = data_lib.head_classes(source)
+  net_heads = list(model.head_names)
+  if len(net_heads) == 1:
+    dataset_heads = {net_heads[0]: next(iter(dataset_heads.values()))} if len(dataset_heads) == 1 else dataset_heads
+  for head, count in zip(net_heads, model.num_classes):
+    if head not in dataset_heads:
+      raise UserError(f'the checkpoint predicts {", ".join(net_heads)}; the dataset {f.dataset} '
+                      f'labels {", ".join(map(str, dataset_heads))}: evaluate it on the data it was '
+                      f'trained for')
+    n = dataset_heads[head][0].num_classes
+    if n != count:
+      raise UserError(f'the checkpoint predicts {count} classes ({head}), the dataset {f.dataset} '
+                      f'has {n}: evaluate it on the data it was trained for')
+  from fcn_jax import preprocessing as preprocessing_lib
+  modalities = [(m['name'], m['preprocessing']) for m in preprocessing_lib.modalities_of(meta)]
   batches = pipeline.eval_batches(source, preprocessing=meta['preprocessing'],
-                                  batch_size=f.batch_size, pad_to=f.pad_to or None)
-  scores, _ = train.evaluate(model, variables, batches, num_classes=meta['num_classes'], progress=True)
-  class_names = meta.get('class_names') or [str(i) for i in range(meta['num_classes'])]
-  report.write_results(out, meta['arch'], scores, class_names,
+                                  batch_size=f.batch_size, pad_to=f.pad_to or None,
+                                  modalities=modalities, heads=net_heads)
+  scores, _ = train.evaluate(model, variables, batches, num_classes=model.num_classes[0],
+                             progress=True,
+                             exclude={h: dataset_heads[h][1] for h in net_heads})
+  class_names = meta.get('class_names') or [str(i) for i in range(model.num_classes[0])]
+  name = meta.get('zoo_name') or meta.get('experiment') or meta['arch']
+  report.write_results(out, name, scores, class_names,
                        extra={'checkpoint': str(root), 'step': step, 'dataset': f.dataset,
                               'split': f.split, 'images': len(source)})
-  print(report.table_markdown([(meta['arch'], scores)]))
+  print(report.table_markdown([(name, scores)] + report.paper_rows(name)))
+  for head, head_scores in list((scores.get('heads') or {}).items())[1:]:
+    print(f'{head} head: pixel acc. {100 * head_scores["pixel_acc"]:.1f}')
   print(f'wrote {out / "results.json"} and {out / "results.md"}')
 
 

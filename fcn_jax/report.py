@@ -80,16 +80,58 @@ def _jsonable(v: Any) -> Any:
   return v
 
 
+# The paper's rows for the reference recipes (experiments/<name>.py), in percent: NYUDv2 Table 4,
+# SIFT Flow Table 5 (semantic scores over the classes present in test; geometric pixel accuracy),
+# PASCAL-Context (PAMI, 59-class metrics).
+PAPER_ROWS: dict[str, tuple[str, dict[str, float]]] = {
+    'nyud_fcn32s_color': ('paper Table 4, FCN-32s RGB', dict(zip(
+        ('pixel_acc', 'mean_acc', 'mean_iu', 'fw_iu'), (60.0, 42.2, 29.2, 43.9)))),
+    'nyud_fcn32s_color_d': ('paper Table 4, FCN-32s RGB-D', dict(zip(
+        ('pixel_acc', 'mean_acc', 'mean_iu', 'fw_iu'), (61.5, 42.4, 30.5, 45.5)))),
+    'nyud_fcn32s_hha': ('paper Table 4, FCN-32s HHA', dict(zip(
+        ('pixel_acc', 'mean_acc', 'mean_iu', 'fw_iu'), (57.1, 35.2, 24.2, 40.4)))),
+    'nyud_fcn32s_color_hha': ('paper Table 4, FCN-32s RGB-HHA', dict(zip(
+        ('pixel_acc', 'mean_acc', 'mean_iu', 'fw_iu'), (64.3, 44.9, 32.8, 48.0)))),
+    'nyud_fcn16s_color_hha': ('paper Table 4, FCN-16s RGB-HHA', dict(zip(
+        ('pixel_acc', 'mean_acc', 'mean_iu', 'fw_iu'), (65.4, 46.1, 34.0, 49.5)))),
+    'siftflow_fcn16s': ('paper Table 5, FCN-16s', {
+        'pixel_acc': 85.2, 'mean_acc': 51.7, 'mean_iu': 39.5, 'fw_iu': 76.1,
+        'geometric_pixel_acc': 94.3}),
+    'pascalcontext_fcn8s': ('PAMI, FCN-8s (59 classes)', dict(zip(
+        ('pixel_acc', 'mean_acc', 'mean_iu', 'fw_iu'), (65.9, 46.5, 35.1, 51.0)))),
+}
+
+
 def write_results(workdir: str | pathlib.Path, name: str, scores: Mapping[str, Any],
                   class_names: Sequence[str], extra: Mapping[str, Any] | None = None) -> None:
-  """results.json (the four scores and per-class IU) and results.md (Table 2 format)."""
+  """results.json (the four scores and per-class IU; every head's for several heads) and
+  results.md (Table 2 format, beside the paper's row for the reference recipes)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   record = {'name': name, **{k: _jsonable(scores[k]) for k, _ in SCORE_COLUMNS},
             'per_class_iu': dict(zip(class_names, _jsonable(list(scores['per_class_iu'])))),
             **(extra or {})}
+  heads = scores.get('heads') or {}
+  if heads:
+    record['heads'] = {h: {k: _jsonable(v[k]) for k, _ in SCORE_COLUMNS} for h, v in heads.items()}
   (workdir / 'results.json').write_text(json.dumps(record, indent=2) + '\n')
-  (workdir / 'results.md').write_text(table_markdown([(name, scores)], class_names) + '\n')
+  text = table_markdown([(name, scores)] + paper_rows(name), class_names)
+  for head, head_scores in list(heads.items())[1:]:
+    text += (f'\n\n{head} head: pixel acc. {100 * head_scores["pixel_acc"]:.1f}'
+             + ''.join(f' (paper {v["geometric_pixel_acc"]:.1f})' for _, v in paper_rows(name, raw=True)
+                       if head == 'geometric' and 'geometric_pixel_acc' in v))
+  (workdir / 'results.md').write_text(text + '\n')
+
+
+def paper_rows(name: str, raw: bool = False) -> list[tuple[str, dict]]:
+  """[(label, scores as fractions)] of the paper's row for experiment `name` (none elsewhere)."""
+  name = name.replace('-', '_')  # a reference net's name (siftflow-fcn16s) is its recipe's
+  if name not in PAPER_ROWS:
+    return []
+  label, values = PAPER_ROWS[name]
+  if raw:
+    return [(label, values)]
+  return [(label, {k: v / 100 for k, v in values.items()})]
 
 
 def table_markdown(rows: Sequence[tuple[str, Mapping[str, Any]]],
@@ -99,12 +141,13 @@ def table_markdown(rows: Sequence[tuple[str, Mapping[str, Any]]],
            '|---|' + '---:|' * len(SCORE_COLUMNS)]
   for name, scores in rows:
     lines.append(f'| {name} | ' + ' | '.join(f'{100 * scores[k]:.1f}' for k, _ in SCORE_COLUMNS) + ' |')
+  measured = [(name, scores) for name, scores in rows if 'per_class_iu' in scores]  # not the paper's
   if class_names is not None:
-    lines += ['', '| class | ' + ' | '.join(name for name, _ in rows) + ' |',
-              '|---|' + '---:|' * len(rows)]
+    lines += ['', '| class | ' + ' | '.join(name for name, _ in measured) + ' |',
+              '|---|' + '---:|' * len(measured)]
     for i, cls in enumerate(class_names):
       cells = []
-      for _, scores in rows:
+      for _, scores in measured:
         iu = scores['per_class_iu'][i]
         cells.append('n/a' if iu is None or (isinstance(iu, float) and math.isnan(iu)) else f'{100 * iu:.1f}')
       lines.append(f'| {cls} | ' + ' | '.join(cells) + ' |')

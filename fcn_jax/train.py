@@ -158,6 +158,7 @@ def metadata_from_config(config: ml_collections.ConfigDict, classes=None,
       'optimizer': config.optim.get('algorithm', 'sgd'),
       'accumulate_steps': config.accumulate_steps,
       'source': f'trained with fcn_jax ({config.get("preset", "custom")} preset)',
+      'experiment': config.get('name', config.arch),
       **extra,
   }
 
@@ -298,9 +299,9 @@ def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *, num_
         if (first_labels[i] != 255).any():
           kept.append((str(names[i]), batch['image'][i], first_labels[i], local_preds[i]))
   exclude = exclude or {}
-  by_head = {h: metrics_lib.segmentation_scores(
-      distributed.sum_across_processes(np.asarray(jax.device_get(c))), exclude.get(h, ()))
-      for h, c in confusion.items()}
+  by_head = {h: metrics_lib.segmentation_scores(  # in the model's head order (jax sorts dict keys)
+      distributed.sum_across_processes(np.asarray(jax.device_get(confusion[h]))), exclude.get(h, ()))
+      for h in model.head_names}
   scores = dict(by_head[model.head_names[0]])
   if len(by_head) > 1:  # the first head's scores drive "best"; every head's are kept
     scores['heads'] = by_head
@@ -790,11 +791,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                               num_classes=config.model.num_classes, mesh=mesh, exclude=eval_exclude)
   if is_main:
     class_names = list(config.class_names)
-    report.write_results(workdir, config.arch, last_scores, class_names,
+    report.write_results(workdir, config.get('name', config.arch), last_scores, class_names,
                          extra={'step': final_step, 'preset': config.get('preset', '')})
     viz.training_curves(report.read_metrics(workdir), workdir / 'figures' / 'training_curves.png',
                         title=config.arch)
-    if config.num_figure_examples:
+    single = len(model.head_names) == 1 and not config.get('modalities')
+    if config.num_figure_examples and not single:
+      _log('score-map figures are drawn for single-headed colour nets only; skipped')
+    elif config.num_figure_examples:
       examples = first_examples(config, eval_source, config.num_figure_examples)
       viz.score_map_figure(model, host_copy(state.variables()), examples, class_names,
                            workdir / 'figures' / 'score_maps.png', preprocessing=config.preprocessing,

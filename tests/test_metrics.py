@@ -116,3 +116,15 @@ def test_empty_confusion_gives_nan_without_warnings():
     warnings.simplefilter('error')
     s = metrics.segmentation_scores(np.zeros((3, 3), np.int64))
   assert all(math.isnan(s[k]) for k in ('pixel_acc', 'mean_acc', 'mean_iu', 'fw_iu'))
+
+
+def test_excluded_classes_leave_the_means():
+  # Class 2 never occurs in the ground truth but is predicted once: IU 0 counts in the mean
+  # unless excluded (SIFT Flow's cow, desert and moon in its test set).
+  confusion = np.array([[5, 0, 1], [0, 4, 0], [0, 0, 0]])
+  plain = metrics.segmentation_scores(confusion)
+  kept = metrics.segmentation_scores(confusion, exclude=(2,))
+  assert plain['per_class_iu'][2] == 0.0
+  assert kept['mean_iu'] == pytest.approx((5 / 6 + 1.0) / 2)
+  assert plain['mean_iu'] == pytest.approx((5 / 6 + 1.0 + 0.0) / 3)
+  assert kept['pixel_acc'] == plain['pixel_acc'] and kept['fw_iu'] == plain['fw_iu']
