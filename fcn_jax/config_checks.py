@@ -46,6 +46,18 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
          f'{m.num_classes} names, one per class (config.model.num_classes)')
   need(c.preprocessing in preprocessing.PRESETS, 'preprocessing',
        f'one of {", ".join(sorted(preprocessing.PRESETS))}')
+  modalities = tuple(c.get('modalities', ()) or ())
+  known = ('color', 'hha', 'depth')
+  well_formed = all(isinstance(m, (tuple, list)) and len(m) == 2 and m[0] in known
+                    and m[1] in preprocessing.PRESETS for m in modalities)
+  need(well_formed, 'modalities', f'() (the colour image) or ((name, preprocessing), ...) with names '
+       f'from {", ".join(known)} and presets from {", ".join(sorted(preprocessing.PRESETS))}')
+  if c.arch in models.ARCHS and well_formed:
+    channels = sum(preprocessing.get(p).channels for _, p in modalities) if modalities else 3
+    wanted = models.ARCHS[c.arch].input_channels
+    need(channels == wanted, 'modalities', f'inputs with {wanted} channels in all for {c.arch} '
+         f'(these give {channels}; e.g. colour + depth for fcn32s_early_fusion, colour + HHA for '
+         f'the late-fusion nets)')
   for field in ('batch_size', 'accumulate_steps', 'crop_size', 'eval_batch_size', 'keep_checkpoints'):
     need(isinstance(c[field], int) and c[field] >= 1, field, 'an integer >= 1')
   for field in ('num_train_steps', 'log_every', 'eval_every', 'checkpoint_every', 'eval_pad_to',

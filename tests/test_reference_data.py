@@ -197,3 +197,26 @@ def test_results_print_the_paper_row_beside_ours(tmp_path):
   assert '| siftflow_fcn16s | 80.0 | 50.0 | 40.0 | 70.0 |' in text
   assert '| paper Table 5, FCN-16s | 85.2 | 51.7 | 39.5 | 76.1 |' in text
   assert 'geometric head: pixel acc. 90.0 (paper 94.3)' in text
+
+
+def test_recipe_mistakes_stop_with_the_field(tmp_path):
+  from fcn_jax import config_checks
+  from fcn_jax.errors import UserError
+  from experiments.configs import common
+  c = common.get_config('nyud_fcn32s_color_hha', 'demo')
+  c.modalities = (('color', 'nyud_bgr'),)
+  with pytest.raises(UserError, match=r'config.modalities=.*6 channels in all for fcn32s_late_fusion'):
+    config_checks.check_train_config(c)
+  c.modalities = (('colour', 'nyud_bgr'), ('hha', 'nyud_hha'))
+  with pytest.raises(UserError, match='names from color, hha, depth'):
+    config_checks.check_train_config(c)
+  # A single-headed arch on the two-headed SIFT Flow names the heads.
+  from fcn_jax import train
+  sift = tmp_path / 'sift'
+  synthetic.write_sift_flow_tree(sift, num_trainval=2, num_test=1)
+  config = _recipe('siftflow_fcn32s', sift, tmp_path)
+  config.arch = 'fcn32s'
+  src = source(tmp_path, 'sift_flow', sift, 'trainval')
+  classes, _ = data_lib.class_info(src)
+  with pytest.raises(UserError, match='labels several heads \\(semantic, geometric\\)'):
+    train.resolve_classes(config, classes, data_lib.head_classes(src))
