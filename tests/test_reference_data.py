@@ -220,3 +220,28 @@ def test_recipe_mistakes_stop_with_the_field(tmp_path):
   classes, _ = data_lib.class_info(src)
   with pytest.raises(UserError, match='labels several heads \\(semantic, geometric\\)'):
     train.resolve_classes(config, classes, data_lib.head_classes(src))
+
+
+def test_a_converted_reference_net_evaluates_on_its_dataset(tmp_path):
+  """nyud-fcn32s-color-hha from a .caffemodel (random weights), evaluated on nyud_v2: its colour
+  and HHA come from the dataset, as the checkpoint's modalities say."""
+  import types
+  from experiments import evaluate
+  from fcn_jax import caffe_pb, convert
+  from tests import caffe_reference
+  layers, _ = caffe_reference.build('nyud-fcn32s-color-hha', 1 / 16)
+  src = tmp_path / 'nyud-fcn32s-color-hha-heavy.caffemodel'
+  caffe_pb.write_net(src, 'nyud', caffe_reference.caffemodel_layers(layers))
+  assert convert.main([str(src), '--out', str(tmp_path / 'weights')]) == 0
+  synthetic.write_nyud_tree(tmp_path / 'nyud', num_train=1, num_val=1, num_test=2)
+  flags = types.SimpleNamespace(
+      checkpoint=str(tmp_path / 'weights'), dataset='nyud_v2', split='test',
+      data_dir=str(tmp_path / 'tfds'), manual_dir=str(tmp_path / 'nyud'), download=False, root='',
+      val_fraction=0.1, ignore_label=255, batch_size=1, pad_to=0, which='best',
+      out=str(tmp_path / 'eval'), overwrite=False, compilation_cache_dir='')
+  evaluate.evaluate(flags)
+  results = json.loads((tmp_path / 'eval' / 'results.json').read_text())
+  assert results['name'] == 'nyud-fcn32s-color-hha' and results['images'] == 2
+  assert 0 <= results['pixel_acc'] <= 1 and len(results['per_class_iu']) == 40
+  assert '| paper Table 4, FCN-32s RGB-HHA | 64.3 | 44.9 | 32.8 | 48.0 |' in (
+      tmp_path / 'eval' / 'results.md').read_text()
