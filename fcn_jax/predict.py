@@ -47,6 +47,16 @@ class RecordInput:
     from fcn_jax import data as data_lib
     return data_lib.decode_image(self.source[self.index]['image'])
 
+  def read_modalities(self, names: list[str]) -> dict[str, np.ndarray]:
+    """The record's input modalities by name (NYUDv2 records hold colour, HHA and depth)."""
+    from fcn_jax.data import pipeline
+    try:
+      inputs, _ = pipeline.decode_planes(self.source[self.index], names)
+    except KeyError as e:
+      raise images_lib.ImageError(f'{self}: the dataset holds no {e.args[0]!r} input, which this '
+                                  f'checkpoint needs') from None
+    return inputs
+
   def __str__(self) -> str:
     return f'{self.name} (record {self.index})'
 
@@ -125,7 +135,7 @@ def companion_dirs(modalities: list[str], hha_dir: str | None, depth_dir: str | 
   further one needs its --<modality>-dir.
   """
   given = {'hha': hha_dir, 'depth': depth_dir}
-  needed = modalities[1:]
+  needed = [] if records else modalities[1:]  # dataset records hold their modalities
   for name, directory in given.items():
     if directory and name not in needed:
       raise UserError(f'--{name}-dir: this checkpoint takes {" + ".join(modalities)} inputs, not '
@@ -137,9 +147,6 @@ def companion_dirs(modalities: list[str], hha_dir: str | None, depth_dir: str | 
     if not given[name]:
       raise UserError(f'this checkpoint takes {" + ".join(modalities)} inputs: pass --{name}-dir '
                       f'DIR with a {name} image per input image (same file name)')
-    if records:
-      raise UserError(f'--dataset inputs of a {" + ".join(modalities)} net are not supported yet; '
-                      f'predict the image files with --{name}-dir')
     directory = pathlib.Path(given[name]).expanduser()
     if not directory.is_dir():
       raise UserError(f'--{name}-dir {directory}: no such directory')
@@ -148,7 +155,8 @@ def companion_dirs(modalities: list[str], hha_dir: str | None, depth_dir: str | 
 
 
 def _decoded(inputs: list[pathlib.Path], max_size: int, workers: int,
-             companions: dict[str, pathlib.Path] | None = None) -> Iterator[dict]:
+             companions: dict[str, pathlib.Path] | None = None,
+             modalities: list[str] | None = None) -> Iterator[dict]:
   """Decoded images in input order, read ahead by grain (threads; `workers` > 0: processes).
 
   Each item holds 'image' (the first modality: RGB) and the `companions` modalities by name.
@@ -161,7 +169,11 @@ def _decoded(inputs: list[pathlib.Path], max_size: int, workers: int,
     item = inputs[index]
     try:
       if isinstance(item, RecordInput):
-        return {'index': index, 'image': item.read()}
+        if not modalities or modalities == ['color']:
+          return {'index': index, 'image': item.read()}
+        planes = item.read_modalities(modalities)
+        return {'index': index, 'image': planes[modalities[0]],
+                **{name: planes[name] for name in modalities[1:]}}
       decoded = {'index': index, 'image': images_lib.read_rgb(item, max_size=max_size)}
       for name, directory in companions.items():
         relative = item.resolve().relative_to(base)
@@ -217,6 +229,9 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
   metadata = checkpoint.read_metadata(checkpoint_dir, which)
   heads = list(metadata.get('head_names') or [])
   modalities = [m['name'] for m in preprocessing.modalities_of(metadata)]
+  if records and len(inputs) > len(records) and len(modalities) > 1:
+    raise UserError(f'a {" + ".join(modalities)} net reads image files with --hha-dir / --depth-dir '
+                    f'or a --dataset, not both in one run')
   companions = companion_dirs(modalities, hha_dir, depth_dir, bool(records))
   plan = output_paths(inputs, out_dir, save_scores, scores_format, heads=heads)
   import jax
@@ -265,7 +280,7 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
       bar.update(len(pending))
 
   pending: list[dict] = []
-  for item in (_decoded(inputs, max_size, workers, companions) if inputs else ()):
+  for item in (_decoded(inputs, max_size, workers, companions, modalities) if inputs else ()):
     if 'error' in item:
       failed.append(item['error'])
       if bar is not None:

@@ -245,3 +245,10 @@ def test_a_converted_reference_net_evaluates_on_its_dataset(tmp_path):
   assert 0 <= results['pixel_acc'] <= 1 and len(results['per_class_iu']) == 40
   assert '| paper Table 4, FCN-32s RGB-HHA | 64.3 | 44.9 | 32.8 | 48.0 |' in (
       tmp_path / 'eval' / 'results.md').read_text()
+  # predict --dataset: the records supply colour and HHA.
+  from fcn_jax import predict
+  assert predict.main(['--checkpoint', str(tmp_path / 'weights'), '--out', str(tmp_path / 'pred'),
+                       '--dataset', 'nyud_v2', '--split', 'test', '--data-dir', str(tmp_path / 'tfds'),
+                       '--save-scores']) == 0
+  scores = sorted((tmp_path / 'pred').glob('*_scores.npy'))
+  assert len(scores) == 2 and np.load(scores[0]).shape == (48, 64, 40)

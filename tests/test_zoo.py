@@ -167,8 +167,10 @@ def test_two_heads_train_on_the_summed_loss_and_evaluate_both():
   assert outputs['semantic'].shape == (2, 37, 41, 5) and outputs['geometric'].shape == (2, 37, 41, 3)
   expected = (_numpy_cross_entropy(np.asarray(outputs['semantic']), labels)
               + _numpy_cross_entropy(np.asarray(outputs['geometric']), geometric))
-  new_state, step_metrics = train.train_step(state, batch, model=model, tx=tx, normalize_loss=True,
-                                             num_classes=5)
+  import functools
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, normalize_loss=True,
+                                   num_classes=5))
+  new_state, step_metrics = step(state, batch)
   assert float(step_metrics['loss']) == pytest.approx(expected, rel=1e-5)
   for layer in ('score_fr_sem', 'score_fr_geo', 'score_pool4_geo', 'fc7'):
     assert not np.allclose(new_state.params[layer]['kernel'], params[layer]['kernel']), layer
