@@ -26,7 +26,7 @@ VOC_SIZES = [(500, 375), (375, 500), (500, 333), (333, 500), (500, 500), (480, 3
              (500, 442)]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # session: not rebuilt when xdist interleaves modules
 def trained(tmp_path_factory) -> pathlib.Path:
   """FCN-8s at-once trained from scratch (the demo preset) for 300 steps on colour shapes."""
   base = tmp_path_factory.mktemp('trained')
@@ -150,7 +150,7 @@ def test_export_reloads_without_model_code(trained, tmp_path):
 # The local service
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # session: not rebuilt when xdist interleaves modules
 def server(trained):
   import threading
   from fcn_jax import serve

@@ -55,14 +55,14 @@ def train_cmd(workdir, voc, data_dir, *extra, arch='fcn32s', preset='demo') -> l
           f'--config.dataset.manual_dir={voc}', f'--config.dataset.data_dir={data_dir}', *extra]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # session: not rebuilt when xdist interleaves modules
 def voc(tmp_path_factory) -> pathlib.Path:
   root = tmp_path_factory.mktemp('voc')
   synthetic.write_voc_tree(root, num_train=8, num_val=4, seed=1, min_size=40, max_size=56)
   return root
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # session: not rebuilt when xdist interleaves modules
 def finished_run(voc, tmp_path_factory) -> dict:
   """A finished tiny training run (4 updates), shared by the tests that resume or evaluate it."""
   base = tmp_path_factory.mktemp('finished')
@@ -73,7 +73,7 @@ def finished_run(voc, tmp_path_factory) -> dict:
   return {'base': base, 'work': work, 'data_dir': base / 'tfds'}
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # session: not rebuilt when xdist interleaves modules
 def tiny_checkpoint(tmp_path_factory) -> pathlib.Path:
   path = tmp_path_factory.mktemp('weights') / 'fcn32s'
   model = models.build('fcn32s', width=1 / 16)
