@@ -252,3 +252,17 @@ def test_a_converted_reference_net_evaluates_on_its_dataset(tmp_path):
                        '--save-scores']) == 0
   scores = sorted((tmp_path / 'pred').glob('*_scores.npy'))
   assert len(scores) == 2 and np.load(scores[0]).shape == (48, 64, 40)
+
+
+def test_sift_flow_from_its_zip_archive(tmp_path):
+  import zipfile
+  tree = tmp_path / 'tree'
+  splits = synthetic.write_sift_flow_tree(tree, num_trainval=2, num_test=1)
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  with zipfile.ZipFile(manual / 'SiftFlowDataset.zip', 'w') as z:
+    for path in sorted(tree.rglob('*')):
+      if path.is_file():
+        z.write(path, pathlib.Path('SiftFlow') / path.relative_to(tree))
+  src = source(tmp_path, 'sift_flow', manual, 'test')
+  assert [data_lib.file_name(src[i]) for i in range(len(src))] == splits['test']

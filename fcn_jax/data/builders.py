@@ -189,7 +189,7 @@ def _dl_dirs(dl_manager) -> tuple[epath.Path, epath.Path]:
 
 
 def extract_archive(archive: epath.Path, extract_dir: epath.Path) -> epath.Path:
-  """Extracts a .tar / .tgz once into extract_dir/<archive name> (TF-free; TFDS's extractor needs TensorFlow).
+  """Extracts a .tar / .tgz / .zip once into extract_dir/<archive name> (TF-free; TFDS's extractor needs TensorFlow).
 
   Extraction goes to a temporary sibling that is renamed into place at the end, so an interrupted extraction is
   redone rather than trusted.
@@ -201,14 +201,22 @@ def extract_archive(archive: epath.Path, extract_dir: epath.Path) -> epath.Path:
     return dest
   dest.parent.mkdir(parents=True, exist_ok=True)
   tmp = epath.Path(tempfile.mkdtemp(prefix=f'.{archive.name}.', dir=os.fspath(dest.parent)))
+  import zipfile
   try:
     from tqdm.auto import tqdm
-    with tarfile.open(os.fspath(archive), 'r:*') as tar:
-      kwargs = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
-      for member in tqdm(tar, desc=f'extracting {archive.name}', unit=' files', mininterval=2.0, leave=False):
-        tar.extract(member, os.fspath(tmp), **kwargs)
+    if zipfile.is_zipfile(os.fspath(archive)):  # SIFT Flow's SiftFlowDataset.zip
+      with zipfile.ZipFile(os.fspath(archive)) as z:
+        for member in tqdm(z.infolist(), desc=f'extracting {archive.name}', unit=' files',
+                           mininterval=2.0, leave=False):
+          z.extract(member, os.fspath(tmp))
+    else:
+      with tarfile.open(os.fspath(archive), 'r:*') as tar:
+        kwargs = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
+        for member in tqdm(tar, desc=f'extracting {archive.name}', unit=' files', mininterval=2.0,
+                           leave=False):
+          tar.extract(member, os.fspath(tmp), **kwargs)
     os.replace(os.fspath(tmp), os.fspath(dest))
-  except (tarfile.TarError, OSError, EOFError) as e:
+  except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as e:
     shutil.rmtree(os.fspath(tmp), ignore_errors=True)
     raise DataError(f'cannot extract {archive}: {e}') from e
   except BaseException:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 from typing import Any
 
 import numpy as np
@@ -188,26 +187,6 @@ def _find_sift_flow_root(base: epath.Path) -> epath.Path | None:
   return None
 
 
-def _extract_zip(archive: epath.Path, extract_dir: epath.Path) -> epath.Path:
-  """Extracts a .zip once (to a temporary sibling renamed into place)."""
-  import shutil
-  import tempfile
-  import zipfile
-  dest = epath.Path(extract_dir) / archive.name
-  if dest.exists():
-    return dest
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{archive.name}.', dir=os.fspath(dest.parent))
-  try:
-    with zipfile.ZipFile(os.fspath(archive)) as z:
-      z.extractall(tmp)
-    os.replace(tmp, os.fspath(dest))
-  except (zipfile.BadZipFile, OSError) as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise DataError(f'cannot extract {archive}: {e}') from e
-  return dest
-
-
 class SiftFlow(_Reference):
   """SIFT Flow (Liu et al.): 2,688 256x256 outdoor images, semantic and geometric labels."""
 
@@ -221,14 +200,9 @@ class SiftFlow(_Reference):
               'segmentation_mask_geometric': _mask_feature()}
 
   def _split_generators(self, dl_manager):
-    manual = builders._manual_dir(dl_manager)
-    root = _find_sift_flow_root(manual) if manual is not None else None
-    if root is None and manual is not None and (manual / SIFT_FLOW_ARCHIVE['filename']).exists():
-      root = _find_sift_flow_root(_extract_zip(manual / SIFT_FLOW_ARCHIVE['filename'],
-                                               builders._dl_dirs(dl_manager)[1]))
-    if root is None:
-      raise MissingDataError(f'SIFT Flow not found in manual dir {manual}.\n\n'
-                             + SIFT_FLOW_MANUAL_INSTRUCTIONS)
+    root = self._root(dl_manager, SIFT_FLOW_ARCHIVE, _find_sift_flow_root, what='SIFT Flow',
+                      contents=f'Images/{_SIFT_FLOW_SUBDIR}',
+                      tree=f'{{Images,SemanticLabels,GeoLabels}}/{_SIFT_FLOW_SUBDIR}')
     return {s: self._generate_examples(root, read_list(f'sift_flow_{s}.txt', root, f'{s}.txt'), s)
             for s in ('trainval', 'test')}
 
