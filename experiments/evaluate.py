@@ -101,13 +101,13 @@ def evaluate(f) -> None:
   # Every head of the net must be a head of the dataset, with as many classes.
   dataset_heads = data_lib.head_classes(source)
   net_heads = list(model.head_names)
-  if len(net_heads) == 1:
-    dataset_heads = {net_heads[0]: next(iter(dataset_heads.values()))} if len(dataset_heads) == 1 else dataset_heads
+  if len(net_heads) == 1 and len(dataset_heads) == 1:
+    dataset_heads = {net_heads[0]: next(iter(dataset_heads.values()))}
   for head, count in zip(net_heads, model.num_classes):
     if head not in dataset_heads:
       raise UserError(f'the checkpoint predicts {", ".join(net_heads)}; the dataset {f.dataset} '
-                      f'labels {", ".join(map(str, dataset_heads))}: evaluate it on the data it was '
-                      f'trained for')
+                      f'labels {", ".join(map(str, dataset_heads))}: evaluate it on the data it '
+                      f'was trained for')
     n = dataset_heads[head][0].num_classes
     if n != count:
       raise UserError(f'the checkpoint predicts {count} classes ({head}), the dataset {f.dataset} '

@@ -1,4 +1,5 @@
-"""Train and evaluate fcn_alexnet_caffe: `python -m experiments.fcn_alexnet_caffe --workdir DIR [--config experiments/configs/fcn_alexnet_caffe.py:PRESET]`."""
+"""Train and evaluate fcn_alexnet_caffe: `python -m experiments.fcn_alexnet_caffe --workdir DIR
+[--config experiments/configs/fcn_alexnet_caffe.py:PRESET]`."""
 
 from experiments import common
 

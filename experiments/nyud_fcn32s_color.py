@@ -1,5 +1,8 @@
-"""Train and evaluate nyud_fcn32s_color: `python -m experiments.nyud_fcn32s_color --workdir DIR [--config
-experiments/configs/nyud_fcn32s_color.py:PRESET]` (fcn32s on nyud_v2)."""
+"""Train and evaluate nyud_fcn32s_color (fcn32s on nyud_v2):
+
+    python -m experiments.nyud_fcn32s_color --workdir DIR \
+        [--config experiments/configs/nyud_fcn32s_color.py:PRESET]
+"""
 
 from experiments import common
 

@@ -1,5 +1,8 @@
-"""Train and evaluate nyud_fcn32s_color_d: `python -m experiments.nyud_fcn32s_color_d --workdir DIR [--config
-experiments/configs/nyud_fcn32s_color_d.py:PRESET]` (fcn32s_early_fusion on nyud_v2)."""
+"""Train and evaluate nyud_fcn32s_color_d (fcn32s_early_fusion on nyud_v2):
+
+    python -m experiments.nyud_fcn32s_color_d --workdir DIR \
+        [--config experiments/configs/nyud_fcn32s_color_d.py:PRESET]
+"""
 
 from experiments import common
 

@@ -1,5 +1,8 @@
-"""Train and evaluate nyud_fcn32s_color_hha: `python -m experiments.nyud_fcn32s_color_hha --workdir DIR [--config
-experiments/configs/nyud_fcn32s_color_hha.py:PRESET]` (fcn32s_late_fusion on nyud_v2)."""
+"""Train and evaluate nyud_fcn32s_color_hha (fcn32s_late_fusion on nyud_v2):
+
+    python -m experiments.nyud_fcn32s_color_hha --workdir DIR \
+        [--config experiments/configs/nyud_fcn32s_color_hha.py:PRESET]
+"""
 
 from experiments import common
 

@@ -1,5 +1,8 @@
-"""Train and evaluate nyud_fcn32s_hha: `python -m experiments.nyud_fcn32s_hha --workdir DIR [--config
-experiments/configs/nyud_fcn32s_hha.py:PRESET]` (fcn32s on nyud_v2)."""
+"""Train and evaluate nyud_fcn32s_hha (fcn32s on nyud_v2):
+
+    python -m experiments.nyud_fcn32s_hha --workdir DIR \
+        [--config experiments/configs/nyud_fcn32s_hha.py:PRESET]
+"""
 
 from experiments import common
 

@@ -1,5 +1,8 @@
-"""Train and evaluate pascalcontext_fcn16s: `python -m experiments.pascalcontext_fcn16s --workdir DIR [--config
-experiments/configs/pascalcontext_fcn16s.py:PRESET]` (fcn16s on pascal_context)."""
+"""Train and evaluate pascalcontext_fcn16s (fcn16s on pascal_context):
+
+    python -m experiments.pascalcontext_fcn16s --workdir DIR \
+        [--config experiments/configs/pascalcontext_fcn16s.py:PRESET]
+"""
 
 from experiments import common
 

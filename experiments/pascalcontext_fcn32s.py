@@ -1,5 +1,8 @@
-"""Train and evaluate pascalcontext_fcn32s: `python -m experiments.pascalcontext_fcn32s --workdir DIR [--config
-experiments/configs/pascalcontext_fcn32s.py:PRESET]` (fcn32s on pascal_context)."""
+"""Train and evaluate pascalcontext_fcn32s (fcn32s on pascal_context):
+
+    python -m experiments.pascalcontext_fcn32s --workdir DIR \
+        [--config experiments/configs/pascalcontext_fcn32s.py:PRESET]
+"""
 
 from experiments import common
 

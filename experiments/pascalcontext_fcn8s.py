@@ -1,5 +1,8 @@
-"""Train and evaluate pascalcontext_fcn8s: `python -m experiments.pascalcontext_fcn8s --workdir DIR [--config
-experiments/configs/pascalcontext_fcn8s.py:PRESET]` (fcn8s on pascal_context)."""
+"""Train and evaluate pascalcontext_fcn8s (fcn8s on pascal_context):
+
+    python -m experiments.pascalcontext_fcn8s --workdir DIR \
+        [--config experiments/configs/pascalcontext_fcn8s.py:PRESET]
+"""
 
 from experiments import common
 

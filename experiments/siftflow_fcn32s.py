@@ -1,5 +1,8 @@
-"""Train and evaluate siftflow_fcn32s: `python -m experiments.siftflow_fcn32s --workdir DIR [--config
-experiments/configs/siftflow_fcn32s.py:PRESET]` (fcn32s_two_heads on sift_flow)."""
+"""Train and evaluate siftflow_fcn32s (fcn32s_two_heads on sift_flow):
+
+    python -m experiments.siftflow_fcn32s --workdir DIR \
+        [--config experiments/configs/siftflow_fcn32s.py:PRESET]
+"""
 
 from experiments import common
 

@@ -1,5 +1,8 @@
-"""Train and evaluate siftflow_fcn8s: `python -m experiments.siftflow_fcn8s --workdir DIR [--config
-experiments/configs/siftflow_fcn8s.py:PRESET]` (fcn8s_two_heads on sift_flow)."""
+"""Train and evaluate siftflow_fcn8s (fcn8s_two_heads on sift_flow):
+
+    python -m experiments.siftflow_fcn8s --workdir DIR \
+        [--config experiments/configs/siftflow_fcn8s.py:PRESET]
+"""
 
 from experiments import common
 

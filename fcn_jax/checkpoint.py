@@ -418,7 +418,8 @@ def model_metadata(model_config: dict) -> dict:
   arguments of models.build, the one source build_from_metadata reads) and read-only summaries of
   it for people and the resume checks (arch, num_classes, width, ...)."""
   from fcn_jax import models
-  model_config = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in model_config.items()}
+  model_config = {k: (v.item() if isinstance(v, np.generic) else v)
+                  for k, v in model_config.items()}
   model_config['dtype'] = jnp.dtype(model_config.get('dtype') or 'float32').name
   spec = models.ARCHS[model_config['arch']]
   counts = model_config.get('num_classes')

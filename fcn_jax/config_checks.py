@@ -34,8 +34,8 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
   counts = m.num_classes if isinstance(m.num_classes, (tuple, list)) else None
   need((isinstance(m.num_classes, int) and (m.num_classes == 0 or m.num_classes >= 2)) or
        (counts is not None and all(isinstance(n, int) and n >= 2 for n in counts)),
-       'model.num_classes', '0 (from the dataset), an integer >= 2 (background and a class), or one '
-       'such count per head for a net with several heads')
+       'model.num_classes', '0 (from the dataset), an integer >= 2 (background and a class), or '
+       'one such count per head for a net with several heads')
   need(number(m.width) and m.width > 0, 'model.width', 'a number > 0 (1.0 = the paper\'s nets)')
   need(m.dtype in DTYPES, 'model.dtype', f'one of {", ".join(DTYPES)}')
   dropout = m.get('dropout_rate')
@@ -50,8 +50,8 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
   known = ('color', 'hha', 'depth')
   well_formed = all(isinstance(m, (tuple, list)) and len(m) == 2 and m[0] in known
                     and m[1] in preprocessing.PRESETS for m in modalities)
-  need(well_formed, 'modalities', f'() (the colour image) or ((name, preprocessing), ...) with names '
-       f'from {", ".join(known)} and presets from {", ".join(sorted(preprocessing.PRESETS))}')
+  need(well_formed, 'modalities', f'() (the colour image) or ((name, preprocessing), ...) with '
+       f'names from {", ".join(known)} and presets from {", ".join(sorted(preprocessing.PRESETS))}')
   if c.arch in models.ARCHS and well_formed:
     channels = sum(preprocessing.get(p).channels for _, p in modalities) if modalities else 3
     wanted = models.ARCHS[c.arch].input_channels

@@ -1,6 +1,7 @@
 """Imports pretrained weights: ImageNet backbones and the released FCN models, into an orbax checkpoint.
 
-    python -m fcn_jax.convert SRC --out DIR [--arch ARCH] [--format auto|pth|npz|safetensors|caffemodel]
+    python -m fcn_jax.convert SRC --out DIR [--arch ARCH]
+        [--format auto|pth|npz|safetensors|caffemodel] [--modality color|hha]
         [--preprocessing caffe_bgr|torchvision_rgb|inception_rgb|...] [--num-classes N] [--width W]
 
 Without --arch, the file must be one of the fifteen reference nets (fcn_jax.zoo): it is recognised
@@ -232,7 +233,8 @@ LAYOUTS = {
         (r'^classifier\.6\.', _NUM_BATCHES), 'torchvision_rgb'),
     'caffe_alexnet': Layout('caffe_alexnet', 'alexnet', {}, (r'^fc8\.', _NUM_BATCHES), 'caffe_bgr'),
     # CaffeNet / the released voc-fcn-alexnet (grouped conv2/4/5; the LRN layers have no blobs).
-    'caffe_caffenet': Layout('caffe_caffenet', 'caffenet', {}, (r'^fc8\.', _NUM_BATCHES), 'caffe_bgr'),
+    'caffe_caffenet': Layout('caffe_caffenet', 'caffenet', {}, (r'^fc8\.', _NUM_BATCHES),
+                             'caffe_bgr'),
     'torchvision_alexnet': Layout(
         'torchvision_alexnet', 'alexnet',
         {'conv1': 'features.0', 'conv2': 'features.3', 'conv3': 'features.6', 'conv4': 'features.8',
@@ -296,7 +298,8 @@ def guess_archs(keys: Iterable[str]) -> list[str]:
   if has('conv1_1_bgrd.weight'):
     return ['fcn32s_early_fusion']
   if has('score_fr_sem.weight') or has('score_fr_geo.weight'):
-    stride = '8s' if has('score_pool3_sem.weight') else '16s' if has('score_pool4_sem.weight') else '32s'
+    stride = ('8s' if has('score_pool3_sem.weight') else
+              '16s' if has('score_pool4_sem.weight') else '32s')
     return [f'fcn{stride}_two_heads']
   vgg = has('conv5_3.weight') or has('features.28.weight')
   alex = (has('conv5.weight') or has('features.10.weight')) and not vgg
@@ -429,7 +432,8 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
     counts = []
     for head in spec.heads:
       score = state.get(f'score_fr{head.suffix}{spec.streams[0].suffix}.weight')
-      counts.append(int(score.shape[0]) if is_fcn and score is not None and score.ndim >= 1 else None)
+      found = is_fcn and score is not None and score.ndim >= 1
+      counts.append(int(score.shape[0]) if found else None)
     if None in counts:
       counts = list(spec.default_classes) if len(spec.heads) > 1 else [21]
     num_classes = counts[0] if len(counts) == 1 else tuple(counts)
@@ -515,7 +519,8 @@ def convert(src: str | os.PathLike, arch: str | None = None, *, format: str = 'a
     net, why = zoo.recognise(state, src, modality)
   except zoo.RecognitionError as e:
     if arch is None:
-      raise ConversionError(f'{src}: {e}. Nothing fits; pass --arch to convert it anyway.') from None
+      raise ConversionError(f'{src}: {e}. Nothing fits; pass --arch to convert it anyway.') \
+          from None
     why = str(e)
   recognised = net
   if arch is None:

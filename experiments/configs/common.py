@@ -35,6 +35,8 @@ ALEXNETS = ('fcn_alexnet', 'fcn_alexnet_caffe')
 _CONTEXT = ('pascal_context', 'train', 500, (('color', 'pascal_context_bgr'),))
 _SIFT_FLOW = ('sift_flow', 'trainval', 256, (('color', 'sift_flow_bgr'),))
 _NYUD = ('nyud_v2', 'train', 560)
+_COLOR_DEPTH = (('color', 'nyud_bgr'), ('depth', 'nyud_log_depth'))
+_COLOR_HHA = (('color', 'nyud_bgr'), ('hha', 'nyud_hha'))
 RECIPES = {
     'pascalcontext_fcn32s': ('fcn32s', *_CONTEXT),
     'pascalcontext_fcn16s': ('fcn16s', *_CONTEXT),
@@ -44,9 +46,9 @@ RECIPES = {
     'siftflow_fcn8s': ('fcn8s_two_heads', *_SIFT_FLOW),
     'nyud_fcn32s_color': ('fcn32s', *_NYUD, (('color', 'nyud_bgr'),)),
     'nyud_fcn32s_hha': ('fcn32s', *_NYUD, (('hha', 'nyud_hha'),)),
-    'nyud_fcn32s_color_d': ('fcn32s_early_fusion', *_NYUD, (('color', 'nyud_bgr'), ('depth', 'nyud_log_depth'))),
-    'nyud_fcn32s_color_hha': ('fcn32s_late_fusion', *_NYUD, (('color', 'nyud_bgr'), ('hha', 'nyud_hha'))),
-    'nyud_fcn16s_color_hha': ('fcn16s_late_fusion', *_NYUD, (('color', 'nyud_bgr'), ('hha', 'nyud_hha'))),
+    'nyud_fcn32s_color_d': ('fcn32s_early_fusion', *_NYUD, _COLOR_DEPTH),
+    'nyud_fcn32s_color_hha': ('fcn32s_late_fusion', *_NYUD, _COLOR_HHA),
+    'nyud_fcn16s_color_hha': ('fcn16s_late_fusion', *_NYUD, _COLOR_HHA),
 }
 # Staged recipes start from the coarser one, as on VOC.
 RECIPE_PREDECESSOR = {'pascalcontext_fcn16s': 'pascalcontext_fcn32s',
@@ -171,7 +173,8 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
     c.crop_size = 128
     c.flip = True
     # FCN-32s learns the classes; the skip stages then fine-tune from it (new score layers at zero).
-    c.num_train_steps = 1000 if arch in ('fcn32s', 'fcn8s_atonce', 'fcn_googlenet') + ALEXNETS else 300
+    single_stage = ('fcn32s', 'fcn8s_atonce', 'fcn_googlenet') + ALEXNETS
+    c.num_train_steps = 1000 if arch in single_stage else 300
     c.optim.algorithm = 'adam'
     c.optim.learning_rate = 1e-3
     c.optim.momentum = 0.9

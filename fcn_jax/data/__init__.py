@@ -36,7 +36,8 @@ logging.getLogger('absl').addFilter(_QuietPreparation())
 
 CUSTOM_FORMATS = custom.FORMATS
 REFERENCE_DATASETS = tuple(reference.BUILDERS)  # pascal_context, sift_flow, nyud_v2
-DATASETS = ('voc_segmentation/2012', 'voc_segmentation/2011', 'sbd') + REFERENCE_DATASETS + CUSTOM_FORMATS
+DATASETS = (('voc_segmentation/2012', 'voc_segmentation/2011', 'sbd') + REFERENCE_DATASETS
+            + CUSTOM_FORMATS)
 # Where each dataset is evaluated when config.dataset.eval_name / eval_split are '' (the default):
 # the paper trains on SBD train and evaluates on VOC2011 seg11valid; other datasets on their val.
 DEFAULT_EVAL = {'sbd': ('voc_segmentation/2011', 'seg11valid'),

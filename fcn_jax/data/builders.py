@@ -189,7 +189,8 @@ def _dl_dirs(dl_manager) -> tuple[epath.Path, epath.Path]:
 
 
 def extract_archive(archive: epath.Path, extract_dir: epath.Path) -> epath.Path:
-  """Extracts a .tar / .tgz / .zip once into extract_dir/<archive name> (TF-free; TFDS's extractor needs TensorFlow).
+  """Extracts a .tar / .tgz / .zip once into extract_dir/<archive name> (TF-free; TFDS's
+  extractor needs TensorFlow).
 
   Extraction goes to a temporary sibling that is renamed into place at the end, so an interrupted extraction is
   redone rather than trusted.

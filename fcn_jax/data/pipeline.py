@@ -129,7 +129,8 @@ def decode_planes(record, modalities: list[str], heads: list[str] | None = None)
 
 
 class TrainTransform(grain.RandomMapTransform):
-  """record -> {'image': float32 (crop, crop, C), 'label': int32 (crop, crop)}. Picklable (worker processes).
+  """record -> {'image': float32 (crop, crop, C), 'label': int32 (crop, crop)}. Picklable (worker
+  processes).
 
   `modalities` [(name, preprocessing)] (default: the colour image with `preprocessing`) are each
   preprocessed and concatenated into 'image'; several `heads` give 'label_<head>' each. One random

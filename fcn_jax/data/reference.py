@@ -137,8 +137,8 @@ class _Reference(builders._Base):
   def _info(self):
     metadata = tfds.core.MetadataDict()
     heads = HEADS[self.name]
-    metadata['heads'] = [{'name': h.name, **h.classes.to_json(), 'eval_exclude': list(h.eval_exclude)}
-                         for h in heads]
+    metadata['heads'] = [{'name': h.name, **h.classes.to_json(),
+                          'eval_exclude': list(h.eval_exclude)} for h in heads]
     metadata.update(heads[0].classes.to_json())
     metadata['modalities'] = list(MODALITIES[self.name])
     return tfds.core.DatasetInfo(
@@ -156,7 +156,8 @@ class _Reference(builders._Base):
 
   def _generate_examples(self, root: epath.Path, ids: list[str], split: str = ''):
     from tqdm.auto import tqdm
-    for image_id in tqdm(ids, desc=f'{self.name}/{split}', unit='img', mininterval=2.0, leave=False):
+    for image_id in tqdm(ids, desc=f'{self.name}/{split}', unit='img', mininterval=2.0,
+                         leave=False):
       yield image_id, {**self._example(root, image_id), 'file_name': image_id}
 
   def _example(self, root: epath.Path, image_id: str) -> dict:
@@ -263,7 +264,8 @@ class NyudV2(_Reference):
     root = self._root(dl_manager, NYUD_ARCHIVE, _find_nyud_root, what='NYUDv2',
                            contents='data/{images,depth,hha} and segmentation/',
                            tree='data/{images,depth,hha} + segmentation/')
-    train, val, test = (read_list(f'nyud_{s}.txt', root, f'{s}.txt') for s in ('train', 'val', 'test'))
+    train, val, test = (read_list(f'nyud_{s}.txt', root, f'{s}.txt')
+                        for s in ('train', 'val', 'test'))
     splits = {'train': train + val, 'test': test, 'reference_train': train, 'reference_val': val}
     return {s: self._generate_examples(root, ids, s) for s, ids in splits.items()}
 
@@ -285,7 +287,8 @@ class NyudV2(_Reference):
     buffer = io.BytesIO()
     Image.fromarray(depth_array).save(buffer, format='PNG')
     return {'image': color, 'hha': hha, 'depth': buffer.getvalue(),
-            'segmentation_mask': builders.encode_mask_png((label.astype(np.int64) - 1).astype(np.uint8))}
+            'segmentation_mask': builders.encode_mask_png(
+                (label.astype(np.int64) - 1).astype(np.uint8))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +384,8 @@ class PascalContext(_Reference):
     label_map = _read_mat(path, 'LabelMap')
     _same_size(image_id, {'image': size, 'LabelMap': label_map.shape})
     _check_range(label_map, 0, len(self._lookup) - 1, path, 'LabelMap')
-    return {'image': jpeg, 'segmentation_mask': builders.encode_mask_png(self._lookup[label_map.astype(np.int64)])}
+    mask = self._lookup[label_map.astype(np.int64)]
+    return {'image': jpeg, 'segmentation_mask': builders.encode_mask_png(mask)}
 
 
 BUILDERS = {'pascal_context': PascalContext, 'sift_flow': SiftFlow, 'nyud_v2': NyudV2}
