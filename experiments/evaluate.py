@@ -117,8 +117,7 @@ def evaluate(f) -> None:
   batches = pipeline.eval_batches(source, preprocessing=meta['preprocessing'],
                                   batch_size=f.batch_size, pad_to=f.pad_to or None,
                                   modalities=modalities, heads=net_heads)
-  scores, _ = train.evaluate(model, variables, batches, num_classes=model.num_classes[0],
-                             progress=True,
+  scores, _ = train.evaluate(model, variables, batches, progress=True,
                              exclude={h: dataset_heads[h][1] for h in net_heads})
   class_names = meta.get('class_names') or [str(i) for i in range(model.num_classes[0])]
   name = meta.get('zoo_name') or meta.get('experiment') or meta['arch']

@@ -216,11 +216,10 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
   return new_state, step_metrics
 
 
-def eval_step(variables: dict, batch: dict, confusion: dict, *, model: nn.Module,
-              num_classes: int) -> tuple[dict, jax.Array]:
-  """Adds the batch's confusion matrices ({head: matrix}) to `confusion` on device; returns them
-  and the first head's predictions."""
-  del num_classes  # the model's own, per head
+def eval_step(variables: dict, batch: dict, confusion: dict, *,
+              model: nn.Module) -> tuple[dict, jax.Array]:
+  """Adds the batch's confusion matrices ({head: matrix}, one per head of the model, with its own
+  class count) to `confusion` on device; returns them and the first head's predictions."""
   logits = per_head(model, model.apply(variables, batch['image'], train=False))
   out, first = {}, None
   for head, n in zip(model.head_names, model.num_classes):
@@ -241,10 +240,10 @@ def compile_train_step(model, tx, mesh: Mesh, *, normalize_loss: bool, num_class
                  donate_argnums=(0,))
 
 
-def compile_eval_step(model, mesh: Mesh, *, num_classes: int, batch_sharded: bool) -> Callable:
+def compile_eval_step(model, mesh: Mesh, *, batch_sharded: bool) -> Callable:
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P('data')) if batch_sharded else replicated
-  fn = functools.partial(eval_step, model=model, num_classes=num_classes)
+  fn = functools.partial(eval_step, model=model)
   return jax.jit(fn, in_shardings=(replicated, data, replicated), out_shardings=(replicated, data),
                  donate_argnums=(2,))
 
@@ -253,7 +252,8 @@ def compile_eval_step(model, mesh: Mesh, *, num_classes: int, batch_sharded: boo
 # Evaluation over a whole split.
 
 
-def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *, num_classes: int,
+def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *,
+             num_classes: int | None = None,
              mesh: Mesh | None = None, keep_predictions: int = 0, progress: bool = False,
              exclude: dict[str, tuple[int, ...]] | None = None) -> tuple[dict, list]:
   """Accumulates ONE confusion matrix over the split (on device, across devices and hosts).
@@ -267,7 +267,10 @@ def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *, num_
   scores of the whole split. `variables` must be replicated (or identical host values everywhere).
   Several heads: the first head's scores, plus 'heads': {head: scores}. `exclude` {head: class
   ids} leaves classes out of a head's mean accuracy and mean IU (the dataset's protocol).
+  The class counts are the model's; `num_classes`, if given, must equal its first head's.
   """
+  if num_classes is not None and num_classes != model.num_classes[0]:
+    raise ValueError(f'num_classes={num_classes}, but the model predicts {model.num_classes[0]}')
   mesh = mesh or make_mesh()
   if jax.process_count() > 1:
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
@@ -286,7 +289,7 @@ def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *, num_
     n = batch['image'].shape[0]
     sharded = n % mesh.devices.size == 0
     if sharded not in steps:
-      steps[sharded] = compile_eval_step(model, mesh, num_classes=num_classes, batch_sharded=sharded)
+      steps[sharded] = compile_eval_step(model, mesh, batch_sharded=sharded)
     keys = ['image'] + [label_key(model, h) for h in model.head_names]
     device_batch = (shard_batch({k: batch[k] for k in keys}, mesh) if sharded
                     else {k: replicate(np.asarray(batch[k]), mesh) for k in keys})
@@ -760,8 +763,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         if every(config.eval_every, step) or last:
           flush(step)
           scores, _ = evaluate(model, state.variables(), eval_batches(config, eval_source),
-                               num_classes=config.model.num_classes, mesh=mesh,
-                               exclude=eval_exclude)
+                               mesh=mesh, exclude=eval_exclude)
           last_scores = scores
           other_heads = {h: v for h, v in scores.get('heads', {}).items() if h != first_head}
           writer.write(step, 'eval', {k_: scores[k_] for k_ in SCORE_KEYS} | {
@@ -788,7 +790,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   final_step = max(start, total)
   if last_scores is None:  # resumed a finished run: evaluate the final state
     last_scores, _ = evaluate(model, state.variables(), eval_batches(config, eval_source),
-                              num_classes=config.model.num_classes, mesh=mesh, exclude=eval_exclude)
+                              mesh=mesh, exclude=eval_exclude)
   if is_main:
     class_names = list(config.class_names)
     report.write_results(workdir, config.get('name', config.arch), last_scores, class_names,
