@@ -43,6 +43,7 @@ import numpy as np
 from fcn_jax import models
 from fcn_jax import optim
 from fcn_jax import train as train_lib
+from fcn_jax.models import cpu_forms
 
 NETS = ('fcn_alexnet', 'fcn32s', 'fcn8s', 'fcn_googlenet')
 MEASUREMENTS = ('fwd-latency', 'fwd-batch', 'train')
@@ -186,7 +187,7 @@ def jax_forward(arch, prof: Profile, dtype: str, n: int) -> dict:
   model, variables = _model_and_variables(arch, prof.width, dtype)
   variables = jax.device_put(variables)
   images = jnp.asarray(_batch(n, prof.size)['image'])
-  fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  fn = cpu_forms.jit(lambda v, x: model.apply(v, x, train=False), forms=model.forms)
   t0 = time.perf_counter()
   compiled = fn.lower(variables, images).compile()
   compile_s = time.perf_counter() - t0
@@ -382,6 +383,7 @@ def environment() -> dict:
       'python': platform.python_version(), 'jax': jax.__version__,
       'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
       'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
+      'cpu_forms': cpu_forms.current().describe() if jax.default_backend() == 'cpu' else '-',
   }
   try:
     import flax
@@ -530,7 +532,7 @@ def render(command, env, prof, peaks, torch_peaks, rows, pipe) -> str:
          f'{env["date"]}; {env["cpu"]} ({env["cores"]} cores), backend {env["backend"]} '
          f'({env["device"]}); jax {env["jax"]}, flax {env.get("flax")}, torch {env.get("torch")}'
          f' ({env.get("torch_threads", "-")} threads); load average at start {env.get("loadavg")}; '
-         f'XLA_FLAGS="{env["XLA_FLAGS"]}"', '',
+         f'XLA_FLAGS="{env["XLA_FLAGS"]}"; CPU forms {env.get("cpu_forms", "-")}', '',
          f'Profile: {prof.size}x{prof.size}, width {prof.width:g}, medians of {prof.repeats} after '
          f'{prof.warmup} warm-up. Matmul peak (n={prof.matmul_n}): ' + ', '.join(
              f'{d} JAX {peaks[d] / 1e12:.3f}' + (f' / torch {torch_peaks[d] / 1e12:.3f}'

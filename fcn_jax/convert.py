@@ -394,7 +394,7 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
     ConversionError listing missing, unexpected and mismatched keys.
   """
   from fcn_jax import models
-  from fcn_jax.models import fcn as fcn_lib
+  from fcn_jax.models import fcn as fcn_lib, layers
   if arch not in fcn_lib.ARCHS:
     raise ConversionError(f'unknown arch {arch!r}; choose one of {sorted(fcn_lib.ARCHS)}')
   spec = fcn_lib.ARCHS[arch]
@@ -461,6 +461,14 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
       continue
     _set(variables, t.path, np.ascontiguousarray(value, dtype=np.float32))
 
+  # The final upsampling is computed class by class from the kernel's diagonal (layers.Deconv):
+  # a file whose final upsampling mixes classes would give other scores, so it is refused.
+  mixing = []
+  for name in model.final_upsampling_modules():
+    kernel = variables.get('params', {}).get(name, {}).get('kernel')
+    if kernel is not None and layers.off_diagonal_max(kernel) > 0:
+      mixing.append(f'{name}: off-diagonal weights up to {layers.off_diagonal_max(kernel):.3g}')
+
   # FCN-8s at-once (Caffe): fixed Scale layers before score_pool4/3, checked and dropped.
   ignored = []
   for skip in spec.skips:
@@ -477,7 +485,7 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
        (init_missing_heads and is_fcn and key.startswith(HEAD_PREFIXES)):
       ignored.append(key)
   unexpected = sorted(keys - used - set(ignored))
-  if missing or unexpected or mismatched:
+  if missing or unexpected or mismatched or mixing:
     parts = [f'cannot load the file into {arch} (layout {layout.name}, width {width:g}, '
              f'{_classes_text(num_classes)}):' + guess_hint()]
     if missing:
@@ -486,6 +494,10 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
       parts.append(_listing('unexpected keys', [f'{k} {tuple(np.shape(state[k]))}' for k in unexpected]))
     if mismatched:
       parts.append(_listing('shape mismatches', mismatched))
+    if mixing:
+      parts.append(_listing('final upsamplings that mix classes (fcn_jax upsamples each class by '
+                            'itself with the diagonal filter, as every reference net does with its '
+                            'fixed bilinear one)', mixing))
     raise ConversionError('\n'.join(parts))
 
   info = {'layout': layout.name, 'kind': 'fcn' if is_fcn else 'backbone',

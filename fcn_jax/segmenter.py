@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fcn_jax import checkpoint, preprocessing
 from fcn_jax.errors import UserError
+from fcn_jax.models import cpu_forms
 
 DEFAULT_BUCKET_STEP = 64
 
@@ -61,10 +62,11 @@ class Segmenter:
     self.modalities = preprocessing.modalities_of(self.metadata)
     self.head_names = list(model.head_names)
     self.channels = model.arch.input_channels
-    self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False),
-                          in_shardings=(self._replicated, self._batched),
-                          out_shardings=self._batched)
-    self._apply_one = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    self._apply = cpu_forms.jit(lambda v, x: model.apply(v, x, train=False), forms=model.forms,
+                                in_shardings=(self._replicated, self._batched),
+                                out_shardings=self._batched)
+    self._apply_one = cpu_forms.jit(lambda v, x: model.apply(v, x, train=False),
+                                    forms=model.forms)
     self.compiled_shapes: set[tuple[int, ...]] = set()  # what was compiled, for tests / logs
 
   @classmethod

@@ -32,6 +32,7 @@ from fcn_jax import models
 from fcn_jax import optim
 from fcn_jax import workdir as workdir_lib
 from fcn_jax.errors import Preempted, UserError
+from fcn_jax.models import cpu_forms
 
 SCORE_KEYS = ('pixel_acc', 'mean_acc', 'mean_iu', 'fw_iu')
 
@@ -236,16 +237,16 @@ def compile_train_step(model, tx, mesh: Mesh, *, normalize_loss: bool, num_class
   data = NamedSharding(mesh, P('data'))
   fn = functools.partial(train_step, model=model, tx=tx, normalize_loss=normalize_loss,
                          num_classes=num_classes, class_weights=class_weights)
-  return jax.jit(fn, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                 donate_argnums=(0,))
+  return cpu_forms.jit(fn, forms=model.forms, in_shardings=(replicated, data),
+                       out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
 def compile_eval_step(model, mesh: Mesh, *, batch_sharded: bool) -> Callable:
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P('data')) if batch_sharded else replicated
   fn = functools.partial(eval_step, model=model)
-  return jax.jit(fn, in_shardings=(replicated, data, replicated), out_shardings=(replicated, data),
-                 donate_argnums=(2,))
+  return cpu_forms.jit(fn, forms=model.forms, in_shardings=(replicated, data, replicated),
+                       out_shardings=(replicated, data), donate_argnums=(2,))
 
 
 # ---------------------------------------------------------------------------------------------

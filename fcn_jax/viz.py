@@ -122,9 +122,10 @@ def training_curves(records: Sequence[dict], path: str | pathlib.Path, title: st
 
 def predict_scores(model, variables: dict, image: np.ndarray, preprocessing: str) -> np.ndarray:
   """uint8 RGB (H, W, 3) -> float32 class scores (H, W, C) at the input size."""
-  import jax
+  from fcn_jax.models import cpu_forms
   x = prep_lib.get(preprocessing)(image)[None]
-  return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))[0]
+  return np.asarray(cpu_forms.jit(lambda v, x: model.apply(v, x, train=False),
+                                  forms=getattr(model, 'forms', None))(variables, x))[0]
 
 
 def score_map_figure(model, variables: dict, examples: Sequence[tuple[str, np.ndarray, np.ndarray]],

@@ -208,6 +208,12 @@ def data_tops(name: str, rgb: np.ndarray, hha: np.ndarray, depth: np.ndarray) ->
 # Blobs and the executor
 
 
+def is_final_upsampling(layer_name: str) -> bool:
+  """upscore, upscore16, upscore8 (with a head suffix): not the intermediate upscore2 /
+  upscore_pool4, which may mix classes."""
+  return layer_name.startswith('upscore') and not layer_name.startswith(('upscore2', 'upscore_pool4'))
+
+
 def build(name: str, width: float, seed: int = 0) -> tuple[list[Layer], dict[str, str]]:
   """The layer list of the reference net `name` with random blobs, and its score tops by head."""
   n = NetSpec(width)
@@ -230,7 +236,10 @@ def build(name: str, width: float, seed: int = 0) -> tuple[list[Layer], dict[str
     elif layer.type == 'Deconvolution':
       c_in, k, s = channels[layer.bottom[0]], p['kernel_size'], p['stride']
       shape = (c_in, p['num_output'], k, k)
-      layer.blobs = [rng.normal(0, 1 / np.sqrt(c_in * (k / s) ** 2), shape).astype(np.float32)]
+      blob = rng.normal(0, 1 / np.sqrt(c_in * (k / s) ** 2), shape).astype(np.float32)
+      if is_final_upsampling(layer.name):  # per class, as in every reference net (any filter)
+        blob = blob * np.eye(c_in, p['num_output'], dtype=np.float32)[:, :, None, None]
+      layer.blobs = [blob]
       channels[layer.top] = p['num_output']
     elif layer.type == 'Scale':
       layer.blobs = [np.full((channels[layer.bottom[0]],), p['value'], np.float32)]

@@ -377,6 +377,22 @@ def test_missing_unexpected_and_mismatched_keys_are_listed(fcn_nets, tmp_path, c
   assert 'conv3_2.bias' in err and 'extra_layer.weight' in err
 
 
+def test_final_upsampling_that_mixes_classes_is_refused(fcn_nets, tmp_path, capsys):
+  # fcn_jax upsamples each class by itself from the final kernel's diagonal; a file whose final
+  # upsampling has off-diagonal weights would give other scores, so nothing is converted.
+  state = state_of(fcn_nets['fcn16s'])
+  state['upscore16.weight'] = state['upscore16.weight'] + 0.5
+  state['upscore2.weight'] = state['upscore2.weight'] + 0.5  # intermediate: may mix classes
+  path = write(state, str(tmp_path / 'mixed.npz'), 'npz')
+  with pytest.raises(convert.ConversionError) as info:
+    convert.convert(path, 'fcn16s')
+  msg = str(info.value)
+  assert 'final upsamplings that mix classes (1)' in msg and 'upscore16: off-diagonal' in msg
+  assert 'upscore2' not in msg
+  err = _cli_fails(tmp_path, capsys, path, 'fcn16s')
+  assert 'upscore16' in err and 'Traceback' not in err
+
+
 def test_num_classes_and_width_mismatch(fcn_nets, tmp_path):
   path = write(state_of(fcn_nets['fcn32s']), str(tmp_path / 'f.safetensors'), 'safetensors')
   with pytest.raises(convert.ConversionError, match=r'score_fr.weight: file has \(21, 256, 1, 1\)'):

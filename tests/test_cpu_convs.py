@@ -1,4 +1,4 @@
-"""The CPU matrix-product forms of layers.conv_general_dilated equal lax.conv_general_dilated:
+"""The CPU matrix-product forms of cpu_forms.conv_general_dilated equal lax.conv_general_dilated:
 forward, input gradient and kernel gradient, for every branch (im2col, shifted-row kernel gradient
 on either operand), batches, odd and asymmetric padding, non-square maps and kernels."""
 
@@ -7,9 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fcn_jax.models import layers
+from fcn_jax.models import cpu_forms
 
 DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+@pytest.fixture(autouse=True)
+def every_form_on():
+  # Whatever this machine chose (cpu_forms.for_this_machine), these tests take every form.
+  with cpu_forms.use(cpu_forms.Forms()):
+    yield
 
 
 def _reference(x, w, padding, strides=(1, 1)):
@@ -18,7 +25,7 @@ def _reference(x, w, padding, strides=(1, 1)):
 
 
 def _ours(x, w, padding, strides=(1, 1)):
-  return layers.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN,
+  return cpu_forms.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN,
                                      precision=jax.lax.Precision.HIGHEST)
 
 
@@ -41,7 +48,7 @@ CASES = [  # (x shape, kernel shape, padding, strides): which branch the case ta
 
 def _branch(x_shape, k_shape, strides):
   k_h, k_w = k_shape[:2]
-  if min(k_h, k_w) >= layers.IM2COL_MIN_KERNEL or (k_h == k_w == 1 and strides == (1, 1)):
+  if min(k_h, k_w) >= cpu_forms.IM2COL_MIN_KERNEL or (k_h == k_w == 1 and strides == (1, 1)):
     return 'im2col'
   if strides != (1, 1):
     return 'lax'
@@ -50,7 +57,7 @@ def _branch(x_shape, k_shape, strides):
 
 @pytest.mark.parametrize('x_shape,k_shape,padding,strides', CASES)
 def test_cpu_conv_forms_match_lax(monkeypatch, x_shape, k_shape, padding, strides):
-  monkeypatch.setattr(layers, 'DW_SHIFT_MIN_PIXELS', 1)  # every stride-1 3x3 takes the shifted form
+  monkeypatch.setattr(cpu_forms, 'DW_SHIFT_MIN_PIXELS', 1)  # every stride-1 3x3 takes the shifted form
   rng = np.random.default_rng(sum(x_shape) + sum(k_shape))
   x = jnp.asarray(rng.standard_normal(x_shape, np.float32))
   w = jnp.asarray(rng.standard_normal(k_shape, np.float32))
@@ -71,7 +78,7 @@ def test_cpu_conv_forms_match_lax(monkeypatch, x_shape, k_shape, padding, stride
 
 
 def test_shifted_kernel_gradient_in_bfloat16(monkeypatch):
-  monkeypatch.setattr(layers, 'DW_SHIFT_MIN_PIXELS', 1)
+  monkeypatch.setattr(cpu_forms, 'DW_SHIFT_MIN_PIXELS', 1)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((1, 10, 10, 8), np.float32)).astype(jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((3, 3, 8, 8), np.float32)).astype(jnp.bfloat16)
@@ -92,9 +99,11 @@ def test_shifted_form_is_used_only_above_the_pixel_threshold():
   if jax.default_backend() != 'cpu':
     pytest.skip('the CPU forms apply on the CPU backend only')
   assert 'custom_vjp_call' not in jaxpr()  # 400 output pixels < DW_SHIFT_MIN_PIXELS
-  old = layers.DW_SHIFT_MIN_PIXELS
+  old = cpu_forms.DW_SHIFT_MIN_PIXELS
   try:
-    layers.DW_SHIFT_MIN_PIXELS = 400
+    cpu_forms.DW_SHIFT_MIN_PIXELS = 400
     assert 'custom_vjp_call' in jaxpr()
+    with cpu_forms.use(cpu_forms.Forms(shifted_dw=False)):
+      assert 'custom_vjp_call' not in jaxpr()  # the switch turns the form off
   finally:
-    layers.DW_SHIFT_MIN_PIXELS = old
+    cpu_forms.DW_SHIFT_MIN_PIXELS = old

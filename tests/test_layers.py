@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fcn_jax.models import layers
+from fcn_jax.models import cpu_forms, layers
 
 # (kernel, stride) pairs of every deconvolution in the model family, plus odd/awkward ones.
 DECONV_CASES = [(4, 2), (16, 8), (32, 16), (64, 32), (63, 32), (3, 2), (5, 3), (2, 2), (1, 1), (7, 2)]
@@ -102,7 +102,7 @@ def test_max_pool_ceil_matches_numpy(window, stride, pad):
 
 
 @pytest.mark.parametrize('window,stride,pad', [(2, 2, 0), (3, 2, 0), (3, 1, 1), (3, 2, 1), (3, 3, 0)])
-def test_max_pool_ceil_gradient_equals_select_and_scatter(monkeypatch, window, stride, pad):
+def test_max_pool_ceil_gradient_equals_select_and_scatter(window, stride, pad):
   # The custom gradients (block and overlapping windows) against XLA's reduce_window gradient on
   # inputs full of ties (ReLU zeros, repeated values): the first maximum of each window in row-major
   # order gets the gradient, and overlapping windows add up (in another order: float rounding).
@@ -115,10 +115,10 @@ def test_max_pool_ceil_gradient_equals_select_and_scatter(monkeypatch, window, s
                                             dtype=np.float32))
     # No jit: the switch is read at trace time, and jit would reuse the first trace.
     grad = lambda x_: jax.grad(lambda v: jnp.sum(layers.max_pool_ceil(v, window, stride, pad) * g_out))(x_)
-    monkeypatch.setattr(layers, 'BLOCK_POOL', True)
-    ours = np.asarray(grad(x))
-    monkeypatch.setattr(layers, 'BLOCK_POOL', False)
-    ref = np.asarray(grad(x))
+    with cpu_forms.use(cpu_forms.Forms(pool_grad=True)):
+      ours = np.asarray(grad(x))
+    with cpu_forms.use(cpu_forms.Forms(pool_grad=False)):
+      ref = np.asarray(grad(x))
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6, err_msg=f'{h}x{w}')
     assert np.count_nonzero(ref) > 0
 
@@ -245,6 +245,41 @@ def test_transposed_conv_gradient_matches_numpy_adjoint():
     for j in range(4):
       ref[0, i, j] = np.einsum('abo,abco->c', g_out[0, i * s:i * s + k, j * s:j * s + k], np.asarray(kernel))
   np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('k,s', [(64, 32), (63, 32), (32, 16), (16, 8), (4, 2), (5, 3), (3, 3)])
+def test_per_class_transposed_conv_equals_the_diagonal_kernel(k, s):
+  # The final upsampling computed class by class equals the full transposed convolution with the
+  # diagonal (k, k, C, C) kernel: values and the input gradient; any filters, not only bilinear.
+  rng = np.random.default_rng(k * 7 + s)
+  x = jnp.asarray(rng.standard_normal((2, 3, 5, 4)).astype(np.float32))
+  filters = rng.standard_normal((k, k, 4)).astype(np.float32)
+  kernel = np.einsum('abc,cd->abcd', filters, np.eye(4, dtype=np.float32))
+  y, vjp = jax.vjp(lambda v: layers.transposed_conv_per_class(v, jnp.asarray(filters), s), x)
+  ref_y, ref_vjp = jax.vjp(lambda v: layers.transposed_conv(v, jnp.asarray(kernel), s), x)
+  np.testing.assert_allclose(np.asarray(y), numpy_deconv(np.asarray(x), kernel, s), rtol=1e-5,
+                             atol=1e-4)
+  g = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
+  np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(ref_vjp(g)[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_final_upsampling_is_per_class_and_frozen():
+  # The model's final Deconv uses only the kernel's diagonal and passes no gradient to it; the
+  # intermediate ones are full learnable kernels.
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 3, 3, 2)).astype(np.float32))
+  full = layers.Deconv(features=2, kernel_size=4, stride=2)
+  per_class = layers.Deconv(features=2, kernel_size=4, stride=2, per_class=True)
+  params = full.init(jax.random.key(0), x)
+  kernel = np.asarray(params['params']['kernel'])
+  assert layers.off_diagonal_max(kernel) == 0  # bilinear_init: diagonal
+  np.testing.assert_allclose(np.asarray(per_class.apply(params, x)), np.asarray(full.apply(params, x)),
+                             rtol=1e-6, atol=1e-6)
+  mixed = {'params': {'kernel': params['params']['kernel'] + 1.0}}
+  assert layers.off_diagonal_max(mixed['params']['kernel']) == 1.0
+  assert not np.allclose(per_class.apply(mixed, x), full.apply(mixed, x))  # the diagonal only
+  grad = jax.grad(lambda p: jnp.sum(per_class.apply(p, x) ** 2))(params)
+  assert not np.any(np.asarray(grad['params']['kernel']))
+  assert np.any(np.asarray(jax.grad(lambda p: jnp.sum(full.apply(p, x) ** 2))(params)['params']['kernel']))
 
 
 def test_deconv_module_shapes_and_dtype():

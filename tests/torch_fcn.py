@@ -50,6 +50,9 @@ def randomize_(module: nn.Module, generator: torch.Generator) -> nn.Module:
         m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=generator))
         m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=generator))
         m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=generator))
+  for m in module.modules():
+    if isinstance(m, TorchFCN):
+      m.per_class_final_upsampling_()
   return module.eval()
 
 
@@ -85,6 +88,14 @@ class TorchFCN(nn.Module):
       self.score_pool3 = nn.Conv2d(c(256), n_class, 1)
     for name, k, s in self.UPSAMPLING[arch]:
       setattr(self, name, nn.ConvTranspose2d(n_class, n_class, k, stride=s, bias=False))
+
+  def per_class_final_upsampling_(self) -> None:
+    """Zero the final upsampling's off-diagonal weights: in every reference net it upsamples each
+    class by itself (fcn_jax computes it that way and refuses other files); any filter on the
+    diagonal."""
+    up = getattr(self, self.UPSAMPLING[self.arch][-1][0])
+    with torch.no_grad():
+      up.weight.mul_(torch.eye(up.weight.shape[0], up.weight.shape[1])[:, :, None, None])
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     h = x

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_jax.models import layers
+from fcn_jax.models import cpu_forms, layers
 
 # The FCN input padding: with 100 pixels on the first convolution the score map covers the input,
 # and the output is aligned to it, for ANY input size (Caffe voc-fcn*/net.py).
@@ -214,19 +214,22 @@ def scaled(features: int, width: float) -> int:
   return max(1, int(round(features * width)))
 
 
-def conv_relu(layer: Conv, width: float, dtype: jnp.dtype, name: str | None = None):
-  """The flax module for one Conv spec: Conv + ReLU, or torchvision's BasicConv2d."""
+def conv_relu(layer: Conv, width: float, dtype: jnp.dtype, name: str | None = None,
+              forms: cpu_forms.Forms | None = None):
+  """The flax module for one Conv spec: Conv + ReLU, or torchvision's BasicConv2d; `forms`: the
+  CPU forms of the convolution (None: cpu_forms.current() at trace time)."""
   features = scaled(layer.features, width)
   name = name or layer.name
   if layer.batch_norm:
-    return BasicConv(features, layer.kernel, layer.stride, layer.padding, dtype=dtype, name=name)
+    return BasicConv(features, layer.kernel, layer.stride, layer.padding, dtype=dtype, forms=forms,
+                     name=name)
   if features % layer.groups:
     raise ValueError(f'{layer.name}: {features} channels at width {width:g} do not split into '
                      f'{layer.groups} groups; choose a width that keeps them even')
   conv = nn.Conv(features, (layer.kernel, layer.kernel), strides=layer.stride,
                  padding=[(layer.padding, layer.padding)] * 2, dtype=dtype,
                  feature_group_count=layer.groups, kernel_init=nn.initializers.he_normal(),
-                 conv_general_dilated=layers.conv_general_dilated, name=name)
+                 conv_general_dilated=cpu_forms.conv_with(forms), name=name)
   return lambda x: nn.relu(conv(x))
 
 
@@ -238,13 +241,14 @@ class BasicConv(nn.Module):
   stride: int = 1
   padding: int = 0
   dtype: jnp.dtype = jnp.float32
+  forms: cpu_forms.Forms | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
                 padding=[(self.padding, self.padding)] * 2, use_bias=False, dtype=self.dtype,
                 kernel_init=nn.initializers.he_normal(),
-                conv_general_dilated=layers.conv_general_dilated, name='conv')(x)
+                conv_general_dilated=cpu_forms.conv_with(self.forms), name='conv')(x)
     # Statistics stay frozen: the paper fine-tunes with small batches of variably sized crops.
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, dtype=self.dtype, name='bn')(x)
     return nn.relu(x)
@@ -254,21 +258,24 @@ class InceptionBlock(nn.Module):
   spec: Inception
   width: float
   dtype: jnp.dtype = jnp.float32
+  forms: cpu_forms.Forms | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     s, w = self.spec, self.width
-    unit = lambda f, k, name: BasicConv(scaled(f, w), k, padding=k // 2, dtype=self.dtype, name=name)
+    unit = lambda f, k, name: BasicConv(scaled(f, w), k, padding=k // 2, dtype=self.dtype,
+                                        forms=self.forms, name=name)
     b1 = unit(s.c1, 1, 'branch1')(x)
     b2 = unit(s.c3, 3, 'branch2_1')(unit(s.c3_reduce, 1, 'branch2_0')(x))
     b3 = unit(s.c5, 3, 'branch3_1')(unit(s.c5_reduce, 1, 'branch3_0')(x))
-    b4 = unit(s.pool_proj, 1, 'branch4_1')(layers.max_pool_ceil(x, 3, 1, 1))
+    b4 = unit(s.pool_proj, 1, 'branch4_1')(layers.max_pool_ceil(x, 3, 1, 1, forms=self.forms))
     return jnp.concatenate([b1, b2, b3, b4], axis=-1)
 
 
 def apply_backbone(spec: tuple[Layer, ...], x: jax.Array, *, width: float, dtype: jnp.dtype,
                    train: bool, dropout_rate: float | None = None,
-                   name_of=lambda name: name) -> dict[str, jax.Array]:
+                   name_of=lambda name: name,
+                   forms: cpu_forms.Forms | None = None) -> dict[str, jax.Array]:
   """Runs a layer spec inside the calling module's compact scope (so parameters are named
   conv1_1, fc6, ... at the top level, as in Caffe; `name_of` renames them, e.g. conv1_1color).
 
@@ -277,14 +284,14 @@ def apply_backbone(spec: tuple[Layer, ...], x: jax.Array, *, width: float, dtype
   taps = {}
   for layer in spec:
     if isinstance(layer, Conv):
-      x = conv_relu(layer, width, dtype, name=name_of(layer.name))(x)
+      x = conv_relu(layer, width, dtype, name=name_of(layer.name), forms=forms)(x)
     elif isinstance(layer, MaxPool):
-      x = layers.max_pool_ceil(x, layer.window, layer.stride, layer.padding)
+      x = layers.max_pool_ceil(x, layer.window, layer.stride, layer.padding, forms=forms)
       taps[layer.name] = x
     elif isinstance(layer, LRN):
       x = layers.lrn_across_channels(x, layer.size, layer.alpha, layer.beta, layer.k)
     elif isinstance(layer, Inception):
-      x = InceptionBlock(layer, width, dtype=dtype, name=name_of(layer.name))(x)
+      x = InceptionBlock(layer, width, dtype=dtype, forms=forms, name=name_of(layer.name))(x)
     elif isinstance(layer, Dropout):
       # Elementwise, training only (Caffe Dropout).
       rate = layer.rate if dropout_rate is None else dropout_rate

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fcn_jax.models import backbones
-from fcn_jax.models import layers
+from fcn_jax.models import cpu_forms, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +163,9 @@ class FCN(nn.Module):
   # False drops the skips' fixed scales (FCN-8s at-once's 0.01 / 0.0001): they fit ImageNet-trained
   # features under SGD, but from scratch they mute the skips (see experiments/configs: demo).
   skip_scaling: bool = True
+  # The CPU forms of the layers (fcn_jax.models.cpu_forms): chosen per machine when the model is
+  # built, not part of the model config (a checkpoint runs anywhere). None: chosen at trace time.
+  forms: cpu_forms.Forms | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array | dict[str, jax.Array]:
@@ -176,7 +179,7 @@ class FCN(nn.Module):
     for stream in self.arch.streams:
       features.append(backbones.apply_backbone(
           spec, x[..., start:start + stream.channels], width=self.width, dtype=self.dtype,
-          train=train, dropout_rate=self.dropout_rate, name_of=stream.name_of))
+          train=train, dropout_rate=self.dropout_rate, name_of=stream.name_of, forms=self.forms))
       start += stream.channels
     outputs = {}
     for head, num_classes in zip(self.arch.heads, self.num_classes):
@@ -210,12 +213,18 @@ class FCN(nn.Module):
                    name=name)(x)
 
   def _upsample(self, head: Head, num_classes: int, up: Upsample, x: jax.Array) -> jax.Array:
-    return layers.Deconv(num_classes, up.kernel, up.stride, dtype=self.dtype,
-                         name=f'{up.name}{head.suffix}')(x)
+    # The final upsampling is frozen and diagonal: computed per class (layers.Deconv).
+    return layers.Deconv(num_classes, up.kernel, up.stride, dtype=self.dtype, per_class=up.final,
+                         forms=self.forms, name=f'{up.name}{head.suffix}')(x)
 
   @property
   def head_names(self) -> tuple[str, ...]:
     return tuple(h.name for h in self.arch.heads)
+
+  def final_upsampling_modules(self) -> tuple[str, ...]:
+    """Top-level parameter names of the final (per-class, frozen) upsamplings, one per head."""
+    final = geometry(self.arch).upsamples[-1]
+    return tuple(f'{final.name}{h.suffix}' for h in self.arch.heads)
 
   def frozen_modules(self) -> tuple[str, ...]:
     """Top-level parameter names the optimiser must keep fixed."""
@@ -265,7 +274,7 @@ def build(arch: str, num_classes: int | Sequence[int] | None = None, width: floa
     raise ValueError(f'width must be > 0, got {width}')
   return FCN(ARCHS[arch], num_classes=head_classes(arch, num_classes), width=width,
              dtype=jnp.dtype(dtype), learnable_upsampling=learnable_upsampling,
-             dropout_rate=dropout_rate, skip_scaling=skip_scaling)
+             dropout_rate=dropout_rate, skip_scaling=skip_scaling, forms=cpu_forms.current())
 
 
 MODEL_CONFIG_FIELDS = tuple(inspect.signature(build).parameters)

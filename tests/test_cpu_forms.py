@@ -1,0 +1,116 @@
+"""Which CPU forms run: FCN_JAX_CPU_FORMS, the per-machine cache and its measurement, and the
+compiler options a form sets (fcn_jax.models.cpu_forms)."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fcn_jax.models import cpu_forms
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+  """No override, an empty cache directory, nothing resolved yet in this process."""
+  monkeypatch.delenv(cpu_forms.ENV_VAR, raising=False)
+  monkeypatch.setenv('FCN_JAX_CACHE_DIR', str(tmp_path / 'cache'))
+  monkeypatch.setattr(cpu_forms, '_resolved', {})
+  return tmp_path / 'cache' / 'cpu_forms.json'
+
+
+def test_spec_parsing():
+  assert cpu_forms.from_spec('default') == cpu_forms.TUNED_ON_AMD
+  assert cpu_forms.from_spec('off') == cpu_forms.PLAIN_XLA
+  forms = cpu_forms.from_spec('conv_library=eigen, shifted_dw=0')
+  assert forms == dataclasses.replace(cpu_forms.TUNED_ON_AMD, conv_library='eigen', shifted_dw=False)
+  assert cpu_forms.from_spec(forms.describe()) == forms  # what the benchmark prints reads back
+  for bad, why in [('fast', 'measure, default, off'), ('shifted_dw=yes', 'takes 0 or 1'),
+                   ('conv_library=onednn', 'conv_library must be one of'),
+                   ('pool=1', 'measure, default, off')]:
+    with pytest.raises(ValueError, match=why):
+      cpu_forms.from_spec(bad)
+
+
+def test_environment_variable_overrides(fresh, monkeypatch):
+  monkeypatch.setenv(cpu_forms.ENV_VAR, 'off')
+  monkeypatch.setattr(cpu_forms, 'measure', lambda: pytest.fail('must not measure'))
+  assert cpu_forms.for_this_machine() == cpu_forms.PLAIN_XLA
+  assert not fresh.exists()
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the CPU forms are measured on CPU')
+def test_measured_once_then_cached_per_machine(fresh, monkeypatch, capsys):
+  forms = cpu_forms.for_this_machine()  # the real probes: a few seconds
+  assert isinstance(forms, cpu_forms.Forms)
+  assert 'choosing the CPU forms' in capsys.readouterr().err
+  entry = json.loads(fresh.read_text())[cpu_forms.machine_key()]
+  assert cpu_forms.Forms(**entry['forms']) == forms
+  timings = entry['timings_ms']
+  assert set(timings) == {'conv_ynnpack', 'conv_eigen', 'dw_xla', 'dw_shifted', 'wide_xla',
+                          'wide_im2col', 'pool_xla', 'pool_ours'}
+  assert all(t > 0 for t in timings.values())
+  # The choice follows the timings.
+  assert forms.conv_library == min(cpu_forms.CONV_LIBRARIES, key=lambda l: timings[f'conv_{l}'])
+  assert forms.shifted_dw == (timings['dw_shifted'] < timings['dw_xla'])
+  # A new process (nothing resolved) reads the cache instead of measuring.
+  monkeypatch.setattr(cpu_forms, '_resolved', {})
+  monkeypatch.setattr(cpu_forms, 'measure', lambda: pytest.fail('must read the cache'))
+  assert cpu_forms.for_this_machine() == forms
+  assert 'choosing' not in capsys.readouterr().err
+  # Another CPU model or jax version is another key: measured again, both kept.
+  here = cpu_forms.machine_key()
+  monkeypatch.setattr(cpu_forms, '_resolved', {})
+  monkeypatch.setattr(cpu_forms, 'machine_key', lambda: 'Some Other CPU | 2 cores | jax 0.0')
+  chosen = cpu_forms.Forms(conv_library='eigen', shifted_dw=False)
+  monkeypatch.setattr(cpu_forms, 'measure', lambda: (chosen, {'conv_eigen': 1.0}))
+  assert cpu_forms.for_this_machine() == chosen
+  assert set(json.loads(fresh.read_text())) == {here, 'Some Other CPU | 2 cores | jax 0.0'}
+
+
+def test_damaged_cache_is_measured_again(fresh, monkeypatch):
+  fresh.parent.mkdir(parents=True)
+  fresh.write_text('{not json')
+  chosen = cpu_forms.Forms(im2col=False)
+  monkeypatch.setattr(cpu_forms, 'measure', lambda: (chosen, {}))
+  assert cpu_forms.for_this_machine() == chosen
+  assert json.loads(fresh.read_text())[cpu_forms.machine_key()]['forms']['im2col'] is False
+  # An entry from another version of the module (unknown fields) is measured again too.
+  data = json.loads(fresh.read_text())
+  data[cpu_forms.machine_key()]['forms']['tiles'] = 3
+  fresh.write_text(json.dumps(data))
+  monkeypatch.setattr(cpu_forms, '_resolved', {})
+  monkeypatch.setattr(cpu_forms, 'measure', lambda: (cpu_forms.PLAIN_XLA, {}))
+  assert cpu_forms.for_this_machine() == cpu_forms.PLAIN_XLA
+
+
+def test_measure_forces_a_new_measurement(fresh, monkeypatch):
+  fresh.parent.mkdir(parents=True)
+  fresh.write_text(json.dumps({cpu_forms.machine_key(): {'forms': dataclasses.asdict(
+      cpu_forms.PLAIN_XLA)}}))
+  monkeypatch.setenv(cpu_forms.ENV_VAR, 'measure')
+  calls = []
+  monkeypatch.setattr(cpu_forms, 'measure', lambda: calls.append(1) or (cpu_forms.TUNED_ON_AMD, {}))
+  assert cpu_forms.for_this_machine() == cpu_forms.TUNED_ON_AMD
+  assert cpu_forms.for_this_machine() == cpu_forms.TUNED_ON_AMD
+  assert calls == [1]  # once per process
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='a CPU compiler option')
+def test_conv_library_is_a_compiler_option_of_the_program():
+  # YNNPACK (XLA's default) takes the convolution (with the ReLU and sum after it) into a library
+  # fusion; 'eigen' keeps it out.
+  x, w = jnp.ones((1, 32, 32, 64)), jnp.ones((3, 3, 64, 64))
+  conv = lambda x, w: jnp.sum(jax.nn.relu(jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))), axis=(1, 2))
+  texts = {}
+  for library in cpu_forms.CONV_LIBRARIES:
+    with cpu_forms.use(cpu_forms.Forms(conv_library=library)):
+      texts[library] = cpu_forms.jit(conv).lower(x, w).compile().as_text()
+  assert 'ynn' in texts['ynnpack'].lower()
+  assert 'ynn' not in texts['eigen'].lower()
+  with cpu_forms.use(cpu_forms.Forms(conv_library='eigen')):
+    y = cpu_forms.jit(conv)(x, w)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(conv(x, w)), rtol=1e-6)
