@@ -36,7 +36,7 @@ def test_spec_parsing():
 
 def test_environment_variable_overrides(fresh, monkeypatch):
   monkeypatch.setenv(cpu_forms.ENV_VAR, 'off')
-  monkeypatch.setattr(cpu_forms, 'measure', lambda: pytest.fail('must not measure'))
+  monkeypatch.setattr(cpu_forms, 'measure', lambda b: pytest.fail('must not measure'))
   assert cpu_forms.for_this_machine() == cpu_forms.PLAIN_XLA
   assert not fresh.exists()
 
@@ -46,7 +46,7 @@ def test_measured_once_then_cached_per_machine(fresh, monkeypatch, capsys):
   forms = cpu_forms.for_this_machine()  # the real probes: a few seconds
   assert isinstance(forms, cpu_forms.Forms)
   assert 'choosing the CPU forms' in capsys.readouterr().err
-  entry = json.loads(fresh.read_text())[cpu_forms.machine_key()]
+  entry = json.loads(fresh.read_text())[f'{cpu_forms.machine_key()} | vgg16']
   assert cpu_forms.Forms(**entry['forms']) == forms
   timings = entry['timings_ms']
   assert set(timings) == {'conv_ynnpack', 'conv_eigen', 'dw_xla', 'dw_shifted', 'wide_xla',
@@ -57,42 +57,49 @@ def test_measured_once_then_cached_per_machine(fresh, monkeypatch, capsys):
   assert forms.shifted_dw == (timings['dw_shifted'] < timings['dw_xla'])
   # A new process (nothing resolved) reads the cache instead of measuring.
   monkeypatch.setattr(cpu_forms, '_resolved', {})
-  monkeypatch.setattr(cpu_forms, 'measure', lambda: pytest.fail('must read the cache'))
+  monkeypatch.setattr(cpu_forms, 'measure', lambda b: pytest.fail('must read the cache'))
   assert cpu_forms.for_this_machine() == forms
   assert 'choosing' not in capsys.readouterr().err
   # Another CPU model or jax version is another key: measured again, both kept.
-  here = cpu_forms.machine_key()
+  here = f'{cpu_forms.machine_key()} | vgg16'
   monkeypatch.setattr(cpu_forms, '_resolved', {})
   monkeypatch.setattr(cpu_forms, 'machine_key', lambda: 'Some Other CPU | 2 cores | jax 0.0')
   chosen = cpu_forms.Forms(conv_library='eigen', shifted_dw=False)
-  monkeypatch.setattr(cpu_forms, 'measure', lambda: (chosen, {'conv_eigen': 1.0}))
+  monkeypatch.setattr(cpu_forms, 'measure', lambda b: (chosen, {'conv_eigen': 1.0}))
   assert cpu_forms.for_this_machine() == chosen
-  assert set(json.loads(fresh.read_text())) == {here, 'Some Other CPU | 2 cores | jax 0.0'}
+  assert set(json.loads(fresh.read_text())) == {here, 'Some Other CPU | 2 cores | jax 0.0 | vgg16'}
+  # Each backbone has its own choice (GoogLeNet's small convolutions may prefer another library).
+  seen = []
+  monkeypatch.setattr(cpu_forms, 'measure', lambda b: seen.append(b) or (cpu_forms.PLAIN_XLA, {}))
+  assert cpu_forms.for_this_machine('googlenet') == cpu_forms.PLAIN_XLA and seen == ['googlenet']
+  assert cpu_forms.for_this_machine() == chosen  # vgg16's, already resolved
 
 
 def test_damaged_cache_is_measured_again(fresh, monkeypatch):
   fresh.parent.mkdir(parents=True)
   fresh.write_text('{not json')
   chosen = cpu_forms.Forms(im2col=False)
-  monkeypatch.setattr(cpu_forms, 'measure', lambda: (chosen, {}))
+  monkeypatch.setattr(cpu_forms, 'measure', lambda b: (chosen, {}))
   assert cpu_forms.for_this_machine() == chosen
-  assert json.loads(fresh.read_text())[cpu_forms.machine_key()]['forms']['im2col'] is False
+  key = f'{cpu_forms.machine_key()} | vgg16'
+  assert json.loads(fresh.read_text())[key]['forms']['im2col'] is False
   # An entry from another version of the module (unknown fields) is measured again too.
   data = json.loads(fresh.read_text())
-  data[cpu_forms.machine_key()]['forms']['tiles'] = 3
+  data[key]['forms']['tiles'] = 3
   fresh.write_text(json.dumps(data))
   monkeypatch.setattr(cpu_forms, '_resolved', {})
-  monkeypatch.setattr(cpu_forms, 'measure', lambda: (cpu_forms.PLAIN_XLA, {}))
+  monkeypatch.setattr(cpu_forms, 'measure', lambda b: (cpu_forms.PLAIN_XLA, {}))
   assert cpu_forms.for_this_machine() == cpu_forms.PLAIN_XLA
 
 
 def test_measure_forces_a_new_measurement(fresh, monkeypatch):
   fresh.parent.mkdir(parents=True)
-  fresh.write_text(json.dumps({cpu_forms.machine_key(): {'forms': dataclasses.asdict(
+  fresh.write_text(json.dumps({f'{cpu_forms.machine_key()} | vgg16': {'forms': dataclasses.asdict(
       cpu_forms.PLAIN_XLA)}}))
   monkeypatch.setenv(cpu_forms.ENV_VAR, 'measure')
   calls = []
-  monkeypatch.setattr(cpu_forms, 'measure', lambda: calls.append(1) or (cpu_forms.TUNED_ON_AMD, {}))
+  monkeypatch.setattr(cpu_forms, 'measure',
+                      lambda b: calls.append(1) or (cpu_forms.TUNED_ON_AMD, {}))
   assert cpu_forms.for_this_machine() == cpu_forms.TUNED_ON_AMD
   assert cpu_forms.for_this_machine() == cpu_forms.TUNED_ON_AMD
   assert calls == [1]  # once per process

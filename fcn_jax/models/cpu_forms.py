@@ -19,7 +19,7 @@ be written as matrix products or elementwise passes; those forms live here, so t
 
 Every form computes the same numbers up to float summation order (tests/test_cpu_convs.py,
 tests/test_layers.py). Which forms run is decided once per CPU model and jax version: measured at
-first use (a few seconds of small probes, `measure`) and cached in
+first use (small probes, under a minute, `measure`) and cached in
 ~/.cache/fcn_jax/cpu_forms.json, or set with FCN_JAX_CPU_FORMS (see `from_spec`). Other backends
 use XLA's own forms, except the non-overlapping pool gradient (exact, and cheap everywhere).
 """
@@ -141,13 +141,15 @@ def on_cpu() -> bool:
   return jax.default_backend() == 'cpu'
 
 
-def current() -> Forms:
-  """The forms the layers take now: ACCELERATOR off the CPU, otherwise this machine's."""
+def current(backbone: str = 'vgg16') -> Forms:
+  """The forms a net on `backbone` takes now: ACCELERATOR off the CPU, otherwise this machine's
+  (the best convolution library differs between nets: VGG16's wide 3x3 layers and GoogLeNet's
+  many small ones)."""
   if _override:
     return _override[-1]
   if not on_cpu():
     return ACCELERATOR
-  return for_this_machine()
+  return for_this_machine(backbone)
 
 
 def jit(fn: Callable, forms: Forms | None = None, **kwargs) -> Callable:
@@ -172,38 +174,20 @@ def machine_key() -> str:
   return f'{cpu_model()} | {os.cpu_count()} cores | jax {jax.__version__}'
 
 
-def cache_path() -> pathlib.Path:
-  root = os.environ.get('FCN_JAX_CACHE_DIR') or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'fcn_jax')
-  return pathlib.Path(root) / 'cpu_forms.json'
+# The convolution-library probe per backbone: the backbone's first layers (through this one) at a
+# small input, forward and gradients, as the net runs them (bias or frozen BatchNorm, ReLU, pools:
+# YNNPACK fuses some of them into its convolutions). A lone convolution misled: on a Sapphire
+# Rapids Eigen wins it for GoogLeNet's shapes, YNNPACK wins GoogLeNet's training step.
+PROBE_SLICES = {'vgg16': 'conv3_1', 'alexnet': 'conv4', 'caffenet': 'conv4',
+                'googlenet': 'inception3b'}
+PROBE_SIDE = 64  # input side (the first convolution pads it by 100)
 
 
-def _read_cache(path: pathlib.Path) -> dict:
-  try:
-    data = json.loads(path.read_text())
-    return data if isinstance(data, dict) else {}
-  except (OSError, ValueError):
-    return {}  # absent or damaged: measure again (and rewrite it)
-
-
-def _write_cache(path: pathlib.Path, key: str, entry: dict) -> None:
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = _read_cache(path)
-    data[key] = entry
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.cpu_forms.', suffix='.tmp')
-    with os.fdopen(fd, 'w') as f:
-      json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
-  except OSError as e:
-    print(f'fcn_jax: could not cache the CPU forms in {path} ({e}); they are measured again by the '
-          'next process', file=sys.stderr)
-
-
-def for_this_machine() -> Forms:
-  """This machine's forms: FCN_JAX_CPU_FORMS, else the cached choice, else measured (and cached)."""
+def for_this_machine(backbone: str = 'vgg16') -> Forms:
+  """This machine's forms for `backbone`: FCN_JAX_CPU_FORMS, else the cached choice, else
+  measured (and cached)."""
   spec = os.environ.get(ENV_VAR, '').strip()
-  key = machine_key()
+  key = f'{machine_key()} | {backbone}'
   if spec and spec != 'measure':
     if spec not in _resolved:
       _resolved[spec] = from_spec(spec)
@@ -219,9 +203,9 @@ def for_this_machine() -> Forms:
     except (TypeError, KeyError, ValueError):
       forms = None  # written by another version of this module: measure again
   if forms is None:
-    print(f'fcn_jax: choosing the CPU forms for {key} (once; a few seconds; cached in {path})',
+    print(f'fcn_jax: choosing the CPU forms for {key} (once, under a minute; cached in {path})',
           file=sys.stderr, flush=True)
-    forms, timings = measure()
+    forms, timings = measure(backbone)
     _write_cache(path, key, {
         'forms': dataclasses.asdict(forms), 'timings_ms': timings,
         'measured_at': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')})
@@ -230,14 +214,16 @@ def for_this_machine() -> Forms:
   return forms
 
 
-def measure(repeats: int = 3) -> tuple[Forms, dict[str, float]]:
+def measure(backbone: str = 'vgg16', repeats: int = 3) -> tuple[Forms, dict[str, float]]:
   """Time each form against XLA's own on small probes at FCN-VGG16 sizes; keep the faster.
 
   Returns the forms and the probe timings (ms). Runs outside any trace (it may be reached while
   a model is being traced: the probes are evaluated eagerly).
   """
+  if backbone not in PROBE_SLICES:
+    raise CpuFormsError(f'no CPU-form probe for backbone {backbone!r}; known: {sorted(PROBE_SLICES)}')
   with jax.ensure_compile_time_eval():
-    return _measure(repeats)
+    return _measure(backbone, repeats)
 
 
 def _time_ms(fn: Callable, args: tuple, options: dict | None, repeats: int) -> float:
@@ -256,22 +242,38 @@ def _probe_args(*shapes) -> tuple:
   return tuple(jnp.asarray(rng.standard_normal(s, np.float32)) for s in shapes)
 
 
-def _measure(repeats: int) -> tuple[Forms, dict[str, float]]:
+def _backbone_slice(backbone: str, forms: Forms) -> tuple[Callable, tuple]:
+  """(fn, args): forward and gradients of the backbone's first layers, traced with `forms`."""
+  from fcn_jax.models import backbones  # backbones imports this module
+  spec = backbones.get_backbone(backbone)
+  names = [getattr(layer, 'name', None) for layer in spec]
+  layers_ = spec[:names.index(PROBE_SLICES[backbone]) + 1]
+
+  class Slice(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return backbones.apply_backbone(layers_, x, width=1.0, dtype=jnp.float32, train=False,
+                                      forms=forms)['out']
+
+  module = Slice()
+  (x,) = _probe_args((1, PROBE_SIDE, PROBE_SIDE, 3))
+  variables = jax.jit(module.init)(jax.random.key(0), x)
+
+  def fn(variables, x):
+    return jax.grad(lambda v, x_: jnp.sum(jnp.square(module.apply(v, x_))), argnums=(0, 1))(
+        variables, x)
+  return fn, (variables, x)
+
+
+def _measure(backbone: str, repeats: int) -> tuple[Forms, dict[str, float]]:
   timings: dict[str, float] = {}
   same = ((1, 1), (1, 1))
 
-  # 1. The convolution library: a conv4-like 3x3 layer, forward and both gradients.
-  x, w, g = _probe_args((1, 56, 56, 256), (3, 3, 256, 256), (1, 56, 56, 256))
-
-  def conv_fwd_bwd(conv):
-    def fn(x, w, g):
-      y, vjp = jax.vjp(lambda x_, w_: conv(x_, w_, (1, 1), same), x, w)
-      return y, *vjp(g)
-    return fn
-
-  lax_fwd_bwd = conv_fwd_bwd(_lax_conv_nhwc)
+  # 1. The convolution library, on the backbone's first layers (see PROBE_SLICES).
   for lib in CONV_LIBRARIES:
-    timings[f'conv_{lib}'] = _time_ms(lax_fwd_bwd, (x, w, g), _LIBRARY_OPTIONS[lib], repeats)
+    forms = dataclasses.replace(TUNED_ON_AMD, conv_library=lib)
+    fn, args = _backbone_slice(backbone, forms)
+    timings[f'conv_{lib}'] = _time_ms(fn, args, forms.compiler_options(), repeats)
   library = min(CONV_LIBRARIES, key=lambda lib: timings[f'conv_{lib}'])
   options = _LIBRARY_OPTIONS[library]
 

@@ -274,7 +274,8 @@ def build(arch: str, num_classes: int | Sequence[int] | None = None, width: floa
     raise ValueError(f'width must be > 0, got {width}')
   return FCN(ARCHS[arch], num_classes=head_classes(arch, num_classes), width=width,
              dtype=jnp.dtype(dtype), learnable_upsampling=learnable_upsampling,
-             dropout_rate=dropout_rate, skip_scaling=skip_scaling, forms=cpu_forms.current())
+             dropout_rate=dropout_rate, skip_scaling=skip_scaling,
+             forms=cpu_forms.current(ARCHS[arch].backbone))
 
 
 MODEL_CONFIG_FIELDS = tuple(inspect.signature(build).parameters)
