@@ -43,7 +43,7 @@ def test_environment_variable_overrides(fresh, monkeypatch):
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the CPU forms are measured on CPU')
 def test_measured_once_then_cached_per_machine(fresh, monkeypatch, capsys):
-  forms = cpu_forms.for_this_machine()  # the real probes: a few seconds
+  forms = cpu_forms.for_this_machine()  # the real probes: well under a minute
   assert isinstance(forms, cpu_forms.Forms)
   assert 'choosing the CPU forms' in capsys.readouterr().err
   entry = json.loads(fresh.read_text())[f'{cpu_forms.machine_key()} | vgg16']

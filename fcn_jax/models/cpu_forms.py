@@ -183,6 +183,34 @@ PROBE_SLICES = {'vgg16': 'conv3_1', 'alexnet': 'conv4', 'caffenet': 'conv4',
 PROBE_SIDE = 64  # input side (the first convolution pads it by 100)
 
 
+def cache_path() -> pathlib.Path:
+  root = os.environ.get('FCN_JAX_CACHE_DIR') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'fcn_jax')
+  return pathlib.Path(root) / 'cpu_forms.json'
+
+
+def _read_cache(path: pathlib.Path) -> dict:
+  try:
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}
+  except (OSError, ValueError):
+    return {}  # absent or damaged: measure again (and rewrite it)
+
+
+def _write_cache(path: pathlib.Path, key: str, entry: dict) -> None:
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _read_cache(path)
+    data[key] = entry
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.cpu_forms.', suffix='.tmp')
+    with os.fdopen(fd, 'w') as f:
+      json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+  except OSError as e:
+    print(f'fcn_jax: could not cache the CPU forms in {path} ({e}); they are measured again by the '
+          'next process', file=sys.stderr)
+
+
 def for_this_machine(backbone: str = 'vgg16') -> Forms:
   """This machine's forms for `backbone`: FCN_JAX_CPU_FORMS, else the cached choice, else
   measured (and cached)."""
