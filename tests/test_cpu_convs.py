@@ -92,8 +92,8 @@ def test_shifted_kernel_gradient_in_bfloat16(monkeypatch):
 
 
 def test_shifted_form_is_used_only_above_the_pixel_threshold():
-  x = jnp.zeros((1, 20, 20, 4))
-  w = jnp.zeros((3, 3, 4, 4))
+  x = jnp.zeros((1, 20, 20, 16))
+  w = jnp.zeros((3, 3, 16, 16))
   pad = ((1, 1), (1, 1))
   jaxpr = lambda: str(jax.make_jaxpr(lambda w_: _ours(x, w_, pad))(w))
   if jax.default_backend() != 'cpu':
@@ -107,3 +107,16 @@ def test_shifted_form_is_used_only_above_the_pixel_threshold():
       assert 'custom_vjp_call' not in jaxpr()  # the switch turns the form off
   finally:
     cpu_forms.DW_SHIFT_MIN_PIXELS = old
+
+
+def test_first_layer_takes_the_shifted_form_at_any_size():
+  # A first convolution (<= FEW_INPUT_CHANNELS inputs) has its own switch, below the threshold too.
+  if jax.default_backend() != 'cpu':
+    pytest.skip('the CPU forms apply on the CPU backend only')
+  x, w, pad = jnp.zeros((1, 20, 20, 3)), jnp.zeros((3, 3, 3, 16)), ((1, 1), (1, 1))
+  jaxpr = lambda: str(jax.make_jaxpr(lambda w_: _ours(x, w_, pad))(w))
+  assert 'custom_vjp_call' in jaxpr()
+  with cpu_forms.use(cpu_forms.Forms(shifted_dw_input=False)):
+    assert 'custom_vjp_call' not in jaxpr()
+  with cpu_forms.use(cpu_forms.Forms(shifted_dw=False)):
+    assert 'custom_vjp_call' in jaxpr()

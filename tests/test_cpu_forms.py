@@ -49,12 +49,13 @@ def test_measured_once_then_cached_per_machine(fresh, monkeypatch, capsys):
   entry = json.loads(fresh.read_text())[f'{cpu_forms.machine_key()} | vgg16']
   assert cpu_forms.Forms(**entry['forms']) == forms
   timings = entry['timings_ms']
-  assert set(timings) == {'conv_ynnpack', 'conv_eigen', 'dw_xla', 'dw_shifted', 'wide_xla',
-                          'wide_im2col', 'pool_xla', 'pool_ours'}
+  assert set(timings) == {'conv_ynnpack', 'conv_eigen', 'dw_xla', 'dw_shifted', 'dw_input_xla',
+                          'dw_input_shifted', 'wide_xla', 'wide_im2col', 'pool_xla', 'pool_ours'}
   assert all(t > 0 for t in timings.values())
   # The choice follows the timings.
   assert forms.conv_library == min(cpu_forms.CONV_LIBRARIES, key=lambda l: timings[f'conv_{l}'])
   assert forms.shifted_dw == (timings['dw_shifted'] < timings['dw_xla'])
+  assert forms.shifted_dw_input == (timings['dw_input_shifted'] < timings['dw_input_xla'])
   # A new process (nothing resolved) reads the cache instead of measuring.
   monkeypatch.setattr(cpu_forms, '_resolved', {})
   monkeypatch.setattr(cpu_forms, 'measure', lambda b: pytest.fail('must read the cache'))
