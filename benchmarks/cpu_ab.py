@@ -9,13 +9,15 @@ FCN_JAX_CPU_FORMS), `jax-amd` (every form, YNNPACK convolutions: the AMD EPYC ch
 `jax-eigen` (every form, Eigen convolutions), `jax-baseline` (plain XLA), `forms:<spec>` (any
 set, as FCN_JAX_CPU_FORMS spells it) and `torch`. The variants take turns, one step each per
 round, so a change in the machine's load (the development machine is shared) hits all of them
-alike; medians over the rounds are reported.
+alike; medians over the rounds are reported. Each variant runs in its own process (its own allocator
+and thread pools, as a user's run would have them); --same-process keeps them in one.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
 import os
 import statistics
 import sys
@@ -34,9 +36,10 @@ NAMED_FORMS = {
 }
 
 
-def forms_of(variant: str) -> cpu_forms.Forms:
+def forms_of(variant: str, arch: str) -> cpu_forms.Forms:
   if variant == 'jax':
-    return cpu_forms.current()
+    from fcn_jax.models import fcn as fcn_lib
+    return cpu_forms.current(fcn_lib.ARCHS[arch].backbone)
   if variant.startswith('forms:'):
     return cpu_forms.from_spec(variant[len('forms:'):])
   return NAMED_FORMS[variant]
@@ -101,6 +104,24 @@ def torch_stepper(arch: str, size: int, batch: int, width: float, step: str):
   return step, 0.0
 
 
+def _worker(conn, variant: str, a: argparse.Namespace) -> None:
+  """One variant in its own process (its own allocator and thread pools): builds and warms up
+  its step, then runs one step per request and sends back (wall s, CPU s)."""
+  if variant == 'torch':
+    step, compile_s = torch_stepper(a.arch, a.size, a.batch, a.width, a.step)
+    described = ''
+  else:
+    forms = forms_of(variant, a.arch)
+    step, compile_s = jax_stepper(a.arch, a.size, a.batch, a.width, a.dtype, forms, a.step)
+    described = forms.describe()
+  step()  # warm-up
+  conn.send((compile_s, described))
+  while conn.recv() == 'step':
+    t, c = time.perf_counter(), time.process_time()
+    step()
+    conn.send((time.perf_counter() - t, time.process_time() - c))
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--arch', default='fcn8s', choices=run.NETS)
@@ -110,6 +131,9 @@ def main(argv=None):
   p.add_argument('--dtype', default='float32')
   p.add_argument('--rounds', type=int, default=3)
   p.add_argument('--step', default='train', choices=('train', 'forward'))
+  p.add_argument('--same-process', action='store_true',
+                 help='run every variant in this process (default: one process per variant, so '
+                      'that the frameworks do not share an allocator)')
   p.add_argument('--variants', nargs='+', default=['jax', 'jax-baseline', 'torch'],
                  help=f'jax, {", ".join(NAMED_FORMS)}, forms:<spec>, torch')
   a = p.parse_args(argv)
@@ -123,31 +147,56 @@ def main(argv=None):
     versions += f', torch {torch.__version__} ({torch.get_num_threads()} threads)'
   print(f'{" ".join(sys.argv)}\n{run.cpu_name()} ({os.cpu_count()} cores); {versions}; load average at start: '
         f'{os.getloadavg()}; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}', flush=True)
-  steppers = {}
+  runners = {}
+  workers = []
   for v in a.variants:
-    if v == 'torch':
-      steppers[v] = torch_stepper(a.arch, a.size, a.batch, a.width, a.step)
-    else:
-      forms = forms_of(v)
-      print(f'{v}: CPU forms {forms.describe()}', flush=True)
-      steppers[v] = jax_stepper(a.arch, a.size, a.batch, a.width, a.dtype, forms, a.step)
-    steppers[v][0]()  # warm-up
-    print(f'{v}: compiled in {steppers[v][1]:.1f} s', flush=True)
-  times = {v: [] for v in steppers}
-  cpu = {v: [] for v in steppers}
-  order = list(steppers)
+    if a.same_process:
+      if v == 'torch':
+        step, compile_s = torch_stepper(a.arch, a.size, a.batch, a.width, a.step)
+      else:
+        forms = forms_of(v, a.arch)
+        print(f'{v}: CPU forms {forms.describe()}', flush=True)
+        step, compile_s = jax_stepper(a.arch, a.size, a.batch, a.width, a.dtype, forms, a.step)
+      step()  # warm-up
+
+      def timed(step=step):
+        t, c = time.perf_counter(), time.process_time()
+        step()
+        return time.perf_counter() - t, time.process_time() - c
+      runners[v] = timed
+    else:  # built one after the other, so that compilations do not overlap
+      ctx = multiprocessing.get_context('spawn')
+      conn, child = ctx.Pipe()
+      proc = ctx.Process(target=_worker, args=(child, v, a), daemon=True)
+      proc.start()
+      workers.append((proc, conn))
+      compile_s, described = conn.recv()
+      if described:
+        print(f'{v}: CPU forms {described}', flush=True)
+
+      def timed(conn=conn):
+        conn.send('step')
+        return conn.recv()
+      runners[v] = timed
+    print(f'{v}: compiled in {compile_s:.1f} s', flush=True)
+  times = {v: [] for v in runners}
+  cpu = {v: [] for v in runners}
+  order = list(runners)
   for r in range(a.rounds):
     for v in (order if r % 2 == 0 else order[::-1]):  # alternate the order: no variant always first
-      step = steppers[v][0]
-      t, c = time.perf_counter(), time.process_time()
-      step()
-      times[v].append(time.perf_counter() - t)
-      cpu[v].append(time.process_time() - c)
+      wall, cpu_s = runners[v]()
+      times[v].append(wall)
+      cpu[v].append(cpu_s)
     print(f'round {r}: ' + ', '.join(f'{v} {times[v][-1]:.2f} s' for v in times)
           + f' (load {os.getloadavg()[0]:.2f})', flush=True)
+  for proc, conn in workers:
+    conn.send('stop')
+    proc.join(timeout=60)
   what = 'training step' if a.step == 'train' else 'forward pass'
+  where = 'one process' if a.same_process else 'one process per variant'
   print(f'\n{a.arch} {a.size}x{a.size} batch {a.batch} width {a.width:g} {a.dtype}, {what}, '
-        f'median of {a.rounds} interleaved rounds; load average at end {os.getloadavg()}')
+        f'median of {a.rounds} interleaved rounds ({where}); load average at end '
+        f'{os.getloadavg()}')
   print('| variant | median s | min s | torch / variant | CPU-s per step (median) |\n|---|---|---|---|---|')
   t_torch = statistics.median(times['torch']) if 'torch' in times else None
   for v, ts in times.items():
