@@ -14,8 +14,9 @@ DN = ('NHWC', 'HWIO', 'NHWC')
 
 @pytest.fixture(autouse=True)
 def every_form_on():
-  # Whatever this machine chose (cpu_forms.for_this_machine), these tests take every form.
-  with cpu_forms.use(cpu_forms.Forms()):
+  # Whatever this machine chose (cpu_forms.for_this_machine), these tests take every form, the
+  # shifted kernel gradient at every map size.
+  with cpu_forms.use(cpu_forms.Forms(shifted_dw_min_pixels=1)):
     yield
 
 
@@ -56,8 +57,7 @@ def _branch(x_shape, k_shape, strides):
 
 
 @pytest.mark.parametrize('x_shape,k_shape,padding,strides', CASES)
-def test_cpu_conv_forms_match_lax(monkeypatch, x_shape, k_shape, padding, strides):
-  monkeypatch.setattr(cpu_forms, 'DW_SHIFT_MIN_PIXELS', 1)  # every stride-1 3x3 takes the shifted form
+def test_cpu_conv_forms_match_lax(x_shape, k_shape, padding, strides):
   rng = np.random.default_rng(sum(x_shape) + sum(k_shape))
   x = jnp.asarray(rng.standard_normal(x_shape, np.float32))
   w = jnp.asarray(rng.standard_normal(k_shape, np.float32))
@@ -77,8 +77,7 @@ def test_cpu_conv_forms_match_lax(monkeypatch, x_shape, k_shape, padding, stride
     assert ('conv_general_dilated' not in jaxpr) == (branch == 'im2col'), branch
 
 
-def test_shifted_kernel_gradient_in_bfloat16(monkeypatch):
-  monkeypatch.setattr(cpu_forms, 'DW_SHIFT_MIN_PIXELS', 1)
+def test_shifted_kernel_gradient_in_bfloat16():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((1, 10, 10, 8), np.float32)).astype(jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((3, 3, 8, 8), np.float32)).astype(jnp.bfloat16)
@@ -98,15 +97,12 @@ def test_shifted_form_is_used_only_above_the_pixel_threshold():
   jaxpr = lambda: str(jax.make_jaxpr(lambda w_: _ours(x, w_, pad))(w))
   if jax.default_backend() != 'cpu':
     pytest.skip('the CPU forms apply on the CPU backend only')
-  assert 'custom_vjp_call' not in jaxpr()  # 400 output pixels < DW_SHIFT_MIN_PIXELS
-  old = cpu_forms.DW_SHIFT_MIN_PIXELS
-  try:
-    cpu_forms.DW_SHIFT_MIN_PIXELS = 400
+  with cpu_forms.use(cpu_forms.Forms()):
+    assert 'custom_vjp_call' not in jaxpr()  # 400 output pixels < the default 2^15
+  with cpu_forms.use(cpu_forms.Forms(shifted_dw_min_pixels=400)):
     assert 'custom_vjp_call' in jaxpr()
-    with cpu_forms.use(cpu_forms.Forms(shifted_dw=False)):
-      assert 'custom_vjp_call' not in jaxpr()  # the switch turns the form off
-  finally:
-    cpu_forms.DW_SHIFT_MIN_PIXELS = old
+  with cpu_forms.use(cpu_forms.Forms(shifted_dw=False, shifted_dw_min_pixels=400)):
+    assert 'custom_vjp_call' not in jaxpr()  # the switch turns the form off
 
 
 def test_first_layer_takes_the_shifted_form_at_any_size():

@@ -27,7 +27,9 @@ def test_spec_parsing():
   forms = cpu_forms.from_spec('conv_library=eigen, shifted_dw=0')
   assert forms == dataclasses.replace(cpu_forms.TUNED_ON_AMD, conv_library='eigen', shifted_dw=False)
   assert cpu_forms.from_spec(forms.describe()) == forms  # what the benchmark prints reads back
+  assert cpu_forms.from_spec('shifted_dw_min_pixels=3136').shifted_dw_min_pixels == 3136
   for bad, why in [('fast', 'measure, default, off'), ('shifted_dw=yes', 'takes 0 or 1'),
+                   ('shifted_dw_min_pixels=many', 'whole number'),
                    ('conv_library=onednn', 'conv_library must be one of'),
                    ('pool=1', 'measure, default, off')]:
     with pytest.raises(ValueError, match=why):
@@ -49,12 +51,16 @@ def test_measured_once_then_cached_per_machine(fresh, monkeypatch, capsys):
   entry = json.loads(fresh.read_text())[f'{cpu_forms.machine_key()} | vgg16']
   assert cpu_forms.Forms(**entry['forms']) == forms
   timings = entry['timings_ms']
-  assert set(timings) == {'conv_ynnpack', 'conv_eigen', 'dw_xla', 'dw_shifted', 'dw_input_xla',
-                          'dw_input_shifted', 'wide_xla', 'wide_im2col', 'pool_xla', 'pool_ours'}
+  assert {'conv_ynnpack', 'conv_eigen', 'dw_xla_184', 'dw_shifted_184', 'dw_input_xla',
+          'dw_input_shifted', 'wide_xla', 'wide_im2col', 'pool_xla', 'pool_ours'} <= set(timings)
   assert all(t > 0 for t in timings.values())
   # The choice follows the timings.
   assert forms.conv_library == min(cpu_forms.CONV_LIBRARIES, key=lambda l: timings[f'conv_{l}'])
-  assert forms.shifted_dw == (timings['dw_shifted'] < timings['dw_xla'])
+  assert forms.shifted_dw == (timings['dw_shifted_184'] < timings['dw_xla_184'])
+  if forms.shifted_dw:  # from the smallest probe map on which (and on all larger ones) it won
+    side = int(forms.shifted_dw_min_pixels ** 0.5)
+    larger = [s for s, _, _ in cpu_forms.DW_PROBES if s >= side]
+    assert all(timings[f'dw_shifted_{s}'] < timings[f'dw_xla_{s}'] for s in larger)
   assert forms.shifted_dw_input == (timings['dw_input_shifted'] < timings['dw_input_xla'])
   # A new process (nothing resolved) reads the cache instead of measuring.
   monkeypatch.setattr(cpu_forms, '_resolved', {})

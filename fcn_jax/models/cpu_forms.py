@@ -12,8 +12,11 @@ be written as matrix products or elementwise passes; those forms live here, so t
 - `im2col`: layers with kernels at least IM2COL_MIN_KERNEL wide (fc6: 7x7 over a 15x15 map), 1x1
   layers and the sub-pixel convolution of the learned upsamplings as patches x kernel dots;
   autodiff of that form gives dots for both gradients.
-- `shifted_dw`: the kernel gradient of stride-1 layers with large output maps as k_h row-shifted
-  dots instead of XLA's convolution (see `_shifted_rows_dw`).
+- `shifted_dw`: the kernel gradient of stride-1 layers with output maps of at least
+  `shifted_dw_min_pixels` pixels as k_h row-shifted dots instead of XLA's convolution (see
+  `_shifted_rows_dw`). The threshold is measured too: under YNNPACK on a Sapphire Rapids the
+  shifted form wins 3-4x down to 56x56 maps (GoogLeNet's conv3: 101 -> 35 ms); under Eigen,
+  Eigen's own kernel gradient is as fast or faster; on an AMD EPYC it won above 2^15 pixels.
 - `shifted_dw_input`: the same for the first convolution (at most FEW_INPUT_CHANNELS input
   channels: colour, depth, HHA), at any map size: on a Sapphire Rapids XLA's kernel gradient of
   conv1_1 at 454x454 took 274 ms (YNNPACK and Eigen alike), the shifted form 35 ms.
@@ -63,6 +66,9 @@ IM2COL_MAX_BYTES = 1 << 29    # patches larger than this (512 MiB) stay on the c
 IM2COL_MIN_KERNEL = 5         # kernels at least this wide: the whole layer as im2col + dot
 DW_SHIFT_MIN_PIXELS = 1 << 15  # stride-1 layers with an output map this large: shifted-row dW
 FEW_INPUT_CHANNELS = 8         # a first convolution (shifted_dw_input)
+# The kernel-gradient probes (map side, C_in, C_out), largest map first: conv1_2-like just above
+# 2^15 pixels, GoogLeNet's conv3 / VGG16's conv3 scale, GoogLeNet's 56x56 inception scale.
+DW_PROBES = ((184, 64, 64), (112, 64, 192), (56, 192, 128))
 
 
 class CpuFormsError(UserError, ValueError):
@@ -78,6 +84,7 @@ class Forms:
   shifted_dw: bool = True
   pool_grad: bool = True
   shifted_dw_input: bool = True
+  shifted_dw_min_pixels: int = DW_SHIFT_MIN_PIXELS
 
   def __post_init__(self):
     if self.conv_library not in CONV_LIBRARIES:
@@ -120,6 +127,10 @@ def from_spec(spec: str) -> Forms:
                        f'list of {", ".join(f"{n}=..." for n in names)}; {item!r} is not one')
     if key == 'conv_library':
       values[key] = value
+    elif names[key] in ('int', int):
+      if not value.isdigit():
+        raise CpuFormsError(f'{ENV_VAR}: {key} takes a whole number, got {value!r}')
+      values[key] = int(value)
     elif value in ('0', '1', 'true', 'false'):
       values[key] = value in ('1', 'true')
     else:
@@ -312,23 +323,32 @@ def _measure(backbone: str, repeats: int) -> tuple[Forms, dict[str, float]]:
   library = min(CONV_LIBRARIES, key=lambda lib: timings[f'conv_{lib}'])
   options = _LIBRARY_OPTIONS[library]
 
-  # 2. Shifted-row kernel gradients: a conv1_2-like layer on a map just above the threshold.
-  x, g = _probe_args((1, 184, 184, 64), (1, 184, 184, 64))
-  w_shape = (3, 3, 64, 64)
-  xla_dw = lambda x, g: jax.vjp(lambda w_: _lax_conv_nhwc(x, w_, (1, 1), same),
-                                jnp.zeros(w_shape, x.dtype))[1](g)[0]
-  timings['dw_xla'] = _time_ms(xla_dw, (x, g), options, repeats)
-  timings['dw_shifted'] = _time_ms(lambda x, g: _shifted_rows_dw(x, g, w_shape, same, None),
-                                   (x, g), options, repeats)
+  # 2. Shifted-row kernel gradients, from large maps down: the threshold is the smallest probe
+  # map from which on the shifted form wins every probe (none: off).
+  shifted_wins_from = None
+  for side, c_in, c_out in DW_PROBES:  # largest first
+    x, g = _probe_args((1, side, side, c_in), (1, side, side, c_out))
+    w_shape = (3, 3, c_in, c_out)
+    xla_dw = lambda x, g, w_shape=w_shape: jax.vjp(
+        lambda w_: _lax_conv_nhwc(x, w_, (1, 1), same), jnp.zeros(w_shape, x.dtype))[1](g)[0]
+    timings[f'dw_xla_{side}'] = _time_ms(xla_dw, (x, g), options, repeats)
+    timings[f'dw_shifted_{side}'] = _time_ms(
+        lambda x, g, w_shape=w_shape: _shifted_rows_dw(x, g, w_shape, same, None), (x, g),
+        options, repeats)
+    if timings[f'dw_shifted_{side}'] >= timings[f'dw_xla_{side}']:
+      break
+    shifted_wins_from = side * side
 
-  # 2b. The same for a first convolution (3 input channels).
-  x, g = _probe_args((1, 184, 184, 3), (1, 184, 184, 64))
+  # 2b. The same for a first convolution: 3 input channels and FCN's padding of 100 (which made
+  # XLA's kernel gradient slow: a correlation with a window the size of the input).
+  first_pad = ((100, 100), (100, 100))
+  x, g = _probe_args((1, 96, 96, 3), (1, 294, 294, 64))
   w_in = (3, 3, 3, 64)
-  xla_dw_in = lambda x, g: jax.vjp(lambda w_: _lax_conv_nhwc(x, w_, (1, 1), same),
+  xla_dw_in = lambda x, g: jax.vjp(lambda w_: _lax_conv_nhwc(x, w_, (1, 1), first_pad),
                                    jnp.zeros(w_in, x.dtype))[1](g)[0]
   timings['dw_input_xla'] = _time_ms(xla_dw_in, (x, g), options, repeats)
-  timings['dw_input_shifted'] = _time_ms(lambda x, g: _shifted_rows_dw(x, g, w_in, same, None),
-                                         (x, g), options, repeats)
+  timings['dw_input_shifted'] = _time_ms(
+      lambda x, g: _shifted_rows_dw(x, g, w_in, first_pad, None), (x, g), options, repeats)
 
   # 3. im2col for wide kernels: an fc6-like 7x7 layer at a quarter of its channels.
   x, w, g = _probe_args((1, 15, 15, 256), (7, 7, 256, 1024), (1, 9, 9, 1024))
@@ -361,7 +381,8 @@ def _measure(backbone: str, repeats: int) -> tuple[Forms, dict[str, float]]:
 
   forms = Forms(conv_library=library,
                 im2col=timings['wide_im2col'] < timings['wide_xla'],
-                shifted_dw=timings['dw_shifted'] < timings['dw_xla'],
+                shifted_dw=shifted_wins_from is not None,
+                shifted_dw_min_pixels=shifted_wins_from or DW_SHIFT_MIN_PIXELS,
                 pool_grad=timings['pool_ours'] < timings['pool_xla'],
                 shifted_dw_input=timings['dw_input_shifted'] < timings['dw_input_xla'])
   return forms, {k: round(v, 2) for k, v in timings.items()}
@@ -600,7 +621,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if out_h > 0 and out_w > 0 and not whole_layer_dot and strides == (1, 1):
       first = c_in <= FEW_INPUT_CHANNELS
       if (forms.shifted_dw_input and first) or (
-          forms.shifted_dw and not first and out_h * out_w >= DW_SHIFT_MIN_PIXELS):
+          forms.shifted_dw and not first and out_h * out_w >= forms.shifted_dw_min_pixels):
         return _conv_shifted_dw(lhs, rhs, strides, pads, precision)
   return jax.lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
