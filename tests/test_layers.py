@@ -261,6 +261,13 @@ def test_per_class_transposed_conv_equals_the_diagonal_kernel(k, s):
                              atol=1e-4)
   g = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
   np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(ref_vjp(g)[0]), rtol=1e-4, atol=1e-4)
+  # The filters' gradient (the written-out adjoint) against the full kernel's diagonal.
+  d_filters = jax.grad(lambda f: jnp.sum(layers.transposed_conv_per_class(x, f, s) * g))(
+      jnp.asarray(filters))
+  d_kernel = jax.grad(lambda kk: jnp.sum(layers.transposed_conv(x, kk, s) * g))(jnp.asarray(kernel))
+  np.testing.assert_allclose(np.asarray(d_filters),
+                             np.asarray(jnp.diagonal(d_kernel, axis1=2, axis2=3)), rtol=1e-4,
+                             atol=1e-3)
 
 
 def test_final_upsampling_is_per_class_and_frozen():
