@@ -43,3 +43,27 @@ def test_smoke_table(tmp_path):
   assert data['env']['backend'] == 'cpu'
   assert all(r['jax_ms'] > 0 and r['compile_s'] > 0 for r in data['rows'])
   assert out_md.read_text().count('\n|') >= len(cells) + 1
+
+
+@pytest.mark.parametrize('step', ['train', 'forward'])
+def test_cpu_ab_runs_every_kind_of_variant(step):
+  # The interleaved A/B (one process per variant): this machine's forms, a named set, a spec and
+  # PyTorch, each printing which CPU forms ran; at width 1/16 on 32x32 inputs.
+  pytest.importorskip('torch')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', FCN_JAX_CPU_FORMS='default')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.cpu_ab', '--arch', 'fcn32s', '--size', '32', '--width',
+       '0.0625', '--rounds', '2', '--step', step, '--variants', 'jax', 'jax-baseline',
+       'forms:conv_library=eigen,shifted_dw=0', 'torch'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  assert 'jax: CPU forms conv_library=ynnpack,im2col=1' in out  # FCN_JAX_CPU_FORMS=default
+  assert 'jax-baseline: CPU forms conv_library=ynnpack,im2col=0,shifted_dw=0,pool_grad=0' in out
+  assert 'forms:conv_library=eigen,shifted_dw=0: CPU forms conv_library=eigen' in out
+  rows = {l.split('|')[1].strip(): l for l in out.splitlines() if l.startswith('| ')}
+  assert set(rows) >= {'jax', 'jax-baseline', 'forms:conv_library=eigen,shifted_dw=0', 'torch'}
+  assert ('training step' if step == 'train' else 'forward pass') in out
+  bad = subprocess.run([sys.executable, '-m', 'benchmarks.cpu_ab', '--variants', 'jax-fast'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and "unknown variant 'jax-fast'" in bad.stderr
