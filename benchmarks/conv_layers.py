@@ -1,8 +1,9 @@
 """Per-layer view of the CPU gap: one VGG16 convolution per block at the FCN sizes, forward, gradient
-with respect to the input and with respect to the kernel: XLA's convolution (lax, NHWC), fcn_jax's
-`layers.conv_general_dilated` (the CPU matrix-product forms) and PyTorch (oneDNN, NCHW).
+with respect to the input and with respect to the kernel: XLA's convolution (lax, NHWC) with its
+two CPU libraries (YNNPACK, XLA's default, and Eigen), fcn_jax's `cpu_forms.conv_general_dilated`
+with this machine's forms for VGG16 (or --forms SPEC) and PyTorch (oneDNN, NCHW).
 
-    XLA_FLAGS=... python -m benchmarks.conv_layers --size 256
+    python -m benchmarks.conv_layers --size 256
 
 The sizes follow FCN-VGG16 on a size x size image (conv1 sees size + 198 after the pad of 100).
 """
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_jax.models import layers as fcn_layers
+from fcn_jax.models import cpu_forms
 
 
 def _median(fn, repeats, sync):
@@ -52,11 +53,16 @@ def main(argv=None):
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--no-torch', action='store_true')
   p.add_argument('--layers', nargs='*', default=None)
+  p.add_argument('--forms', default=None, help='CPU forms as FCN_JAX_CPU_FORMS spells them '
+                 "(default: this machine's for VGG16)")
   a = p.parse_args(argv)
+  forms = cpu_forms.from_spec(a.forms) if a.forms else cpu_forms.current('vgg16')
   sync = lambda x: jax.block_until_ready(x)
-  print(f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r} load {os.getloadavg()[0]:.2f}')
-  print('| layer | HxW | Cin->Cout | GFLOP | op | XLA ms | fcn_jax ms | torch ms | torch/fcn_jax |')
-  print('|---|---|---|---|---|---|---|---|---|')
+  print(f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r} load {os.getloadavg()[0]:.2f}; fcn_jax '
+        f'CPU forms {forms.describe()}')
+  print('| layer | HxW | Cin->Cout | GFLOP | op | XLA YNNPACK ms | XLA Eigen ms | fcn_jax ms | '
+        'torch ms | torch/fcn_jax |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
   for name, h, c_in, c_out in layers_for(a.size):
     if a.layers and name not in a.layers:
       continue
@@ -68,18 +74,22 @@ def main(argv=None):
     ho = h + 2 * pad - k + 1
     g = rng.standard_normal((1, ho, ho, c_out), np.float32)
     gflop = 2 * ho * ho * k * k * c_in * c_out / 1e9
-    def timings(conv_fn):
+    def timings(conv_fn, options):
       conv = lambda x, w: conv_fn(x, w, (1, 1), [(pad, pad)] * 2,
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-      fwd = jax.jit(conv)
-      dx = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
-      dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
+      fwd = jax.jit(conv, compiler_options=options)
+      dx = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0],
+                   compiler_options=options)
+      dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0],
+                   compiler_options=options)
       return {'fwd': _median(lambda: fwd(xj, wj), a.repeats, sync),
               'dx': _median(lambda: dx(xj, wj, gj), a.repeats, sync),
               'dw': _median(lambda: dw(xj, wj, gj), a.repeats, sync)}
     xj, wj, gj = map(jnp.asarray, (x, w, g))
-    xt_ = timings(jax.lax.conv_general_dilated)
-    jt = timings(fcn_layers.conv_general_dilated)
+    lax_conv = jax.lax.conv_general_dilated
+    ynn = timings(lax_conv, cpu_forms.Forms(conv_library='ynnpack').compiler_options())
+    eigen = timings(lax_conv, cpu_forms.Forms(conv_library='eigen').compiler_options())
+    jt = timings(cpu_forms.conv_with(forms), forms.compiler_options())
     tt = {}
     if not a.no_torch:
       import torch
@@ -95,8 +105,8 @@ def main(argv=None):
                            a.repeats, lambda v: v)
     for op in ('fwd', 'dx', 'dw'):
       t = tt.get(op)
-      print(f'| {name} | {h}x{h} | {c_in}->{c_out} | {gflop:.1f} | {op} | {1e3 * xt_[op]:.0f} | '
-            f'{1e3 * jt[op]:.0f} | ' + (f'{1e3 * t:.0f} | {t / jt[op]:.2f} |' if t else '- | - |'),
+      print(f'| {name} | {h}x{h} | {c_in}->{c_out} | {gflop:.1f} | {op} | {1e3 * ynn[op]:.0f} | '
+            f'{1e3 * eigen[op]:.0f} | {1e3 * jt[op]:.0f} | ' + (f'{1e3 * t:.0f} | {t / jt[op]:.2f} |' if t else '- | - |'),
             flush=True)
   print(f'load at end {os.getloadavg()[0]:.2f}')
 

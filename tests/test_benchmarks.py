@@ -67,3 +67,18 @@ def test_cpu_ab_runs_every_kind_of_variant(step):
   bad = subprocess.run([sys.executable, '-m', 'benchmarks.cpu_ab', '--variants', 'jax-fast'],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and "unknown variant 'jax-fast'" in bad.stderr
+
+
+def test_conv_layers_and_bf16_matmul_run():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', FCN_JAX_CPU_FORMS='default')
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.conv_layers', '--size', '8', '--layers',
+                         'conv5_2', 'fc6', '--repeats', '1', '--no-torch'],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [l for l in proc.stdout.splitlines() if l.startswith('| conv5_2') or l.startswith('| fc6')]
+  assert len(rows) == 6 and 'CPU forms conv_library=ynnpack' in proc.stdout
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.bf16_matmul', '--n', '64', '--repeats',
+                         '1'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [l for l in proc.stdout.splitlines() if l.startswith('| bfloat16 |')]
+  assert len(rows) >= 4  # every XLA option ran (and PyTorch's, where installed)
