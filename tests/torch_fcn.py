@@ -88,6 +88,7 @@ class TorchFCN(nn.Module):
       self.score_pool3 = nn.Conv2d(c(256), n_class, 1)
     for name, k, s in self.UPSAMPLING[arch]:
       setattr(self, name, nn.ConvTranspose2d(n_class, n_class, k, stride=s, bias=False))
+    self.per_class_final_upsampling_()
 
   def per_class_final_upsampling_(self) -> None:
     """Zero the final upsampling's off-diagonal weights: in every reference net it upsamples each
