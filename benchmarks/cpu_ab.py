@@ -28,6 +28,7 @@ import numpy as np
 
 from benchmarks import run
 from fcn_jax.models import cpu_forms
+from fcn_jax.models import fcn as fcn_lib
 
 NAMED_FORMS = {
     'jax-amd': cpu_forms.TUNED_ON_AMD,
@@ -38,7 +39,6 @@ NAMED_FORMS = {
 
 def forms_of(variant: str, arch: str) -> cpu_forms.Forms:
   if variant == 'jax':
-    from fcn_jax.models import fcn as fcn_lib
     return cpu_forms.current(fcn_lib.ARCHS[arch].backbone)
   if variant.startswith('forms:'):
     return cpu_forms.from_spec(variant[len('forms:'):])
@@ -47,7 +47,6 @@ def forms_of(variant: str, arch: str) -> cpu_forms.Forms:
 
 def jax_stepper(arch: str, size: int, batch: int, width: float, dtype: str, forms, step: str):
   """A closure running one compiled training step (or forward pass) traced with `forms`."""
-  from fcn_jax import models, optim, train as train_lib
   model, variables = run._model_and_variables(arch, width, dtype)
   model = model.clone(forms=forms)  # the model's forms: traced into the program, and its options
   data = run._batch(batch, size)
@@ -57,15 +56,8 @@ def jax_stepper(arch: str, size: int, batch: int, width: float, dtype: str, form
     compiled = cpu_forms.jit(lambda v, x: model.apply(v, x, train=False), forms=forms).lower(
         variables, images).compile()
   else:
-    tx = optim.make_optimizer(learning_rate=1e-4, momentum=0.9, weight_decay=5e-4,
-                              params=variables['params'],
-                              frozen=models.frozen_mask(model, variables['params']))
-    mesh = train_lib.make_mesh(jax.devices()[:1])
-    state = train_lib.replicate(
-        train_lib.create_train_state(model, tx, variables, jax.random.key(1)), mesh)
-    b = train_lib.shard_batch(data, mesh)
-    compiled = train_lib.compile_train_step(model, tx, mesh, normalize_loss=True,
-                                            num_classes=run.NUM_CLASSES).lower(state, b).compile()
+    state, b, train_step_fn = run.train_setup(model, variables, data)
+    compiled = train_step_fn.lower(state, b).compile()
   compile_s = time.perf_counter() - t
   if step == 'forward':
     return (lambda: jax.block_until_ready(compiled(variables, images))), compile_s

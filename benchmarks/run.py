@@ -196,17 +196,23 @@ def jax_forward(arch, prof: Profile, dtype: str, n: int) -> dict:
               mem_gib=_jax_memory_gib(compiled))
 
 
-def jax_train(arch, prof: Profile, dtype: str, n: int) -> dict:
-  """The library's own training step (train.compile_train_step: jit, sharded batch, donated state)."""
-  model, variables = _model_and_variables(arch, prof.width, dtype)
+def train_setup(model, variables: dict, batch: dict):
+  """(state, sharded batch, jitted step) of the library's training step on one device, with the
+  benchmarks' optimiser (SGD momentum 0.9, weight decay 5e-4, the upsampling frozen)."""
   tx = optim.make_optimizer(learning_rate=1e-4, momentum=0.9, weight_decay=5e-4,
                             params=variables['params'],
                             frozen=models.frozen_mask(model, variables['params']))
   mesh = train_lib.make_mesh(jax.devices()[:1])
   state = train_lib.replicate(
       train_lib.create_train_state(model, tx, variables, jax.random.key(1)), mesh)
-  batch = train_lib.shard_batch(_batch(n, prof.size), mesh)
   step = train_lib.compile_train_step(model, tx, mesh, normalize_loss=True, num_classes=NUM_CLASSES)
+  return state, train_lib.shard_batch(batch, mesh), step
+
+
+def jax_train(arch, prof: Profile, dtype: str, n: int) -> dict:
+  """The library's own training step (train.compile_train_step: jit, sharded batch, donated state)."""
+  model, variables = _model_and_variables(arch, prof.width, dtype)
+  state, batch, step = train_setup(model, variables, _batch(n, prof.size))
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -403,14 +409,7 @@ def environment() -> dict:
   return env
 
 
-def cpu_name() -> str:
-  try:
-    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('model name'):
-        return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
+cpu_name = cpu_forms.cpu_model  # the CPU model string every table records
 
 
 def pipeline_rate(seconds: float, crop: int, batch: int, log) -> dict | None:

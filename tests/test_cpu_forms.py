@@ -128,3 +128,13 @@ def test_conv_library_is_a_compiler_option_of_the_program():
   with cpu_forms.use(cpu_forms.Forms(conv_library='eigen')):
     y = cpu_forms.jit(conv)(x, w)
   np.testing.assert_allclose(np.asarray(y), np.asarray(conv(x, w)), rtol=1e-6)
+
+
+def test_several_processes_take_the_default_set(fresh, monkeypatch):
+  # A multi-host job must trace one program everywhere: no per-host measurement.
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(cpu_forms, 'measure', lambda b: pytest.fail('must not measure'))
+  assert cpu_forms.for_this_machine() == cpu_forms.TUNED_ON_AMD
+  monkeypatch.setattr(cpu_forms, '_resolved', {})
+  monkeypatch.setenv(cpu_forms.ENV_VAR, 'conv_library=eigen')
+  assert cpu_forms.for_this_machine().conv_library == 'eigen'

@@ -231,7 +231,7 @@ def _write_cache(path: pathlib.Path, key: str, entry: dict) -> None:
 
 def for_this_machine(backbone: str = 'vgg16') -> Forms:
   """This machine's forms for `backbone`: FCN_JAX_CPU_FORMS, else the cached choice, else
-  measured (and cached)."""
+  measured (and cached). In a multi-process job: FCN_JAX_CPU_FORMS or the default set."""
   spec = os.environ.get(ENV_VAR, '').strip()
   key = f'{machine_key()} | {backbone}'
   if spec and spec != 'measure':
@@ -240,6 +240,11 @@ def for_this_machine(backbone: str = 'vgg16') -> Forms:
     return _resolved[spec]
   if key in _resolved:  # 'measure' too: measured once per process
     return _resolved[key]
+  if jax.process_count() > 1:
+    # Every process of a multi-host job must trace the same program, and measurements may differ
+    # between hosts: the fixed default set, unless FCN_JAX_CPU_FORMS names one for all of them.
+    _resolved[key] = TUNED_ON_AMD
+    return TUNED_ON_AMD
   path = cache_path()
   entry = None if spec == 'measure' else _read_cache(path).get(key)
   forms = None
