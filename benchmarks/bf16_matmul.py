@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from fcn_jax import cli as cli_lib
 
 OPTIONS = {
     'default (YNNPACK)': None,
@@ -39,7 +40,7 @@ def _rate(fn, n: int, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = cli_lib.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--n', type=int, default=2048)
   p.add_argument('--repeats', type=int, default=5)
   a = p.parse_args(argv)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fcn_jax import cli as cli_lib
 from fcn_jax.models import cpu_forms
 
 
@@ -48,10 +49,10 @@ def layers_for(size: int):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser()
+  p = cli_lib.ArgumentParser()
   p.add_argument('--size', type=int, default=256)
   p.add_argument('--repeats', type=int, default=3)
-  p.add_argument('--no-torch', action='store_true')
+  p.add_argument('--no_torch', action='store_true')
   p.add_argument('--layers', nargs='*', default=None)
   p.add_argument('--forms', default=None, help='CPU forms as FCN_JAX_CPU_FORMS spells them '
                  "(default: this machine's for VGG16)")

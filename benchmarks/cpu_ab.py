@@ -10,7 +10,7 @@ FCN_JAX_CPU_FORMS), `jax-amd` (every form, YNNPACK convolutions: the AMD EPYC ch
 set, as FCN_JAX_CPU_FORMS spells it) and `torch`. The variants take turns, one step each per
 round, so a change in the machine's load (the development machine is shared) hits all of them
 alike; medians over the rounds are reported. Each variant runs in its own process (its own allocator
-and thread pools, as a user's run would have them); --same-process keeps them in one.
+and thread pools, as a user's run would have them); --same_process keeps them in one.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from benchmarks import run
+from fcn_jax import cli as cli_lib
 from fcn_jax.models import cpu_forms
 from fcn_jax.models import fcn as fcn_lib
 
@@ -115,7 +116,7 @@ def _worker(conn, variant: str, a: argparse.Namespace) -> None:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = cli_lib.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--arch', default='fcn8s', choices=run.NETS)
   p.add_argument('--size', type=int, default=256)
   p.add_argument('--batch', type=int, default=1)
@@ -123,7 +124,7 @@ def main(argv=None):
   p.add_argument('--dtype', default='float32')
   p.add_argument('--rounds', type=int, default=3)
   p.add_argument('--step', default='train', choices=('train', 'forward'))
-  p.add_argument('--same-process', action='store_true',
+  p.add_argument('--same_process', action='store_true',
                  help='run every variant in this process (default: one process per variant, so '
                       'that the frameworks do not share an allocator)')
   p.add_argument('--variants', nargs='+', default=['jax', 'jax-baseline', 'torch'],

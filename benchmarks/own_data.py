@@ -19,13 +19,14 @@ import sys
 import time
 
 from benchmarks.run import cpu_name
+from fcn_jax import cli as cli_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BAR = 0.60
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog='python -m benchmarks.own_data', description=__doc__,
+  p = cli_lib.ArgumentParser(prog='python -m benchmarks.own_data', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--workdir', required=True, help='where the dataset and the runs go')
   p.add_argument('--archs', nargs='+', default=['fcn8s_atonce', 'fcn32s'],

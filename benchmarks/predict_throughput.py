@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import numpy as np
+from fcn_jax import cli as cli_lib
 
 
 def write_folder(root: pathlib.Path, count: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -36,12 +37,12 @@ def write_folder(root: pathlib.Path, count: int, seed: int = 0) -> list[tuple[in
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog='python -m benchmarks.predict_throughput', description=__doc__,
+  p = cli_lib.ArgumentParser(prog='python -m benchmarks.predict_throughput', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--images', type=int, default=200)
   p.add_argument('--width', type=float, default=1 / 16)
   p.add_argument('--arch', default='fcn8s')
-  p.add_argument('--batch-size', type=int, default=8)
+  p.add_argument('--batch_size', type=int, default=8)
   a = p.parse_args(argv)
   import jax
   from benchmarks.run import cpu_name

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fcn_jax import cli as cli_lib
 from fcn_jax import models
 from fcn_jax import optim
 from fcn_jax import train as train_lib
@@ -48,7 +49,7 @@ from fcn_jax.models import cpu_forms
 NETS = ('fcn_alexnet', 'fcn32s', 'fcn8s', 'fcn_googlenet')
 MEASUREMENTS = ('fwd-latency', 'fwd-batch', 'train')
 NUM_CLASSES = 21
-TRACE_DIR = ''  # --trace-dir: profile three training steps per net and dtype
+TRACE_DIR = ''  # --trace_dir: profile three training steps per net and dtype
 
 
 @dataclasses.dataclass
@@ -205,7 +206,7 @@ def train_setup(model, variables: dict, batch: dict):
   mesh = train_lib.make_mesh(jax.devices()[:1])
   state = train_lib.replicate(
       train_lib.create_train_state(model, tx, variables, jax.random.key(1)), mesh)
-  step = train_lib.compile_train_step(model, tx, mesh, normalize_loss=True, num_classes=NUM_CLASSES)
+  step = train_lib.compile_train_step(model, tx, mesh, normalize_loss=True)
   return state, train_lib.shard_batch(batch, mesh), step
 
 
@@ -424,7 +425,7 @@ def pipeline_rate(seconds: float, crop: int, batch: int, log) -> dict | None:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = cli_lib.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--profile', choices=sorted(PROFILES), default='cpu')
   p.add_argument('--nets', nargs='+', choices=NETS, default=list(NETS))
   p.add_argument('--measures', nargs='+', choices=MEASUREMENTS, default=list(MEASUREMENTS))
@@ -432,12 +433,12 @@ def main(argv=None) -> int:
   p.add_argument('--size', type=int, default=None, help='override the profile input side')
   p.add_argument('--width', type=float, default=None)
   p.add_argument('--batch', type=int, default=None)
-  p.add_argument('--train-batch', type=int, default=None)
+  p.add_argument('--train_batch', type=int, default=None)
   p.add_argument('--repeats', type=int, default=None)
-  p.add_argument('--no-torch', action='store_true')
-  p.add_argument('--no-torch-compile', action='store_true')
-  p.add_argument('--pipeline-seconds', type=float, default=None)
-  p.add_argument('--trace-dir', default='', help='write a jax.profiler trace of the train steps')
+  p.add_argument('--no_torch', action='store_true')
+  p.add_argument('--no_torch_compile', action='store_true')
+  p.add_argument('--pipeline_seconds', type=float, default=None)
+  p.add_argument('--trace_dir', default='', help='write a jax.profiler trace of the train steps')
   p.add_argument('--json', default=None, help='also write the rows and environment as JSON here')
   p.add_argument('--output', default=None, help='write the Markdown report here')
   a = p.parse_args(argv)

@@ -20,15 +20,25 @@ from experiments.configs import common as configs
 
 flags.DEFINE_string('checkpoint', None, 'A training WORKDIR (or its checkpoints/), or the output '
                     'directory of fcn_jax.convert.', required=True)
-flags.DEFINE_string('dataset', 'voc_segmentation/2011', 'voc_segmentation/2011 | voc_segmentation/2012 | '
-                    'sbd | pascal_context | sift_flow | nyud_v2, or your own data: folder | coco | '
-                    'voc_like (with --root)')
-flags.DEFINE_string('root', '', 'The directory of a folder / coco / voc_like dataset.')
-flags.DEFINE_float('val_fraction', 0.1, 'folder format without splits/: the share of images in val.')
-flags.DEFINE_integer('ignore_label', 255, 'The mask value a user dataset marks as ignored.')
-flags.DEFINE_string('split', 'seg11valid', 'Split to evaluate.')
-flags.DEFINE_string('data_dir', '~/tensorflow_datasets', 'Prepared TFDS data.')
-flags.DEFINE_string('manual_dir', '', 'Archives or extracted trees, if not prepared yet.')
+flags.DEFINE_string('dataset', '', 'Default: the dataset the checkpoint was trained on (its '
+                    'metadata), else voc_segmentation/2011. voc_segmentation/2011 | '
+                    'voc_segmentation/2012 | sbd | pascal_context | sift_flow | nyud_v2, or your own '
+                    'data: folder | coco | voc_like | pairs | split_folders (with --root)')
+flags.DEFINE_string('root', '', 'The directory of a user dataset (default: the checkpoint\'s).')
+flags.DEFINE_string('classes_file', '', 'classes.txt elsewhere than ROOT/classes.txt (default: '
+                    'the checkpoint\'s).')
+flags.DEFINE_float('val_fraction', None, 'folder format without splits/: the share of images in '
+                   'val (default: the checkpoint\'s, else 0.1).')
+flags.DEFINE_integer('ignore_label', None, 'The mask value a user dataset marks as ignored '
+                     '(default: the checkpoint\'s, else 255).')
+flags.DEFINE_string('image_suffix', None, 'split_folders: image files <id><suffix>.')
+flags.DEFINE_string('mask_suffix', None, 'split_folders: mask files <id><suffix>.')
+flags.DEFINE_string('split', '', 'Split to evaluate (default: the split the run evaluated on, '
+                    'else the dataset\'s evaluation split).')
+flags.DEFINE_string('data_dir', '', 'Prepared TFDS data (default: where the run prepared it, else '
+                    '~/tensorflow_datasets).')
+flags.DEFINE_string('manual_dir', '', 'Archives or extracted trees, if not prepared yet (default: '
+                    'the checkpoint\'s).')
 flags.DEFINE_bool('download', False, 'Download the official archives when not prepared.')
 flags.DEFINE_integer('pad_to', 0, '0: native size one image at a time (the reference protocol); '
                      'S > 0: padded S x S batches of --batch_size (faster; S must be at least the '
@@ -51,7 +61,7 @@ def default_out(checkpoint_dir: str, dataset: str, split: str, step: int) -> pat
   return base / f'{dataset.replace("/", "-")}_{split}_step{step}'
 
 
-def check_flags(f) -> None:
+def check_flags(f, spec) -> None:
   from fcn_jax import data as data_lib
   from fcn_jax.errors import UserError
   if f.batch_size < 1:
@@ -63,7 +73,7 @@ def check_flags(f) -> None:
                     f'are padded to S x S)')
   if f.which not in ('best', 'latest') and not f.which.isdigit():
     raise UserError(f'--which {f.which!r}: best, latest or a step number')
-  data_lib.check_split(f.dataset, f.split, root=f.root, val_fraction=f.val_fraction)
+  data_lib.check_split(spec.name, spec.split, **spec.options)
   if f.out and pathlib.Path(f.out).expanduser().is_file():
     raise UserError(f'--out {f.out} is a file; give a directory')
 
@@ -78,23 +88,26 @@ def main(argv) -> None:
 def evaluate(f) -> None:
   from experiments import common
   from fcn_jax import checkpoint, data as data_lib, report, train
-  from fcn_jax.data import pipeline
+  from fcn_jax.data import identity, pipeline
   from fcn_jax.errors import UserError
   common.quiet_logs()
-  check_flags(f)  # before the model is loaded or data prepared
+  if f.which not in ('best', 'latest') and not f.which.isdigit():
+    raise UserError(f'--which {f.which!r}: best, latest or a step number')
   directory = checkpoint.resolve_directory(f.checkpoint)
   root, step = checkpoint.resolve_step(directory, f.which)
-  out = pathlib.Path(f.out).expanduser().resolve() if f.out else default_out(root, f.dataset, f.split, step)
+  spec = identity.resolve(checkpoint.read_metadata(root, str(step)), f.dataset, f.split,
+                          **{k: getattr(f, k) for k in identity.OVERRIDABLE})
+  check_flags(f, spec)  # before the model is loaded or data prepared
+  dataset, split = spec.name, spec.split
+  print(f'evaluating step {step} of {root} on {spec.describe()}')
+  out = pathlib.Path(f.out).expanduser().resolve() if f.out else default_out(root, dataset, split, step)
   existing = [out / name for name in ('results.json', 'results.md') if (out / name).exists()]
   if existing and not f.overwrite:
     raise UserError(f'{existing[0]} exists; pass --overwrite to replace it, or choose another --out')
   common.enable_compilation_cache(f.compilation_cache_dir)
   model, variables, meta = checkpoint.load_inference(root, which=str(step))
   try:
-    source = data_lib.get_data_source(f.dataset, f.split, data_dir=f.data_dir,
-                                      manual_dir=f.manual_dir or None, download=f.download,
-                                      root=f.root, val_fraction=f.val_fraction,
-                                      ignore_label=f.ignore_label)
+    source = data_lib.get_data_source(dataset, split, download=f.download, **spec.source_kwargs())
   except data_lib.MissingDataError as e:
     raise UserError(f'{e}\n\nGive --manual_dir DIR (the archives or trees above) or --download, or '
                     f'--data_dir where the data is prepared.') from None
@@ -105,12 +118,12 @@ def evaluate(f) -> None:
     dataset_heads = {net_heads[0]: next(iter(dataset_heads.values()))}
   for head, count in zip(net_heads, model.num_classes):
     if head not in dataset_heads:
-      raise UserError(f'the checkpoint predicts {", ".join(net_heads)}; the dataset {f.dataset} '
+      raise UserError(f'the checkpoint predicts {", ".join(net_heads)}; the dataset {dataset} '
                       f'labels {", ".join(map(str, dataset_heads))}: evaluate it on the data it '
                       f'was trained for')
     n = dataset_heads[head][0].num_classes
     if n != count:
-      raise UserError(f'the checkpoint predicts {count} classes ({head}), the dataset {f.dataset} '
+      raise UserError(f'the checkpoint predicts {count} classes ({head}), the dataset {dataset} '
                       f'has {n}: evaluate it on the data it was trained for')
   from fcn_jax import preprocessing as preprocessing_lib
   modalities = [(m['name'], m['preprocessing']) for m in preprocessing_lib.modalities_of(meta)]
@@ -122,13 +135,15 @@ def evaluate(f) -> None:
   class_names = meta.get('class_names') or [str(i) for i in range(model.num_classes[0])]
   name = meta.get('zoo_name') or meta.get('experiment') or meta['arch']
   report.write_results(out, name, scores, class_names,
-                       extra={'checkpoint': str(root), 'step': step, 'dataset': f.dataset,
-                              'split': f.split, 'images': len(source)})
+                       extra={'checkpoint': str(root), 'step': step, 'dataset': dataset,
+                              'split': split, 'images': len(source)})
   print(report.table_markdown([(name, scores)] + report.paper_rows(name)))
   for head, head_scores in list((scores.get('heads') or {}).items())[1:]:
     print(f'{head} head: pixel acc. {100 * head_scores["pixel_acc"]:.1f}')
+  print(f'{split}: mean IU {100 * scores["mean_iu"]:.2f} over {len(source)} images')
   print(f'wrote {out / "results.json"} and {out / "results.md"}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from fcn_jax import cli as cli_lib
+  app.run(main, flags_parser=cli_lib.absl_flags_parser(flags.FLAGS))

@@ -85,7 +85,7 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
   for field, name, split in (('dataset.train_split', d.name, d.train_split),
                              ('dataset.eval_split', eval_name, eval_split)):
     try:
-      data_lib.check_split(name, split, root=root, val_fraction=fraction)
+      data_lib.check_split(name, split, **data_lib.source_options(d))
     except data_lib.DataError as e:
       out.append(f'config.{field}={split!r}: {e}')
   if c.init_from:

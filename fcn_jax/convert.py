@@ -2,7 +2,7 @@
 
     python -m fcn_jax.convert SRC --out DIR [--arch ARCH]
         [--format auto|pth|npz|safetensors|caffemodel] [--modality color|hha]
-        [--preprocessing caffe_bgr|torchvision_rgb|inception_rgb|...] [--num-classes N] [--width W]
+        [--preprocessing caffe_bgr|torchvision_rgb|inception_rgb|...] [--num_classes N] [--width W]
 
 Without --arch, the file must be one of the fifteen reference nets (fcn_jax.zoo): it is recognised
 from its layer names and blob shapes (the NYUD colour and HHA nets, which share one layout, from
@@ -52,6 +52,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from fcn_jax import cli as cli_lib
 from fcn_jax.data.classes import VOC_CLASS_NAMES
 from fcn_jax.errors import UserError, cli
 
@@ -625,7 +626,7 @@ def convert_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, arch: 
 def main(argv: list[str] | None = None) -> int:
   from fcn_jax import preprocessing as preprocessing_lib
   from fcn_jax.models import ARCHS
-  parser = argparse.ArgumentParser(
+  parser = cli_lib.ArgumentParser(
       prog='python -m fcn_jax.convert',
       description='Import ImageNet backbones or released FCN models into an fcn_jax checkpoint.')
   parser.add_argument('src', help='.pth / .npz / .safetensors state dict or Caffe .caffemodel')
@@ -638,19 +639,19 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--format', default='auto', choices=('auto',) + FORMATS)
   parser.add_argument('--preprocessing', choices=sorted(preprocessing_lib.PRESETS),
                       help='input convention of the weights (default: from the file layout)')
-  parser.add_argument('--num-classes', type=int, help='default: from score_fr, else 21')
+  parser.add_argument('--num_classes', type=int, help='default: from score_fr, else 21')
   parser.add_argument('--width', type=float, help='default: inferred from the first convolution')
-  parser.add_argument('--class-names', help='comma-separated (default: the 21 VOC classes)')
-  parser.add_argument('--frozen-upsampling', action='store_true',
+  parser.add_argument('--class_names', help='comma-separated (default: the 21 VOC classes)')
+  parser.add_argument('--frozen_upsampling', action='store_true',
                       help='record learnable_upsampling=False (the Caffe reference training)')
-  parser.add_argument('--init-missing-heads', action='store_true',
+  parser.add_argument('--init_missing_heads', action='store_true',
                       help='allow FCN layers missing from the file (e.g. FCN-16s from FCN-32s)')
   parser.add_argument('--overwrite', action='store_true',
                       help='replace --out if it is an existing fcn_jax checkpoint (never any other '
                       'directory)')
   args = parser.parse_args(argv)
   if args.num_classes is not None and args.num_classes < 2:
-    parser.error(f'--num-classes {args.num_classes}: must be >= 2 (background and a class)')
+    parser.error(f'--num_classes {args.num_classes}: must be >= 2 (background and a class)')
   if args.width is not None and not args.width > 0:
     parser.error(f'--width {args.width}: must be > 0 (1.0 = the paper\'s nets)')
   try:

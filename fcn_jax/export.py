@@ -4,7 +4,7 @@
 
 The artifact is a zip: `metadata.json` (arch, classes, class names, palette, preprocessing as data:
 channel order, scale, mean, std; the sizes) and one `model_<H>x<W>.stablehlo` per size, each a
-jax.export module with the weights inside, a symbolic batch dimension (1..--max-batch), input (B, H, W, 3) float32
+jax.export module with the weights inside, a symbolic batch dimension (1..--max_batch), input (B, H, W, 3) float32
 preprocessed images and output (B, H, W, C) float32 scores. Sizes are fixed: the FCN geometry (ceil
 pooling, crops derived from the input size) is computed in Python from static shapes, so images are
 padded at the bottom and right to the smallest listed size that holds them (`fcn_jax.exported`
@@ -28,6 +28,7 @@ import zipfile
 
 import numpy as np
 
+from fcn_jax import cli as cli_lib
 from fcn_jax.errors import UserError, cli
 
 DEFAULT_SIZES = ((512, 384), (384, 512), (512, 512))  # covers PASCAL VOC (at most 500 x 500)
@@ -115,14 +116,14 @@ def export_checkpoint(checkpoint_dir, out, *, sizes=DEFAULT_SIZES, which: str = 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog='python -m fcn_jax.export', description=__doc__,
+  p = cli_lib.ArgumentParser(prog='python -m fcn_jax.export', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--checkpoint', required=True, help='a training WORKDIR or a converted checkpoint')
   p.add_argument('--out', required=True, help='the artifact file to write (e.g. fcn8s.fcnx)')
   p.add_argument('--sizes', default=','.join(f'{h}x{w}' for h, w in DEFAULT_SIZES),
                  help='padded input sizes HxW, comma-separated (default %(default)s)')
   p.add_argument('--which', default='best', help='best, latest or a step')
-  p.add_argument('--max-batch', type=int, default=8, help='largest batch the modules accept')
+  p.add_argument('--max_batch', type=int, default=8, help='largest batch the modules accept')
   p.add_argument('--overwrite', action='store_true', help='replace --out if it exists')
   a = p.parse_args(argv)
   out = export_checkpoint(a.checkpoint, a.out, sizes=parse_sizes(a.sizes), which=a.which,

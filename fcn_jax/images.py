@@ -39,8 +39,8 @@ def read_rgb(path, max_size: int = DEFAULT_MAX_SIZE) -> np.ndarray:
     except (OSError, ValueError, SyntaxError) as e:
       raise ImageError(f'{path}: cannot read the image ({e})') from None
     if max_size and max(width, height) > max_size:
-      raise ImageError(f'{path}: image is {width}x{height}, larger than --max-size {max_size} '
-                       f'(longest side). Downscale it, or raise --max-size (0 = no limit; memory '
+      raise ImageError(f'{path}: image is {width}x{height}, larger than --max_size {max_size} '
+                       f'(longest side). Downscale it, or raise --max_size (0 = no limit; memory '
                        f'grows with the pixel count)')
     if hasattr(source, 'seek'):
       source.seek(0)

@@ -6,13 +6,13 @@ parent (a/img.jpg -> OUT/a/img.png):
                       shown in the classes' colours (the checkpoint's palette)
   <stem>_overlay.jpg  the image with the label map blended over it, and a legend of the classes
                       found (name, colour, share of the image) below it
-  <stem>_scores.npy   with --save-scores: float32 (H, W, num_classes) scores at the input size
-                      (--scores-format npz: float16 in a compressed .npz, key 'scores')
+  <stem>_scores.npy   with --save_scores: float32 (H, W, num_classes) scores at the input size
+                      (--scores_format npz: float16 in a compressed .npz, key 'scores')
 A net with several heads (SIFT Flow: semantic, geometric) writes these per head, with the head's
 name after the stem: <stem>_semantic.png, <stem>_semantic_overlay.jpg, <stem>_semantic_scores.npy,
 <stem>_geometric.png, ...
 A net with more input modalities than colour (NYUD HHA, colour + HHA, colour + depth) reads them
-by the image's file name: --hha-dir DIR (HHA PNGs) and --depth-dir DIR (16-bit depth PNGs), each
+by the image's file name: --hha_dir DIR (HHA PNGs) and --depth_dir DIR (16-bit depth PNGs), each
 holding, for IMAGE_DIR/a/img_5001.png, DIR/a/img_5001.png (any image suffix). An HHA-only net
 takes the HHA images themselves as its inputs.
 The checkpoint's metadata supplies the architecture, classes and preprocessing: no training config
@@ -34,6 +34,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from fcn_jax import cli as cli_lib
 from fcn_jax import images as images_lib
 from fcn_jax.errors import UserError, cli
 
@@ -230,7 +231,7 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
   heads = list(metadata.get('head_names') or [])
   modalities = [m['name'] for m in preprocessing.modalities_of(metadata)]
   if records and len(inputs) > len(records) and len(modalities) > 1:
-    raise UserError(f'a {" + ".join(modalities)} net reads image files with --hha-dir / --depth-dir '
+    raise UserError(f'a {" + ".join(modalities)} net reads image files with --hha_dir / --depth_dir '
                     f'or a --dataset, not both in one run')
   companions = companion_dirs(modalities, hha_dir, depth_dir, bool(records))
   plan = output_paths(inputs, out_dir, save_scores, scores_format, heads=heads)
@@ -299,17 +300,17 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m fcn_jax.predict', description=__doc__,
+  parser = cli_lib.ArgumentParser(prog='python -m fcn_jax.predict', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--checkpoint', required=True,
                       help='a training WORKDIR (or its checkpoints/), or fcn_jax.convert output')
   parser.add_argument('--out', required=True, help='output directory (created if missing)')
-  parser.add_argument('--save-scores', action='store_true', help='also write <stem>_scores.npy')
+  parser.add_argument('--save_scores', action='store_true', help='also write <stem>_scores.npy')
   parser.add_argument('--which', default='best',
                       help='best (highest mean IU; default), latest, or a step number')
   parser.add_argument('--overwrite', action='store_true',
                       help='replace output files that exist (inputs are never replaced)')
-  parser.add_argument('--max-size', type=int, default=images_lib.DEFAULT_MAX_SIZE,
+  parser.add_argument('--max_size', type=int, default=images_lib.DEFAULT_MAX_SIZE,
                       help='longest image side accepted, in pixels (default %(default)s; 0 = no '
                       'limit): larger images are reported and skipped, since memory grows with the '
                       'pixel count')
@@ -318,25 +319,28 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--exact', action='store_true',
                       help='native-size inference, one image at a time (one compile per size); '
                       'default: batches padded to size buckets (multiples of 64 px)')
-  parser.add_argument('--batch-size', type=int, default=8, help='images per batch (default 8)')
+  parser.add_argument('--batch_size', type=int, default=8, help='images per batch (default 8)')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), help='compute dtype (default: '
                       'the checkpoint\'s, float32)')
-  parser.add_argument('--scores-format', choices=('npy', 'npz'), default='npy',
-                      help='--save-scores as float32 .npy, or float16 compressed .npz')
-  parser.add_argument('--hha-dir', help='HHA images for a net with HHA inputs besides colour '
+  parser.add_argument('--scores_format', choices=('npy', 'npz'), default='npy',
+                      help='--save_scores as float32 .npy, or float16 compressed .npz')
+  parser.add_argument('--hha_dir', help='HHA images for a net with HHA inputs besides colour '
                       '(NYUD late fusion), by the image\'s file name')
-  parser.add_argument('--depth-dir', help='depth PNGs for a colour + depth net (NYUD early '
+  parser.add_argument('--depth_dir', help='depth PNGs for a colour + depth net (NYUD early '
                       'fusion), by the image\'s file name')
   parser.add_argument('--glob', help='inside directories, only the files matching this pattern '
                       '(e.g. "*.jpg"; default: every image)')
   parser.add_argument('--workers', type=int, default=0,
                       help='image-decoding worker processes (0: threads of this process)')
-  parser.add_argument('--dataset', help='predict a dataset split instead of files (with --split): '
-                      'voc_segmentation/2012, sbd, folder, coco, voc_like, ...')
-  parser.add_argument('--split', help='the split of --dataset')
-  parser.add_argument('--data-dir', default='~/tensorflow_datasets', help='prepared TFDS data')
-  parser.add_argument('--manual-dir', help='VOC / SBD archives or trees, if not prepared yet')
-  parser.add_argument('--root', default='', help='the directory of a folder / coco / voc_like dataset')
+  parser.add_argument('--dataset', help='predict a dataset split instead of files: '
+                      'voc_segmentation/2012, sbd, folder, coco, voc_like, pairs, split_folders, ... '
+                      '(default with --split: the dataset the checkpoint was trained on)')
+  parser.add_argument('--split', help='the split of --dataset (default: the run\'s evaluation split)')
+  parser.add_argument('--data_dir', help='prepared TFDS data (default: where the run prepared it, '
+                      'else ~/tensorflow_datasets)')
+  parser.add_argument('--manual_dir', help='VOC / SBD archives or trees, if not prepared yet')
+  parser.add_argument('--root', default='', help='the directory of a user dataset (default: the '
+                      'checkpoint\'s)')
   parser.add_argument('--coordinator_address', help='several processes (one per host): host:port '
                       'of process 0; each process predicts its shard of the inputs')
   parser.add_argument('--num_processes', type=int, help='number of processes')
@@ -345,21 +349,27 @@ def main(argv: list[str] | None = None) -> int:
                       help='as in training (fcn_jax.distributed)')
   parser.add_argument('images', nargs='*', help='image files, or directories (searched recursively)')
   args = parser.parse_args(argv)
-  if bool(args.dataset) != bool(args.split):
-    parser.error('--dataset and --split go together')
-  if not args.images and not args.dataset:
-    parser.error('give image files or directories, or --dataset and --split')
+  if not args.images and not args.dataset and not args.split:
+    parser.error('give image files or directories, or --dataset / --split')
+  if args.images and (args.dataset or args.split):
+    parser.error('give image files or directories, or --dataset / --split, not both')
   from fcn_jax import distributed
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, None,
                          mode=args.distributed)
   records = None
-  if args.dataset:
-    records = dataset_inputs(args.dataset, args.split, data_dir=args.data_dir,
-                             manual_dir=args.manual_dir, root=args.root)
+  if args.dataset or args.split:
+    from fcn_jax import checkpoint
+    from fcn_jax.data import identity
+    directory = checkpoint.resolve_directory(args.checkpoint)
+    spec = identity.resolve(checkpoint.read_metadata(directory, args.which), args.dataset or '',
+                            args.split or '', root=args.root, data_dir=args.data_dir,
+                            manual_dir=args.manual_dir)
+    print(f'predicting {spec.describe()}')
+    records = dataset_inputs(spec.name, spec.split, **spec.source_kwargs())
   if args.max_size < 0:
-    parser.error('--max-size must be >= 0')
+    parser.error('--max_size must be >= 0')
   if args.batch_size < 1 or args.workers < 0:
-    parser.error('--batch-size must be >= 1 and --workers >= 0')
+    parser.error('--batch_size must be >= 1 and --workers >= 0')
   paths, failed = predict_images(args.checkpoint, args.images, args.out,
                                  save_scores=args.save_scores, which=args.which,
                                  overwrite=args.overwrite, max_size=args.max_size, progress=True,

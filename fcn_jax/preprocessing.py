@@ -77,9 +77,9 @@ PRESETS = {
     'nyud_log_depth': Preprocessing('nyud_log_depth', False, 1.0, (7.844,), (1.0,), log=True),
 }
 
-# What each modality is read from (fcn_jax.predict's --hha-dir / --depth-dir), for messages.
-MODALITY_SOURCES = {'color': 'the image', 'hha': 'an HHA PNG (--hha-dir)',
-                    'depth': 'a depth PNG (--depth-dir)'}
+# What each modality is read from (fcn_jax.predict's --hha_dir / --depth_dir), for messages.
+MODALITY_SOURCES = {'color': 'the image', 'hha': 'an HHA PNG (--hha_dir)',
+                    'depth': 'a depth PNG (--depth_dir)'}
 
 
 def get(name: str) -> Preprocessing:

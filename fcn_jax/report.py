@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import sys
+import time
 from typing import Any, Mapping, Sequence
 
 def _step_of(line: str) -> float:
@@ -32,11 +34,28 @@ class MetricWriter:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       if resume_step is not None and self.path.exists():
         self._drop_after(resume_step)
+      elif resume_step is None:
+        self.set_aside()
       try:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(str(pathlib.Path(workdir) / 'tensorboard'))
       except ImportError:  # TensorBoard is a convenience; metrics.jsonl is the record.
         self._tb = None
+
+  def set_aside(self) -> list[pathlib.Path]:
+    """A run that starts from step 0 starts a fresh history: metrics.jsonl and tensorboard/ of an
+    earlier attempt (one that stopped before its first checkpoint) move to <name>.before-<time>."""
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    moved = []
+    for path in (self.path, self.path.parent / 'tensorboard'):
+      if path.exists():
+        target = path.with_name(f'{path.stem}.before-{stamp}{path.suffix}')
+        path.rename(target)
+        moved.append(target)
+    if moved:
+      print(f'starting from step 0: the earlier history is kept aside as '
+            f'{", ".join(p.name for p in moved)}', flush=True)
+    return moved
 
   def _drop_after(self, step: int) -> None:
     lines = self.path.read_text().splitlines(keepends=True)
@@ -61,6 +80,44 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class Progress:
+  """Training progress: a tqdm bar on a terminal; plain lines at each metrics flush otherwise (a
+  bar redrawn into a log file grows it by ~100 bytes per step)."""
+
+  def __init__(self, total: int, start: int, *, desc: str, enabled: bool = True,
+               log=print, interactive: bool | None = None):
+    self.total, self.start, self.log, self.enabled = total, start, log, enabled
+    self.interactive = sys.stderr.isatty() if interactive is None else interactive
+    self._t0, self._bar = time.perf_counter(), None
+    if enabled and self.interactive:
+      from tqdm.auto import tqdm
+      self._bar = tqdm(total=total, initial=min(start, total), desc=desc, unit='step',
+                       dynamic_ncols=True)
+
+  def update(self, step: int) -> None:
+    if self._bar is not None:
+      self._bar.update(1)
+
+  def metrics(self, step: int, values: Mapping[str, float]) -> None:
+    if self._bar is not None:
+      self._bar.set_postfix(loss=f'{values["loss"]:.4f}', img_s=f'{values["images_per_sec"]:.1f}')
+    elif self.enabled:
+      done = max(step - self.start, 1)
+      eta = (time.perf_counter() - self._t0) / done * max(self.total - step, 0)
+      self.log(f'step {step}/{self.total}: loss {values["loss"]:.4f}, pixel_acc '
+               f'{100 * values["pixel_acc"]:.1f}, {values["images_per_sec"]:.1f} img/s, '
+               f'eta {_duration(eta)}')
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f'{seconds // 60}m{seconds % 60:02d}s' if seconds >= 60 else f'{seconds}s'
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:

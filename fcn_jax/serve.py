@@ -8,7 +8,7 @@ HTTP JSON API (one model, loaded once; requests run one at a time):
                         "fractions" {class: share of the pixels}, "classes_present",
                         "scores" (with ?scores=1: base64 float16 .npy, (H, W, C))}
 Errors are JSON {"error": ...}: 400 unreadable image or empty body, 404 unknown path, 405 wrong
-method, 413 body over --max-bytes or image over --max-size pixels on its longest side.
+method, 413 body over --max_bytes or image over --max_size pixels on its longest side.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import urllib.parse
 import numpy as np
 from PIL import Image
 
+from fcn_jax import cli as cli_lib
 from fcn_jax import images as images_lib
 from fcn_jax.errors import UserError, cli
 
@@ -120,7 +121,7 @@ class Service:
       return images_lib.read_rgb(io.BytesIO(body), max_size=self.max_size)
     except images_lib.ImageError as e:
       status = 413 if 'larger than' in str(e) else 400
-      raise HttpError(status, str(e).replace('--max-size', 'the service\'s --max-size')) from None
+      raise HttpError(status, str(e).replace('--max_size', 'the service\'s --max_size')) from None
 
   def predict(self, body: bytes, scores: bool = False) -> dict:
     from fcn_jax import viz
@@ -206,14 +207,14 @@ def make_server(service: Service, host: str = '127.0.0.1', port: int = 8000) -> 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog='python -m fcn_jax.serve', description=__doc__,
+  p = cli_lib.ArgumentParser(prog='python -m fcn_jax.serve', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--checkpoint', required=True, help='a training WORKDIR or a converted checkpoint')
   p.add_argument('--host', default='127.0.0.1', help='address to listen on (default %(default)s)')
   p.add_argument('--port', type=int, default=8000, help='port (default %(default)s; 0: any free)')
   p.add_argument('--which', default='best', help='best, latest or a step')
-  p.add_argument('--max-bytes', type=int, default=DEFAULT_MAX_BYTES, help='largest upload in bytes')
-  p.add_argument('--max-size', type=int, default=images_lib.DEFAULT_MAX_SIZE,
+  p.add_argument('--max_bytes', type=int, default=DEFAULT_MAX_BYTES, help='largest upload in bytes')
+  p.add_argument('--max_size', type=int, default=images_lib.DEFAULT_MAX_SIZE,
                  help='largest image side in pixels (default %(default)s)')
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), help='compute dtype')
   a = p.parse_args(argv)

@@ -8,6 +8,7 @@ orbax checkpoint / metrics.jsonl / TensorBoard / figures (process 0 only).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import math
@@ -141,7 +142,7 @@ def metadata_from_config(config: ml_collections.ConfigDict, classes=None,
   extra = {}
   if classes is not None:
     extra = {'palette': np.asarray(classes.palette).tolist(), 'ignore_label': int(classes.ignore_label),
-             'dataset': config.dataset.name}
+             'dataset': config.dataset.name, 'data': dataset_identity(config)}
   if heads and len(heads) > 1:
     extra['heads'] = [{'name': h, 'num_classes': c.num_classes, 'class_names': list(c.names),
                        'palette': np.asarray(c.palette).tolist(), 'eval_exclude': list(e)}
@@ -164,6 +165,21 @@ def metadata_from_config(config: ml_collections.ConfigDict, classes=None,
   }
 
 
+def dataset_identity(config: ml_collections.ConfigDict) -> dict:
+  """Where a run's data is and how it is read, stored in every checkpoint as metadata['data'] so
+  that evaluation and prediction find the same data without being told again."""
+  from fcn_jax import data as data_lib, paths
+  d = config.dataset
+  eval_name, eval_split = data_lib.eval_dataset(d.name, d.eval_name, d.eval_split)
+  expand = lambda p: str(pathlib.Path(p).expanduser().resolve()) if p else ''
+  options = data_lib.source_options(d)
+  return {'name': d.name, **options, 'root': expand(options['root']),
+          'classes_file': expand(options['classes_file']),
+          'data_dir': expand(d.data_dir or str(paths.cache_dir() / 'tfds')),
+          'manual_dir': expand(d.manual_dir), 'train_split': d.train_split,
+          'eval_name': eval_name, 'eval_split': eval_split}
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, variables: dict,
                        rng: jax.Array) -> TrainState:
   params = variables['params']
@@ -183,8 +199,7 @@ def per_head(model: nn.Module, outputs) -> dict[str, jax.Array]:
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
-               normalize_loss: bool, num_classes: int,
-               class_weights: tuple[float, ...] | None = None) -> tuple[TrainState, dict]:
+               normalize_loss: bool, class_weights: tuple[float, ...] | None = None) -> tuple[TrainState, dict]:
   """One pure SGD micro-step. batch: image (N, H, W, C) float32 (the modalities concatenated),
   label (N, H, W) int32 (several heads: label_<head> each). The loss sums the heads' losses (the
   reference SIFT Flow nets: semantic + geometric); the pixel accuracy is the first head's."""
@@ -231,12 +246,12 @@ def eval_step(variables: dict, batch: dict, confusion: dict, *,
   return out, first
 
 
-def compile_train_step(model, tx, mesh: Mesh, *, normalize_loss: bool, num_classes: int,
+def compile_train_step(model, tx, mesh: Mesh, *, normalize_loss: bool,
                        class_weights: tuple[float, ...] | None = None) -> Callable:
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P('data'))
   fn = functools.partial(train_step, model=model, tx=tx, normalize_loss=normalize_loss,
-                         num_classes=num_classes, class_weights=class_weights)
+                         class_weights=class_weights)
   return cpu_forms.jit(fn, forms=model.forms, in_shardings=(replicated, data),
                        out_shardings=(replicated, replicated), donate_argnums=(0,))
 
@@ -377,9 +392,7 @@ def data_sources(config: ml_collections.ConfigDict):
   from fcn_jax import data as data_lib, paths
   d = config.dataset
   kwargs = dict(data_dir=d.data_dir or str(paths.cache_dir() / 'tfds'),
-                manual_dir=d.manual_dir or None, download=d.download,
-                root=d.get('root', ''), val_fraction=d.get('val_fraction', 0.1),
-                ignore_label=d.get('ignore_label', 255))
+                manual_dir=d.manual_dir or None, download=d.download, **data_lib.source_options(d))
   eval_name, eval_split = data_lib.eval_dataset(d.name, d.eval_name, d.eval_split)
 
   def sources():
@@ -629,7 +642,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   steps) is in optimiser updates; with accumulate_steps k an update is k jit micro-steps.
   Returns the final evaluation scores. Writes metrics.jsonl, TensorBoard events, checkpoints/,
   results.json, results.md and figures/ in workdir. SIGTERM or Ctrl-C saves a checkpoint at the next
-  update and raises errors.Preempted; the same call resumes from it.
+  update and raises errors.Preempted; the same call resumes from it. The config is checked against
+  the data before the first step; a run refused there leaves nothing behind in workdir.
   """
   from fcn_jax import config_checks
 
@@ -639,29 +653,82 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if config.batch_size % mesh.devices.size or config.batch_size % jax.process_count():
     raise UserError(f'config.batch_size={config.batch_size} must be a multiple of the '
                     f'{mesh.devices.size} devices (the batch is split across them)')
+  created = [p for p in (workdir, *workdir.parents) if not p.exists()]
   lock = _take_workdir_lock(workdir)
+  started = []
   try:
-    return _train_and_evaluate(config.copy_and_resolve_references(), workdir, mesh)
+    return _train_and_evaluate(config.copy_and_resolve_references(), workdir, mesh, started)
   finally:
     if lock is not None:
       lock.release()
+    if not started and jax.process_index() == 0:
+      for path in created:  # refused before the first step: remove the folders it made, if empty
+        try:
+          path.rmdir()
+        except OSError:
+          break
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: Mesh) -> dict:
-  from fcn_jax import report, viz
+def latest_checkpoint_step(directory: pathlib.Path) -> int | None:
+  """The latest step in a checkpoints/ directory, without creating it."""
+  if not directory.is_dir() or not any(directory.iterdir()):
+    return None
+  try:
+    return ckpt_lib.resolve_step(directory, 'latest')[1]
+  except ckpt_lib.CheckpointNotFoundError:
+    return None
 
-  is_main = jax.process_index() == 0
-  k = config.accumulate_steps
-  checkpointer = ckpt_lib.Checkpointer(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints)
-  latest = checkpointer.latest_step()
+
+@dataclasses.dataclass
+class RunSpec:
+  """What a run resolves from its config and its data before anything is written."""
+  train_source: Any
+  eval_source: Any
+  eval_name: str
+  eval_split: str
+  metadata: dict
+  eval_exclude: dict
+  class_weights: tuple[float, ...] | None
+  latest: int | None
+
+
+def _round_up(n: int, multiple: int = 32) -> int:
+  return -(-int(n) // multiple) * multiple
+
+
+def check_against_data(config: ml_collections.ConfigDict, train_source, eval_source,
+                       eval_split: str) -> None:
+  """Resolves what the config leaves to the data (eval_pad_to=-1: the evaluation images' largest
+  side; crop_size=0: the training images' largest side) and stops, before the first step, on
+  what cannot work with it (padding smaller than the evaluation images)."""
+  from fcn_jax import data as data_lib
+  eval_size = data_lib.image_sizes(eval_source)
+  train_size = data_lib.image_sizes(train_source)
+  if config.eval_pad_to < 0:
+    config.eval_pad_to = _round_up(max(eval_size)) if eval_size else 512
+  elif config.eval_pad_to and eval_size and max(eval_size) > config.eval_pad_to:
+    raise UserError(
+        f'config.eval_pad_to={config.eval_pad_to}, but the evaluation split {eval_split!r} has '
+        f'images up to {eval_size[0]}x{eval_size[1]} (HxW): set --config.eval_pad_to=-1 (padded to '
+        f'the largest image, {_round_up(max(eval_size))}), 0 (native size, one image at a time: '
+        f'also --config.eval_batch_size=1) or at least {max(eval_size)}')
+  if config.crop_size <= 0:
+    config.crop_size = _round_up(max(train_size)) if train_size else 500
+
+
+def resolve_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> RunSpec:
+  """Prepares the data and resolves classes, step count, class weights and the data-dependent
+  fields of `config` (edited in place), checking them against the data and any checkpoint in
+  workdir. Writes nothing into workdir."""
+  from fcn_jax import data as data_lib
+  latest = latest_checkpoint_step(workdir / 'checkpoints')
   previous = None
-  if latest is not None:  # before anything is written or prepared (class fields left to 'auto')
-    previous = ckpt_lib.read_metadata(checkpointer.directory, str(latest))
+  if latest is not None:  # before anything is prepared (class fields left to 'auto')
+    previous = ckpt_lib.read_metadata(workdir / 'checkpoints', str(latest))
     known = {k: v for k, v in metadata_from_config(config).items()
              if not (k == 'num_classes' and not v) and not (k == 'class_names' and not v)}
     workdir_lib.check_resume_compatible(previous, known, workdir=workdir, step=latest)
   train_source, eval_source = data_sources(config)
-  from fcn_jax import data as data_lib
   classes, _ = data_lib.class_info(train_source)
   heads = data_lib.head_classes(train_source)
   resolve_classes(config, classes, heads)
@@ -671,8 +738,61 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                   for h, (_, e) in data_lib.head_classes(eval_source).items()}
   if previous is not None:
     workdir_lib.check_resume_compatible(previous, metadata, workdir=workdir, step=latest)
+  eval_name, eval_split = data_lib.eval_dataset(config.dataset.name, config.dataset.eval_name,
+                                                config.dataset.eval_split)
+  check_against_data(config, train_source, eval_source, eval_split)
   config.num_train_steps = resolve_num_updates(config, len(train_source))
   class_weights = loss_class_weights(config, train_source)
+  return RunSpec(train_source, eval_source, eval_name, eval_split, metadata, eval_exclude,
+                 class_weights, latest)
+
+
+def start_summary(config: ml_collections.ConfigDict, run: RunSpec, workdir: pathlib.Path) -> str:
+  """What the run will do, printed before the first step."""
+  from fcn_jax import data as data_lib
+  d, n = config.dataset, config.model.num_classes
+  names = list(config.class_names)
+  where = f' at {d.root}' if d.get('root') else ''
+  shown = ', '.join(names[:8]) + (', ...' if len(names) > 8 else '')
+  counts = n if isinstance(n, int) else ' + '.join(map(str, n))
+  images = len(run.train_source)
+  epochs = config.num_train_steps * config.batch_size * config.accumulate_steps / max(images, 1)
+
+  def size(source) -> str:
+    hw = data_lib.image_sizes(source)
+    return f' (up to {hw[0]}x{hw[1]})' if hw else ''
+  evaluation = ('native size, one image at a time' if not config.eval_pad_to else
+                f'padded to {config.eval_pad_to}, batches of {config.eval_batch_size}')
+  remap = run.metadata.get('data', {})
+  lines = [
+      f'{config.get("name", config.arch)} ({config.get("preset", "custom")} preset) on '
+      f'{d.name}{where}: {counts} classes ({shown})',
+      f'  train {d.train_split!r}: {images} images{size(run.train_source)}, crop '
+      f'{config.crop_size}, batch {config.batch_size} -> {config.num_train_steps} steps '
+      f'({epochs:.1f} epochs)',
+      f'  eval {run.eval_name} {run.eval_split!r}: {len(run.eval_source)} images'
+      f'{size(run.eval_source)}, every {config.eval_every} steps and at the end, {evaluation}',
+      f'  outputs: {workdir} (metrics.jsonl, tensorboard/, checkpoints/, results.md, figures/)']
+  del remap
+  info = getattr(run.train_source, 'dataset_info', None)
+  remapped = (getattr(info, 'metadata', None) or {}).get('mask_remap')
+  if remapped:
+    lines.insert(1, '  masks: ' + ', '.join(f'{a} read as class {b} ({names[b]})'
+                                           for a, b in remapped) + ' (binary masks stored as 0/255)')
+  return '\n'.join(lines)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: Mesh,
+                        started: list) -> dict:
+  from fcn_jax import report
+
+  is_main = jax.process_index() == 0
+  k = config.accumulate_steps
+  run = resolve_run(config, workdir)
+  latest, metadata = run.latest, run.metadata
+  _log(start_summary(config, run, workdir))
+  started.append(True)  # from here on a refusal is not "before the first step"
+  checkpointer = ckpt_lib.Checkpointer(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints)
   if is_main:
     _write_config(workdir, config, latest)
 
@@ -687,91 +807,61 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   state = create_train_state(model, tx, variables, state_rng)
 
   # Each process reads only its shard and feeds its slice of every global batch.
-  train_iter = train_iterator(config, train_source, batch_size=config.batch_size // jax.process_count(),
+  train_iter = train_iterator(config, run.train_source,
+                              batch_size=config.batch_size // jax.process_count(),
                               shard_index=jax.process_index(), shard_count=jax.process_count())
   if latest is not None:
-    try:
-      state, data_state, _ = checkpointer.restore(state, latest)
-    except (ValueError, KeyError, TypeError) as e:
-      raise workdir_lib.IncompatibleResumeError(
-          f'the checkpoint {checkpointer.directory}/{latest} does not fit this config '
-          f'({type(e).__name__}: {str(e).splitlines()[0][:300]}). Use a new --workdir, or '
-          f'--config.init_from={checkpointer.directory} to start from its weights.') from None
-    data_state = local_data_state(data_state)
-    if data_state is not None:
-      train_iter.set_state(data_state)
-    _log(f'resumed from {workdir / "checkpoints"} at step {latest}')
+    state = _restore(checkpointer, state, latest, train_iter, workdir)
   state = replicate(state, mesh)
-  batches = DevicePrefetcher(train_iter, mesh, size=config.get('prefetch', 2))
+  batches = DevicePrefetcher(train_iter, mesh, size=PREFETCH)
 
   step_fn = compile_train_step(model, tx, mesh, normalize_loss=config.loss_normalize,
-                               num_classes=config.model.num_classes, class_weights=class_weights)
+                               class_weights=run.class_weights)
   writer = report.MetricWriter(workdir, enabled=is_main, resume_step=latest)
   total = config.num_train_steps
   start = int(jax.device_get(state.step)) // k
   if start > total:
     _log(f'{workdir} is already at step {start}, past config.num_train_steps={total}: nothing to '
          f'train; evaluating step {start}')
-  every = lambda n, s: n > 0 and s % n == 0
+  progress = report.Progress(total, start, desc=config.arch, enabled=is_main, log=_log)
+  meter = StepMeter(writer, progress, config.batch_size, workdir)
 
-  from tqdm.auto import tqdm
-  bar = tqdm(total=total, initial=min(start, total), desc=config.arch, unit='step',
-             disable=not is_main, dynamic_ncols=True)
-  pending, t_last, step_last = None, time.perf_counter(), start
-  last_scores = None
-
-  def flush(step: int) -> None:
-    """Fetches the on-device metrics since the last flush; stops on a non-finite loss."""
-    nonlocal pending, t_last, step_last
-    if pending is None:
-      return
-    m = jax.device_get(pending)
-    pending = None
-    if int(m['nonfinite']):
-      raise NonFiniteLossError(
-          f'non-finite loss in {int(m["nonfinite"])} micro-steps of the updates {step_last + 1}..{step}; '
-          f'stopping. The last good checkpoint in {workdir / "checkpoints"} is intact. Lower '
-          f'config.optim.learning_rate (a normalised-loss lr with config.loss_normalize=False is '
-          f'the usual cause).')
-    now = time.perf_counter()
-    n = int(m['steps'])
-    values = {'loss': float(m['loss']) / n,
-              'pixel_acc': float(m['correct_pixels']) / max(int(m['valid_pixels']), 1),
-              'images_per_sec': n * config.batch_size / max(now - t_last, 1e-9)}
-    writer.write(step, 'train', values)
-    bar.set_postfix(loss=f'{values["loss"]:.4f}', img_s=f'{values["images_per_sec"]:.1f}')
-    t_last, step_last = now, step
+  def evaluate_now(step: int) -> dict:
+    meter.flush(step)
+    scores, _ = evaluate(model, state.variables(), eval_batches(config, run.eval_source),
+                         mesh=mesh, exclude=run.eval_exclude)
+    first_head = model.head_names[0]
+    other_heads = {h: v for h, v in scores.get('heads', {}).items() if h != first_head}
+    writer.write(step, 'eval', {k_: scores[k_] for k_ in SCORE_KEYS} | {
+        f'{h}/{k_}': v[k_] for h, v in other_heads.items() for k_ in SCORE_KEYS})
+    _log(f'step {step}: {run.eval_split}: ' + ', '.join(
+        f'{k_} {100 * scores[k_]:.2f}' for k_ in SCORE_KEYS) + ''.join(
+        f'; {h} pixel_acc {100 * v["pixel_acc"]:.2f}' for h, v in other_heads.items()))
+    return scores
 
   def save(step: int, scores: dict | None) -> None:
-    flush(step)  # never checkpoint a state that followed a non-finite loss
+    meter.flush(step)  # never checkpoint a state that followed a non-finite loss
     # Every process calls save (orbax synchronises them); host arrays are written by process 0.
     checkpointer.save(step, host_copy(state), metadata=metadata,
                       data_state=gather_data_state(batches.consumed_state), metrics=scores)
 
+  last_scores = None
   try:
     with StopRequest() as stop:
       for micro in range(start * k + 1, total * k + 1):
         state, m = step_fn(state, next(batches))
-        pending = m if pending is None else jax.tree.map(jnp.add, pending, m)
+        meter.add(m)
         if micro % k:
           continue  # mid-accumulation: nothing to log, evaluate or save
         step = micro // k
-        bar.update(1)
+        progress.update(step)
         last = step == total
-        if every(config.log_every, step) or last:
-          flush(step)
+        if _every(config.log_every, step) or last:
+          meter.flush(step)
         scores = None
-        if every(config.eval_every, step) or last:
-          flush(step)
-          scores, _ = evaluate(model, state.variables(), eval_batches(config, eval_source),
-                               mesh=mesh, exclude=eval_exclude)
-          last_scores = scores
-          other_heads = {h: v for h, v in scores.get('heads', {}).items() if h != first_head}
-          writer.write(step, 'eval', {k_: scores[k_] for k_ in SCORE_KEYS} | {
-              f'{h}/{k_}': v[k_] for h, v in other_heads.items() for k_ in SCORE_KEYS})
-          _log(f'step {step}: ' + ', '.join(f'{k_} {100 * scores[k_]:.2f}' for k_ in SCORE_KEYS)
-               + ''.join(f'; {h} pixel_acc {100 * v["pixel_acc"]:.2f}' for h, v in other_heads.items()))
-        if every(config.checkpoint_every, step) or scores is not None or last:
+        if _every(config.eval_every, step) or last:
+          scores = last_scores = evaluate_now(step)
+        if _every(config.checkpoint_every, step) or scores is not None or last:
           save(step, scores)
         if not last and stop.reached(step):
           save(step, None)
@@ -784,30 +874,95 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                     f'(step {checkpointer.latest_step()}) is kept: run the same command to resume.',
                     'SIGINT') from None
   finally:
-    bar.close()
+    progress.close()
     checkpointer.wait_until_finished()
     writer.close()
 
-  final_step = max(start, total)
   if last_scores is None:  # resumed a finished run: evaluate the final state
-    last_scores, _ = evaluate(model, state.variables(), eval_batches(config, eval_source),
-                              mesh=mesh, exclude=eval_exclude)
+    last_scores = evaluate_now(max(start, total))
   if is_main:
-    class_names = list(config.class_names)
-    report.write_results(workdir, config.get('name', config.arch), last_scores, class_names,
-                         extra={'step': final_step, 'preset': config.get('preset', '')})
-    viz.training_curves(report.read_metrics(workdir), workdir / 'figures' / 'training_curves.png',
-                        title=config.arch)
-    single = len(model.head_names) == 1 and not config.get('modalities')
-    if config.num_figure_examples and not single:
-      _log('score-map figures are drawn for single-headed colour nets only; skipped')
-    elif config.num_figure_examples:
-      examples = first_examples(config, eval_source, config.num_figure_examples)
-      viz.score_map_figure(model, host_copy(state.variables()), examples, class_names,
-                           workdir / 'figures' / 'score_maps.png', preprocessing=config.preprocessing,
-                           palette=metadata.get('palette'))
+    final_report(config, run, model, host_copy(state.variables()), last_scores, workdir,
+                 max(start, total))
   checkpointer.close()
   return last_scores
+
+
+PREFETCH = 2  # batches sharded on the devices ahead of the train step
+
+
+def _every(n: int, step: int) -> bool:
+  return n > 0 and step % n == 0
+
+
+def _restore(checkpointer, state, latest: int, train_iter, workdir: pathlib.Path):
+  try:
+    state, data_state, _ = checkpointer.restore(state, latest)
+  except (ValueError, KeyError, TypeError) as e:
+    raise workdir_lib.IncompatibleResumeError(
+        f'the checkpoint {checkpointer.directory}/{latest} does not fit this config '
+        f'({type(e).__name__}: {str(e).splitlines()[0][:300]}). Use a new --workdir, or '
+        f'--config.init_from={checkpointer.directory} to start from its weights.') from None
+  data_state = local_data_state(data_state)
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  _log(f'resumed from {workdir / "checkpoints"} at step {latest}')
+  return state
+
+
+class StepMeter:
+  """Sums the on-device step metrics and fetches them only at log time (no sync per step)."""
+
+  def __init__(self, writer, progress, batch_size: int, workdir: pathlib.Path):
+    self.writer, self.progress, self.batch_size, self.workdir = writer, progress, batch_size, workdir
+    self.pending = None
+    self.t_last, self.step_last = time.perf_counter(), progress.start
+
+  def add(self, metrics: dict) -> None:
+    self.pending = metrics if self.pending is None else jax.tree.map(jnp.add, self.pending, metrics)
+
+  def flush(self, step: int) -> None:
+    """Fetches the on-device metrics since the last flush; stops on a non-finite loss."""
+    if self.pending is None:
+      return
+    m = jax.device_get(self.pending)
+    self.pending = None
+    if int(m['nonfinite']):
+      raise NonFiniteLossError(
+          f'non-finite loss in {int(m["nonfinite"])} micro-steps of the updates '
+          f'{self.step_last + 1}..{step}; stopping. The last good checkpoint in '
+          f'{self.workdir / "checkpoints"} is intact. Lower config.optim.learning_rate (a '
+          f'normalised-loss lr with config.loss_normalize=False is the usual cause).')
+    now = time.perf_counter()
+    n = int(m['steps'])
+    values = {'loss': float(m['loss']) / n,
+              'pixel_acc': float(m['correct_pixels']) / max(int(m['valid_pixels']), 1),
+              'images_per_sec': n * self.batch_size / max(now - self.t_last, 1e-9)}
+    self.writer.write(step, 'train', values)
+    self.progress.metrics(step, values)
+    self.t_last, self.step_last = now, step
+
+
+def final_report(config: ml_collections.ConfigDict, run: RunSpec, model, variables: dict,
+                 scores: dict, workdir: pathlib.Path, step: int) -> None:
+  """results.json / results.md, training curves and score maps; the last line says where."""
+  from fcn_jax import report, viz
+  class_names = list(config.class_names)
+  report.write_results(workdir, config.get('name', config.arch), scores, class_names,
+                       extra={'step': step, 'preset': config.get('preset', ''),
+                              'eval_dataset': run.eval_name, 'eval_split': run.eval_split})
+  viz.training_curves(report.read_metrics(workdir), workdir / 'figures' / 'training_curves.png',
+                      title=config.arch)
+  single = len(model.head_names) == 1 and not config.get('modalities')
+  if config.num_figure_examples and not single:
+    _log('score-map figures are drawn for single-headed colour nets only; skipped')
+  elif config.num_figure_examples:
+    examples = first_examples(config, run.eval_source, config.num_figure_examples)
+    viz.score_map_figure(model, variables, examples, class_names,
+                         workdir / 'figures' / 'score_maps.png', preprocessing=config.preprocessing,
+                         palette=run.metadata.get('palette'))
+  _log(f'done: mean IU {100 * scores["mean_iu"]:.2f} on {run.eval_split!r} at step {step}. '
+       f'Results: {workdir / "results.md"}; figures: {workdir / "figures"}/; checkpoints: '
+       f'{workdir / "checkpoints"}/')
 
 
 def first_examples(config: ml_collections.ConfigDict, source, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:

@@ -131,10 +131,11 @@ def predict_scores(model, variables: dict, image: np.ndarray, preprocessing: str
 def score_map_figure(model, variables: dict, examples: Sequence[tuple[str, np.ndarray, np.ndarray]],
                      class_names: Sequence[str], path: str | pathlib.Path, preprocessing: str,
                      classes_per_image: int = 2, palette=None) -> pathlib.Path:
-  """Paper Fig. 1 style: each image beside the score maps of the classes it contains."""
+  """Paper Fig. 1 style: each image, its prediction and ground truth, beside the score maps of the
+  classes it contains."""
   plt = _plt()
   rows = len(examples)
-  cols = 2 + classes_per_image
+  cols = 3 + classes_per_image
   fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
   for row, (name, image, label) in zip(axes, examples):
     scores = predict_scores(model, variables, image, preprocessing)
@@ -145,8 +146,10 @@ def score_map_figure(model, variables: dict, examples: Sequence[tuple[str, np.nd
     prediction = np.argmax(scores, -1)
     row[1].imshow(colorize(prediction, palette))
     row[1].set_title('prediction', fontsize=8)
+    row[2].imshow(colorize(label, palette))
+    row[2].set_title('ground truth', fontsize=8)
     _legend(row[-1], [prediction, label], class_names, palette)
-    for ax, c in zip(row[2:], present):
+    for ax, c in zip(row[3:], present):
       ax.imshow(scores[..., c], cmap='jet')
       ax.set_title(f'score: {class_names[c]}', fontsize=8)
     for ax in row:

@@ -205,7 +205,7 @@ def recognise(state: dict[str, np.ndarray], filename: str = '',
     return ZOO[f'nyud-fcn32s-{modality}'], f'VGG16 FCN-32s, 40 classes: NYUDv2; {modality} from --modality'
   raise RecognitionError(
       f'a VGG16 FCN-{stride} with {classes} classes: no reference net has that many (VOC 21, '
-      'PASCAL-Context 60, NYUDv2 40, SIFT Flow 33 + 3); convert it with --arch and --class-names')
+      'PASCAL-Context 60, NYUDv2 40, SIFT Flow 33 + 3); convert it with --arch and --class_names')
 
 
 def markdown_table() -> str:

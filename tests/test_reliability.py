@@ -176,7 +176,7 @@ def test_convert_overwrite_only_replaces_a_checkpoint(tmp_path):
   assert_clean_error(run(['fcn_jax.convert', str(src), '--arch', 'fcn32s', '--out',
                           str(tmp_path / 'file')], tmp_path), 'is a file')
   assert_clean_error(run(['fcn_jax.convert', str(src), '--arch', 'fcn32s', '--out', str(tmp_path / 'o'),
-                          '--num-classes', '0'], tmp_path), '--num-classes 0')
+                          '--num-classes', '0'], tmp_path), '--num_classes 0')
   assert_clean_error(run(['fcn_jax.convert', str(src), '--arch', 'fcn32s', '--out', str(tmp_path / 'o'),
                           '--width', '-1'], tmp_path), '--width -1')
   assert not (tmp_path / 'o').exists()
@@ -397,7 +397,7 @@ def test_predict_reports_bad_and_huge_images_and_goes_on(tiny_checkpoint, tmp_pa
               '--max-size', '256', str(tmp_path / 'in')], tmp_path)
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   assert f'{bad}: cannot read the image' in proc.stderr
-  assert f'{huge}: image is 20000x10000, larger than --max-size 256' in proc.stderr
+  assert f'{huge}: image is 20000x10000, larger than --max_size 256' in proc.stderr
   assert f'{big}: image is 300x200' in proc.stderr
   assert (out / 'good.png').exists() and 'wrote 1 label maps' in proc.stdout
   assert images.read_rgb(big, max_size=0).shape == (200, 300, 3)
@@ -477,7 +477,7 @@ def test_help_shows_flags_fields_and_outputs(tmp_path):
                  'optimiser updates'):
     assert needle in proc.stdout, needle
   proc = run(['fcn_jax.predict', '--help'], tmp_path)
-  assert '_overlay.jpg' in proc.stdout and '--max-size' in proc.stdout
+  assert '_overlay.jpg' in proc.stdout and '--max_size' in proc.stdout
 
 
 def test_every_option_of_the_data_tools_has_help(monkeypatch):

@@ -83,7 +83,7 @@ def test_sharded_step_equals_single_device():
       for name, devices in (('one', jax.devices()[:1]), ('eight', jax.devices())):
         mesh = train.make_mesh(devices)
         state = train.replicate(train.create_train_state(model, tx, variables, rng), mesh)
-        step = train.compile_train_step(model, tx, mesh, normalize_loss=True, num_classes=21)
+        step = train.compile_train_step(model, tx, mesh, normalize_loss=True)
         for _ in range(2):
           state, m = step(state, train.shard_batch(batch, mesh))
         out[name] = (jax.device_get(state.params), float(m['loss']))

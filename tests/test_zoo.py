@@ -118,11 +118,11 @@ def test_late_fusion_needs_the_hha_dir(tmp_path, capsys):
   image = str(tmp_path / 'images' / 'img_5001.png')
   with pytest.raises(SystemExit, match='2'):
     predict.main(['--checkpoint', str(ckpt), '--out', str(tmp_path / 'o1'), image])
-  assert 'pass --hha-dir' in capsys.readouterr().err
+  assert 'pass --hha_dir' in capsys.readouterr().err
   with pytest.raises(SystemExit, match='2'):
     predict.main(['--checkpoint', str(ckpt), '--out', str(tmp_path / 'o2'), image,
                   '--depth-dir', str(tmp_path / 'depth'), '--hha-dir', str(tmp_path / 'hha')])
-  assert 'leave --depth-dir out' in capsys.readouterr().err
+  assert 'leave --depth_dir out' in capsys.readouterr().err
   (tmp_path / 'hha' / 'img_5001.png').unlink()
   assert predict.main(['--checkpoint', str(ckpt), '--out', str(tmp_path / 'o3'), image,
                        '--hha-dir', str(tmp_path / 'hha')]) == 1
@@ -168,8 +168,7 @@ def test_two_heads_train_on_the_summed_loss_and_evaluate_both():
   expected = (_numpy_cross_entropy(np.asarray(outputs['semantic']), labels)
               + _numpy_cross_entropy(np.asarray(outputs['geometric']), geometric))
   import functools
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, normalize_loss=True,
-                                   num_classes=5))
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, normalize_loss=True))
   new_state, step_metrics = step(state, batch)
   assert float(step_metrics['loss']) == pytest.approx(expected, rel=1e-5)
   for layer in ('score_fr_sem', 'score_fr_geo', 'score_pool4_geo', 'fc7'):

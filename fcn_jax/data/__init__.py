@@ -7,9 +7,11 @@ fcn_jax.data.custom), synthetic trees, and the grain pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import pathlib
 
 import numpy as np
 from PIL import Image
@@ -49,7 +51,7 @@ SPLITS = {'voc_segmentation/2012': ('train', 'val', 'trainval'),
           'sbd': ('train', 'val'), **reference.SPLITS}
 
 __all__ = ['CLASS_NAMES', 'CUSTOM_FORMATS', 'ClassInfo', 'DATASETS', 'REFERENCE_DATASETS', 'class_info', 'head_classes', 'eval_dataset', 'DataError', 'IGNORE_LABEL', 'MissingDataError', 'NUM_CLASSES',
-           'SPLITS', 'check_split', 'decode_example', 'get_builder', 'get_data_source', 'decode_image', 'decode_mask']
+           'SPLITS', 'SOURCE_OPTIONS', 'check_split', 'image_sizes', 'source_options', 'decode_example', 'get_builder', 'get_data_source', 'decode_image', 'decode_mask']
 
 
 def eval_dataset(name: str, eval_name: str = '', eval_split: str = '') -> tuple[str, str]:
@@ -61,15 +63,29 @@ def eval_dataset(name: str, eval_name: str = '', eval_split: str = '') -> tuple[
   return eval_name, eval_split
 
 
+# The fields of config.dataset that say how to read a user dataset (besides its name and root).
+SOURCE_OPTIONS = ('val_fraction', 'ignore_label', 'classes_file', 'image_suffix', 'mask_suffix')
+
+
+def source_options(dataset_config) -> dict:
+  """The keyword arguments of get_data_source for a config.dataset (or a checkpoint's 'data')."""
+  get = dataset_config.get
+  return {'root': get('root', '') or '', 'val_fraction': get('val_fraction', 0.1),
+          'ignore_label': get('ignore_label', IGNORE_LABEL),
+          'classes_file': get('classes_file', '') or '', 'image_suffix': get('image_suffix', '') or '',
+          'mask_suffix': get('mask_suffix', '') or ''}
+
+
 def get_builder(name: str, *, data_dir: str, download: bool = False, root: str = '',
-                val_fraction: float = 0.1, ignore_label: int = IGNORE_LABEL):
-  """The TFDS builder for `name`: 'voc_segmentation/2012' | 'voc_segmentation/2011' | 'sbd', or a
-  user dataset format ('folder' | 'coco' | 'voc_like', with its `root`)."""
+                val_fraction: float = 0.1, ignore_label: int = IGNORE_LABEL, **options):
+  """The TFDS builder for `name`: 'voc_segmentation/2012' | 'voc_segmentation/2011' | 'sbd', a
+  reference dataset, or a user dataset layout (CUSTOM_FORMATS, with its `root`; `options`:
+  classes_file, image_suffix, mask_suffix)."""
   base, _, config = name.partition('/')
   data_dir = os.path.expanduser(os.fspath(data_dir))
   if name in CUSTOM_FORMATS:
     return custom.get_builder(name, root=root, data_dir=data_dir, val_fraction=val_fraction,
-                              ignore_label=ignore_label)
+                              ignore_label=ignore_label, **options)
   if base == 'voc_segmentation' and config in ('2012', '2011'):
     return VocSegmentation(config=config, data_dir=data_dir, allow_download=download)
   if base == 'sbd' and not config:
@@ -79,7 +95,8 @@ def get_builder(name: str, *, data_dir: str, download: bool = False, root: str =
   raise DataError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')
 
 
-def check_split(name: str, split: str, *, root: str = '', val_fraction: float = 0.1) -> None:
+def check_split(name: str, split: str, *, root: str = '', val_fraction: float = 0.1,
+                **options) -> None:
   """Raises DataError for an unknown dataset or split, before anything is prepared (a user
   dataset's splits are listed from its root: no image is read)."""
   if name in CUSTOM_FORMATS:
@@ -98,7 +115,7 @@ def check_split(name: str, split: str, *, root: str = '', val_fraction: float = 
 
 def get_data_source(name: str, split: str, *, data_dir: str, manual_dir: str | None = None,
                     download: bool = False, root: str = '', val_fraction: float = 0.1,
-                    ignore_label: int = IGNORE_LABEL):
+                    ignore_label: int = IGNORE_LABEL, **options):
   """Prepares `name` to array_record under data_dir if not yet prepared, then returns its random-access source.
 
   Sources: `manual_dir` (official archives or extracted trees; see the builder's MANUAL_DOWNLOAD_INSTRUCTIONS), or
@@ -109,18 +126,46 @@ def get_data_source(name: str, split: str, *, data_dir: str, manual_dir: str | N
   import tensorflow_datasets as tfds
   check_split(name, split, root=root, val_fraction=val_fraction)
   builder = get_builder(name, data_dir=data_dir, download=download, root=root,
-                        val_fraction=val_fraction, ignore_label=ignore_label)
+                        val_fraction=val_fraction, ignore_label=ignore_label, **options)
   if not builder.is_prepared():
     config = tfds.download.DownloadConfig(
         manual_dir=os.path.expanduser(os.fspath(manual_dir)) if manual_dir is not None else None,
         try_download_gcs=False)
-    builder.download_and_prepare(download_config=config, file_format='array_record')
+    with _removing_new_empty_dirs(builder.data_dir):
+      builder.download_and_prepare(download_config=config, file_format='array_record')
   splits = builder.info.splits
   if split not in splits:
     raise DataError(f'{name} has no split {split!r}; it has {sorted(splits)}')
   images = [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
   source = builder.as_data_source(split, decoders={k: tfds.decode.SkipDecoding() for k in images})
   return source
+
+
+@contextlib.contextmanager
+def _removing_new_empty_dirs(data_dir: str):
+  """A preparation that fails leaves no directory it created (TFDS makes <name>/<config>/<version>
+  before it reads a file); directories that existed, and anything with files in it, stay."""
+  path = pathlib.Path(data_dir)
+  chain = [path, *path.parents]
+  existed = {p for p in chain if p.exists()}
+  try:
+    yield
+  except BaseException:
+    for p in chain:
+      if p in existed:
+        break
+      try:
+        p.rmdir()  # only when empty
+      except OSError:
+        break
+    raise
+
+
+def image_sizes(source) -> tuple[int, int] | None:
+  """(largest height, largest width) of a split from its prepared metadata (None: not recorded)."""
+  metadata = getattr(getattr(source, 'dataset_info', None), 'metadata', None) or {}
+  sizes = (metadata.get('image_sizes') or {}).get(str(getattr(source, 'split', '')))
+  return (int(sizes[1]), int(sizes[2])) if sizes else None
 
 
 def class_info(source) -> tuple[ClassInfo, list[int] | None]:

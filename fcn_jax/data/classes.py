@@ -55,19 +55,33 @@ class ClassInfo:
   ignore_label: int = IGNORE_LABEL    # the source masks' ignore value (prepared masks use 255)
   has_colors: bool = False            # classes.txt gave every class a colour (colour masks allowed)
   ignore_colors: tuple = ()           # colours mapped to the ignore label
+  ignore_values: tuple = ()           # index-mask values ignored besides ignore_label (`ignore 11`)
+  remap: tuple = ()                   # (source value, class id) pairs: binary 0/255 masks read 255 as 1
 
   @property
   def num_classes(self) -> int:
     return len(self.names)
 
   def to_json(self) -> dict[str, Any]:
-    return {'class_names': list(self.names), 'palette': np.asarray(self.palette).tolist(),
-            'ignore_label': int(self.ignore_label)}
+    out = {'class_names': list(self.names), 'palette': np.asarray(self.palette).tolist(),
+           'ignore_label': int(self.ignore_label)}
+    if self.ignore_values:
+      out['ignore_values'] = [int(v) for v in self.ignore_values]
+    if self.remap:
+      out['mask_remap'] = [[int(a), int(b)] for a, b in self.remap]
+    return out
 
   @classmethod
   def from_json(cls, data: dict[str, Any]) -> 'ClassInfo':
     return cls(names=tuple(data['class_names']), palette=np.asarray(data['palette'], np.uint8),
-               ignore_label=int(data.get('ignore_label', IGNORE_LABEL)))
+               ignore_label=int(data.get('ignore_label', IGNORE_LABEL)),
+               ignore_values=tuple(int(v) for v in data.get('ignore_values') or ()),
+               remap=tuple((int(a), int(b)) for a, b in data.get('mask_remap') or ()))
+
+  @property
+  def ignored(self) -> tuple[int, ...]:
+    """Every index-mask value read as ignored."""
+    return tuple(sorted({int(self.ignore_label), *map(int, self.ignore_values)}))
 
 
 VOC = ClassInfo(names=VOC_CLASS_NAMES, palette=voc_palette(21), ignore_label=IGNORE_LABEL,

@@ -1,23 +1,21 @@
-"""Your own segmentation data: three source formats, one TFDS builder (prepared to array_record).
+"""Your own segmentation data: five on-disk layouts (fcn_jax.data.layouts), one TFDS builder
+(prepared to array_record).
 
-Formats (`config.dataset.name`, with `config.dataset.root=ROOT`):
+Layouts (`config.dataset.name`, with `config.dataset.root=ROOT`): folder, voc_like, coco, pairs
+(lists of `image mask` paths) and split_folders (CamVid's train/ + trainannot/, mmsegmentation's
+img_dir/ + ann_dir/); see fcn_jax.data.layouts. coco: semantic masks from each instance's category
+(polygons and RLE, through pycocotools); class ids follow the order of `categories`, with 0 =
+background; `iscrowd` regions are ignored. Overlaps: instances are painted from the largest area
+to the smallest, so a smaller instance (usually the one in front) wins where two overlap; an
+instance wins over a crowd region.
 
-- `folder`: ROOT/images/<id>.jpg|jpeg|png, ROOT/masks/<id>.png, ROOT/classes.txt, optional
-  ROOT/splits/<split>.txt (one id per line). Without splits/, a deterministic `train` / `val` split by
-  `val_fraction` (ids ordered by a hash of the id, so adding images keeps the others where they were).
-- `voc_like`: a VOCdevkit-style tree: ROOT/JPEGImages/<id>.jpg, ROOT/SegmentationClass/<id>.png,
-  ROOT/ImageSets/Segmentation/<split>.txt, and ROOT/classes.txt.
-- `coco`: ROOT/annotations/instances_<split>.json with the images in ROOT/images/ (or at the json's
-  `file_name` paths, relative to ROOT or absolute). Semantic masks from each instance's category
-  (polygons and RLE, through pycocotools); class ids follow the order of `categories`, with 0 =
-  background; `iscrowd` regions are ignored. Overlaps: instances are painted from the largest area
-  to the smallest, so a smaller instance (usually the one in front) wins where two overlap; an
-  instance wins over a crowd region.
-
-classes.txt: one class per line in id order, `name` or `name R G B`; a line `ignore R G B` maps that
-colour to the ignore label; blank lines and `#` comments are skipped. Masks are index PNGs (8-bit L
-or P: pixel = class id) or RGB colour masks (each colour one of the listed colours). The source's
-`ignore_label` value (default 255) is ignored; prepared masks always use 255 for it.
+classes.txt (ROOT/classes.txt, or `config.dataset.classes_file`): one class per line in id order,
+`name` or `name R G B`; a line `ignore R G B` maps that colour to the ignore label, a line
+`ignore V` the index-mask value V (CamVid's void 11); blank lines and `#` comments are skipped.
+Masks are index PNGs (8-bit L or P: pixel = class id) or RGB colour masks (each colour one of the
+listed colours). The source's `ignore_label` value (default 255) is ignored too; prepared masks
+always use 255 for it. Two classes with masks holding only 0 and 255 (how binary masks usually
+ship) read 255 as class 1, never as ignored; the log and the dataset's metadata say so.
 
 Preparation validates every example first (unreadable image, missing mask, size mismatch, values or
 colours not in classes.txt with their pixel counts, empty split, duplicate id) and raises DataError
@@ -39,14 +37,25 @@ from typing import Any, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from fcn_jax.data import layouts
 from fcn_jax.data.builders import IGNORE_LABEL, DataError, MissingDataError, encode_mask_png
 from fcn_jax.data.classes import ClassInfo, default_palette
+from fcn_jax.data.layouts import FORMATS, Example, Options
 
-FORMATS = ('folder', 'coco', 'voc_like')
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 MAX_PROBLEMS = 20  # listed in one error; the count of the rest is given
+INDEX_MODES = ('L', 'P', 'I;16', 'I')
+
+
+class MaskValuesError(DataError):
+  """An index mask holds values that are neither a class nor ignored."""
+
+  def __init__(self, path, values: np.ndarray, counts: np.ndarray, classes: ClassInfo):
+    self.path, self.values, self.counts = path, values, counts
+    n = len(classes.names)
+    super().__init__(f'{path}: mask values not in classes.txt (ids 0..{n - 1}, ignored '
+                     f'{", ".join(map(str, classes.ignored))}): ' + _counts_text(values, counts, int))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,7 +68,7 @@ def read_classes_txt(path: pathlib.Path, *, ignore_label: int = IGNORE_LABEL) ->
   if not path.exists():
     raise MissingDataError(f'{path} does not exist: list the classes there, one per line in id '
                            f'order (`name` or `name R G B`; 0 is usually `background`)')
-  names, colors, ignore_colors = [], [], []
+  names, colors, ignore_colors, ignore_values = [], [], [], []
   for number, raw in enumerate(path.read_text().splitlines(), 1):
     line = raw.split('#', 1)[0].strip()
     if not line:
@@ -74,10 +83,14 @@ def read_classes_txt(path: pathlib.Path, *, ignore_label: int = IGNORE_LABEL) ->
     name = ' '.join(parts)
     if not name:
       raise DataError(f'{path}:{number}: expected `name` or `name R G B`, got {raw!r}')
-    if name == 'ignore':
-      if rgb is None:
-        raise DataError(f'{path}:{number}: `ignore` needs a colour: `ignore R G B`')
-      ignore_colors.append(rgb)
+    if name == 'ignore' or (len(parts) == 2 and parts[0] == 'ignore' and parts[1].isdigit()):
+      if rgb is not None:
+        ignore_colors.append(rgb)
+      elif len(parts) == 2 and int(parts[1]) <= 255:
+        ignore_values.append(int(parts[1]))
+      else:
+        raise DataError(f'{path}:{number}: `ignore` needs a colour (`ignore R G B`) or an index-mask '
+                        f'value 0..255 (`ignore 11`), got {raw.strip()!r}')
       continue
     if name in names:
       raise DataError(f'{path}:{number}: class {name!r} is listed twice')
@@ -99,7 +112,8 @@ def read_classes_txt(path: pathlib.Path, *, ignore_label: int = IGNORE_LABEL) ->
   else:
     palette = default_palette(len(names))
   return ClassInfo(names=tuple(names), palette=palette, ignore_label=ignore_label,
-                   has_colors=all(given), ignore_colors=tuple(ignore_colors))
+                   has_colors=all(given), ignore_colors=tuple(ignore_colors),
+                   ignore_values=tuple(v for v in ignore_values if v != ignore_label))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,14 +130,16 @@ def mask_to_ids(mask: Image.Image, classes: ClassInfo, path) -> np.ndarray:
   """A mask image -> uint8 (H, W) class ids with 255 = ignore. Index masks (L / P) hold class ids;
   RGB(A) masks hold the classes' colours. Raises DataError with the offending values and counts."""
   n = len(classes.names)
-  if mask.mode in ('L', 'P', 'I;16', 'I'):
-    ids = np.asarray(mask).astype(np.int64)
-    ignore = ids == classes.ignore_label
+  if mask.mode in INDEX_MODES:
+    raw = np.asarray(mask).astype(np.int64)
+    ids = raw.copy()
+    for value, class_id in classes.remap:
+      ids[raw == value] = class_id
+    ignore = np.isin(raw, [v for v in classes.ignored if v not in dict(classes.remap)])
     bad = ~ignore & ((ids < 0) | (ids >= n))
     if bad.any():
       values, counts = np.unique(ids[bad], return_counts=True)
-      raise DataError(f'{path}: mask values not in classes.txt (ids 0..{n - 1}, ignore '
-                      f'{classes.ignore_label}): ' + _counts_text(values, counts, int))
+      raise MaskValuesError(path, values, counts, classes)
     return np.where(ignore, IGNORE_LABEL, ids).astype(np.uint8)
   if mask.mode in ('RGB', 'RGBA'):
     if not classes.has_colors:
@@ -183,153 +199,18 @@ def coco_semantic_mask(annotations: list[dict], height: int, width: int,
 
 
 # --------------------------------------------------------------------------------------------------
-# Sources: (split -> list of Example) for each format
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-  id: str
-  image: pathlib.Path
-  mask: pathlib.Path | None = None              # folder / voc_like
-  coco: tuple | None = None                     # (json path, image record, annotations)
-
-
-def _split_by_fraction(ids: list[str], val_fraction: float) -> dict[str, list[str]]:
-  order = sorted(ids, key=lambda i: hashlib.md5(i.encode()).hexdigest())
-  n_val = int(round(len(ids) * val_fraction))
-  if val_fraction > 0 and len(ids) > 1:
-    n_val = min(max(n_val, 1), len(ids) - 1)
-  val = set(order[:n_val])
-  return {'train': sorted(i for i in ids if i not in val), 'val': sorted(val)}
-
-
-def _read_split_lists(directory: pathlib.Path) -> dict[str, list[str]]:
-  splits = {}
-  for path in sorted(directory.glob('*.txt')):
-    ids = [line.strip().split()[0] for line in path.read_text().splitlines() if line.strip()]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    if dupes:
-      raise DataError(f'{path}: duplicate ids {dupes[:10]}')
-    splits[path.stem] = ids
-  return splits
-
-
-def _files_by_stem(directory: pathlib.Path, suffixes, what: str) -> dict[str, pathlib.Path]:
-  out: dict[str, pathlib.Path] = {}
-  for path in sorted(directory.iterdir()):
-    if path.is_file() and path.suffix.lower() in suffixes:
-      if path.stem in out:
-        raise DataError(f'duplicate id {path.stem!r}: {out[path.stem]} and {path} are both {what}')
-      out[path.stem] = path
-  return out
-
-
-def folder_source(root: pathlib.Path, val_fraction: float) -> dict[str, list[Example]]:
-  images_dir, masks_dir = root / 'images', root / 'masks'
-  for d in (images_dir, masks_dir):
-    if not d.is_dir():
-      raise MissingDataError(f'{d} does not exist: the folder format is ROOT/images/<id>.jpg|png, '
-                             f'ROOT/masks/<id>.png, ROOT/classes.txt[, ROOT/splits/<split>.txt]')
-  images = _files_by_stem(images_dir, IMAGE_SUFFIXES, 'images')
-  masks = {p.stem: p for p in sorted(masks_dir.glob('*.png'))}
-  if (root / 'splits').is_dir():
-    split_ids = _read_split_lists(root / 'splits')
-  else:
-    split_ids = _split_by_fraction(sorted(images), val_fraction)
-  return {s: [Example(i, images.get(i, images_dir / f'{i}.jpg'), masks.get(i, masks_dir / f'{i}.png'))
-              for i in ids] for s, ids in split_ids.items()}
-
-
-def voc_like_source(root: pathlib.Path) -> dict[str, list[Example]]:
-  lists = root / 'ImageSets' / 'Segmentation'
-  for d in (root / 'JPEGImages', root / 'SegmentationClass', lists):
-    if not d.is_dir():
-      raise MissingDataError(f'{d} does not exist: the voc_like format is ROOT/JPEGImages/<id>.jpg, '
-                             f'ROOT/SegmentationClass/<id>.png, ROOT/ImageSets/Segmentation/'
-                             f'<split>.txt and ROOT/classes.txt')
-  images = _files_by_stem(root / 'JPEGImages', IMAGE_SUFFIXES, 'images')
-  return {s: [Example(i, images.get(i, root / 'JPEGImages' / f'{i}.jpg'),
-                      root / 'SegmentationClass' / f'{i}.png') for i in ids]
-          for s, ids in _read_split_lists(lists).items()}
-
-
-def coco_categories(root: pathlib.Path) -> list[dict]:
-  """The categories of the first instances json (every split must list the same)."""
-  files = sorted((root / 'annotations').glob('instances_*.json'))
-  if not files:
-    raise MissingDataError(f'no {root}/annotations/instances_<split>.json: the coco format is '
-                           f'ROOT/annotations/instances_<split>.json with the images in ROOT/images/')
-  return _load_json(files[0])['categories']
-
-
-def _load_json(path: pathlib.Path) -> dict:
-  try:
-    data = json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise DataError(f'{path}: not a readable COCO json ({e})') from None
-  for key in ('images', 'annotations', 'categories'):
-    if key not in data:
-      raise DataError(f'{path}: no "{key}" list (not a COCO instances json?)')
-  return data
-
-
-def coco_source(root: pathlib.Path) -> dict[str, list[Example]]:
-  coco_categories(root)  # the missing-annotations message
-  splits, categories = {}, None
-  for path in sorted((root / 'annotations').glob('instances_*.json')):
-    split = path.stem[len('instances_'):]
-    data = _load_json(path)
-    names = [c['name'] for c in data['categories']]
-    if categories is None:
-      categories = names
-    elif names != categories:
-      raise DataError(f'{path}: categories {names[:5]}... differ from the other splits\' '
-                      f'{categories[:5]}...: every json must list the same categories in one order')
-    by_image: dict[Any, list] = {}
-    for ann in data['annotations']:
-      by_image.setdefault(ann['image_id'], []).append(ann)
-    examples, seen = [], {}
-    for record in data['images']:
-      name = str(record['file_name'])
-      candidates = [root / 'images' / name, root / 'images' / pathlib.Path(name).name, root / name,
-                    pathlib.Path(name)]
-      image = next((c for c in candidates if c.is_file()), candidates[0])
-      image_id = pathlib.Path(name).with_suffix('').as_posix()
-      if image_id in seen:
-        raise DataError(f'{path}: duplicate image {name!r} (ids {seen[image_id]} and {record["id"]})')
-      seen[image_id] = record['id']
-      examples.append(Example(image_id, image, coco=(path, record, by_image.get(record['id'], []))))
-    splits[split] = examples
-  return splits
-
-
-def class_info(fmt: str, root: pathlib.Path, ignore_label: int = IGNORE_LABEL) -> ClassInfo:
-  """The classes of a source: classes.txt (folder, voc_like) or the json's categories (coco)."""
-  if fmt == 'coco':
-    cats = coco_categories(root)
-    names = ('background',) + tuple(c['name'] for c in cats)
-    return ClassInfo(names=names, palette=default_palette(len(names)), ignore_label=IGNORE_LABEL)
-  return read_classes_txt(root / 'classes.txt', ignore_label=ignore_label)
-
-
-def source_splits(fmt: str, root: pathlib.Path, val_fraction: float = 0.1) -> dict[str, list[Example]]:
-  root = pathlib.Path(root).expanduser()
-  if not root.is_dir():
-    raise MissingDataError(f'dataset root {root} does not exist (config.dataset.root / --root)')
-  if fmt == 'folder':
-    return folder_source(root, val_fraction)
-  if fmt == 'voc_like':
-    return voc_like_source(root)
-  if fmt == 'coco':
-    return coco_source(root)
-  raise DataError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}')
-
-
-# --------------------------------------------------------------------------------------------------
 # Reading and validating one example
 
 
-def read_example(example: Example, classes: ClassInfo, category_ids: dict | None = None) -> tuple[bytes, np.ndarray]:
+def _unreadable(path, what: str, error: Exception) -> DataError:
+  """A DataError naming the file (PIL's own message names an in-memory buffer)."""
+  reason = (f'not a {what} that PIL can read' if isinstance(error, UnidentifiedImageError)
+            else f'{type(error).__name__}: {error}')
+  return DataError(f'{path}: unreadable {what} ({reason})')
+
+
+def read_example(example: Example, classes: ClassInfo,
+                 category_ids: dict | None = None) -> tuple[bytes, np.ndarray]:
   """(the image file's bytes, uint8 (H, W) class ids) of one example, validated."""
   if not example.image.is_file():
     raise DataError(f'id {example.id!r}: image {example.image} does not exist')
@@ -343,7 +224,7 @@ def read_example(example: Example, classes: ClassInfo, category_ids: dict | None
   except DataError:
     raise
   except Exception as e:
-    raise DataError(f'{example.image}: unreadable image ({e})') from None
+    raise _unreadable(example.image, 'image', e) from None
   if example.coco is not None:
     path, record, annotations = example.coco
     if (record.get('height'), record.get('width')) not in ((height, width), (None, None)):
@@ -359,25 +240,70 @@ def read_example(example: Example, classes: ClassInfo, category_ids: dict | None
   except DataError:
     raise
   except Exception as e:
-    raise DataError(f'{example.mask}: unreadable mask ({e})') from None
+    raise _unreadable(example.mask, 'mask', e) from None
   if ids.shape != (height, width):
     raise DataError(f'size mismatch for {example.id!r}: image {example.image} is {height}x{width} '
                     f'(HxW) but mask {example.mask} is {ids.shape[0]}x{ids.shape[1]}')
   return data, ids
 
 
+def binary_remap(classes: ClassInfo, splits: dict[str, list[Example]]) -> ClassInfo:
+  """Two classes whose index masks hold only 0 and 255: 255 is class 1 (binary masks stored as
+  0/255), not the ignore label; a ClassInfo that reads it so. Anything else is returned as is."""
+  if classes.num_classes != 2 or 255 not in classes.ignored or 1 in classes.ignored:
+    return classes
+  seen: set[int] = set()
+  for examples in splits.values():
+    for example in examples:
+      if example.mask is None or not example.mask.is_file():
+        return classes  # coco, or a missing mask: validation names it
+      try:
+        with Image.open(example.mask) as m:
+          if m.mode not in INDEX_MODES:
+            return classes
+          seen.update(int(v) for v in np.unique(np.asarray(m)))
+      except Exception:  # validation names the file
+        return classes
+      if not seen <= {0, 255}:
+        return classes
+  if 255 not in seen:
+    return classes
+  return dataclasses.replace(classes, remap=((255, 1),))
+
+
+def _values_summary(errors: list[MaskValuesError], masks_read: int) -> str:
+  """One paragraph for every mask with values outside classes.txt, with the fix."""
+  totals: dict[int, list[int]] = {}
+  for e in errors:
+    for value, count in zip(e.values.tolist(), e.counts.tolist()):
+      entry = totals.setdefault(int(value), [0, 0])
+      entry[0] += 1
+      entry[1] += int(count)
+  values = sorted(totals, key=lambda v: -totals[v][0])
+  listed = ', '.join(f'{v} in {totals[v][0]} masks ({totals[v][1]} px)' for v in values[:8])
+  example = values[0]
+  files = ''.join(f'\n    {e}' for e in errors[:3])
+  return (f'mask values not in classes.txt in {len(errors)} of {masks_read} masks: {listed}; '
+          f'e.g.{files}\n  Fix: if {example} marks unlabelled / void pixels, add the line '
+          f'`ignore {example}` to classes.txt (or pass --config.dataset.ignore_label={example}; '
+          f'--ignore_label {example} for inspect and evaluate); if it is a class, add its name to '
+          f'classes.txt at line {example + 1}.')
+
+
 def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str, list[Example]],
-             progress: bool = True) -> tuple[dict[str, list[tuple[Example, bytes]]], dict[str, list[int]]]:
+             progress: bool = True) -> tuple[dict, dict[str, list[int]], dict[str, list[int]]]:
   """Reads every example once: (split -> [(example, encoded mask PNG)], split -> per-class pixel
-  counts). Raises one DataError listing up to MAX_PROBLEMS problems."""
+  counts, split -> [images, max height, max width, min height, min width]). Raises one DataError
+  counting every problem and listing up to MAX_PROBLEMS of them."""
   problems: list[str] = []
+  value_errors: list[MaskValuesError] = []
   if not splits:
     problems.append(f'{root}: no splits found')
   category_ids = None
   if fmt == 'coco':
-    category_ids = {c['id']: i + 1 for i, c in enumerate(coco_categories(root))}
-  out, counts = {}, {}
-  from tqdm.auto import tqdm
+    category_ids = {c['id']: i + 1 for i, c in enumerate(layouts.coco_categories(root))}
+  out, counts, sizes = {}, {}, {}
+  masks_read = 0
   for split, examples in splits.items():
     if not examples:
       problems.append(f'split {split!r} is empty')
@@ -386,25 +312,47 @@ def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str,
     if dupes:
       problems.append(f'split {split!r}: duplicate ids {dupes[:10]}')
     hist = np.zeros(len(classes.names), np.int64)
-    rows = []
-    for example in tqdm(examples, desc=f'checking {split}', unit='img', disable=not progress,
-                        leave=False, mininterval=2.0):
+    rows, shapes = [], []
+    for example in progress_bar(examples, desc=f'checking {split}', unit='img', enabled=progress):
+      masks_read += 1
       try:
         _, ids_map = read_example(example, classes, category_ids)
+      except MaskValuesError as e:
+        value_errors.append(e)
+        continue
       except DataError as e:
         problems.append(str(e))
-        if len(problems) > 5 * MAX_PROBLEMS:
-          break
         continue
       hist += np.bincount(ids_map[ids_map != IGNORE_LABEL].ravel(), minlength=len(classes.names))[:len(hist)]
       rows.append((example, encode_mask_png(ids_map)))
+      shapes.append(ids_map.shape)
     out[split], counts[split] = rows, hist.tolist()
-  if problems:
-    shown = '\n  '.join(problems[:MAX_PROBLEMS])
-    more = f'\n  ... and {len(problems) - MAX_PROBLEMS} more' if len(problems) > MAX_PROBLEMS else ''
-    raise DataError(f'{fmt} dataset {root}: {len(problems)} problem(s); nothing was prepared:\n  '
-                    f'{shown}{more}')
-  return out, counts
+    h, w = (np.asarray(shapes).T if shapes else (np.zeros(1, int), np.zeros(1, int)))
+    sizes[split] = [len(shapes), int(h.max()), int(w.max()), int(h.min()), int(w.min())]
+  total = len(problems) + len(value_errors)
+  if total:
+    shown = problems[:MAX_PROBLEMS]
+    if value_errors:
+      shown.append(_values_summary(value_errors, masks_read))
+    more = len(problems) - MAX_PROBLEMS
+    more = f'\n  ... and {more} more' if more > 0 else ''
+    raise DataError(f'{fmt} dataset {root}: {total} problem(s) in {masks_read} examples; nothing '
+                    f'was prepared:\n  ' + '\n  '.join(shown) + more)
+  absent_everywhere = [n for i, n in enumerate(classes.names)
+                       if i > 0 and not any(c[i] for c in counts.values())]
+  if len(absent_everywhere) == len(classes.names) - 1:
+    raise DataError(
+        f'{fmt} dataset {root}: no mask holds any class but {classes.names[0]!r} (ignored: '
+        f'{", ".join(map(str, classes.ignored))}); the classes {", ".join(absent_everywhere[:6])} '
+        f'never appear. Masks stored as 0/255 with more than 2 classes? List the 2 classes in '
+        f'classes.txt (255 is then read as class 1), or fix the masks.')
+  return out, counts, sizes
+
+
+def progress_bar(items, *, desc: str, unit: str, enabled: bool = True):
+  """tqdm over items (disabled when not asked for)."""
+  from tqdm.auto import tqdm
+  return tqdm(items, desc=desc, unit=unit, disable=not enabled, leave=False, mininterval=2.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,7 +363,7 @@ def fingerprint(root: pathlib.Path) -> str:
   """A hash of every file's path, size and mtime under root: edited data is prepared again."""
   h = hashlib.md5()
   for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort()
+    dirnames[:] = sorted(d for d in dirnames if d != '.git')
     for name in sorted(filenames):
       path = os.path.join(dirpath, name)
       st = os.stat(path)
@@ -423,15 +371,25 @@ def fingerprint(root: pathlib.Path) -> str:
   return h.hexdigest()[:12]
 
 
+def classes_path(root: str | pathlib.Path, classes_file: str = '') -> pathlib.Path:
+  """classes.txt of a dataset: `classes_file` when given, else ROOT/classes.txt."""
+  return pathlib.Path(classes_file or pathlib.Path(root) / layouts.CLASSES_TXT).expanduser()
+
+
 class CustomSegmentationConfig(tfds.core.BuilderConfig):
 
-  def __init__(self, *, fmt: str, root: str, val_fraction: float, ignore_label: int):
+  def __init__(self, *, fmt: str, root: str, ignore_label: int, options: Options,
+               classes_file: str = ''):
     root = os.path.abspath(os.path.expanduser(root))
-    key = json.dumps([fmt, root, val_fraction, ignore_label, fingerprint(pathlib.Path(root))])
+    classes = classes_path(root, classes_file)
+    classes_text = classes.read_text() if classes.is_file() else ''
+    key = json.dumps([fmt, root, options.val_fraction, ignore_label, fingerprint(pathlib.Path(root)),
+                      options.image_suffix, options.mask_suffix, classes_text])
     slug = re.sub(r'[^a-zA-Z0-9]+', '_', os.path.basename(root.rstrip('/')))[:40] or 'root'
     super().__init__(name=f'{fmt}_{slug}_{hashlib.md5(key.encode()).hexdigest()[:10]}',
                      description=f'{fmt} dataset at {root}')
-    self.fmt, self.root, self.val_fraction, self.ignore_label = fmt, root, val_fraction, ignore_label
+    self.fmt, self.root, self.ignore_label, self.options = fmt, root, ignore_label, options
+    self.classes_file = str(classes) if classes_file else ''
 
 
 class CustomSegmentation(tfds.core.GeneratorBasedBuilder):
@@ -459,10 +417,17 @@ class CustomSegmentation(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     c = self.builder_config
     root = pathlib.Path(c.root)
-    classes = class_info(c.fmt, root, c.ignore_label)
-    rows, counts = validate(c.fmt, root, classes, source_splits(c.fmt, root, c.val_fraction))
-    self.info.metadata.update(classes.to_json())
+    splits = layouts.source_splits(c.fmt, root, c.options)
+    classes = class_info(c.fmt, root, c.ignore_label, c.classes_file)
+    binary = binary_remap(classes, splits)
+    if binary is not classes:
+      print(f'{root}: the masks hold only 0 and 255 and classes.txt lists 2 classes: reading 255 '
+            f'as class 1 ({classes.names[1]!r}), not as ignored (binary masks stored as 0/255)',
+            flush=True)
+    rows, counts, sizes = validate(c.fmt, root, binary, splits)
+    self.info.metadata.update(binary.to_json())
     self.info.metadata['pixel_counts'] = counts
+    self.info.metadata['image_sizes'] = sizes
     self.info.metadata['format'] = c.fmt
     self.info.metadata['root'] = c.root
     return {split: self._generate_examples(items) for split, items in rows.items()}
@@ -473,25 +438,38 @@ class CustomSegmentation(tfds.core.GeneratorBasedBuilder):
                          'file_name': example.id}
 
 
+def class_info(fmt: str, root: pathlib.Path, ignore_label: int = IGNORE_LABEL,
+               classes_file: str = '') -> ClassInfo:
+  """The classes of a source: classes.txt (every layout but coco) or the json's categories."""
+  if fmt == 'coco':
+    cats = layouts.coco_categories(pathlib.Path(root))
+    names = ('background',) + tuple(c['name'] for c in cats)
+    return ClassInfo(names=names, palette=default_palette(len(names)), ignore_label=IGNORE_LABEL)
+  return read_classes_txt(classes_path(root, classes_file), ignore_label=ignore_label)
+
+
 def get_builder(fmt: str, *, root: str, data_dir: str, val_fraction: float = 0.1,
-                ignore_label: int = IGNORE_LABEL) -> CustomSegmentation:
+                ignore_label: int = IGNORE_LABEL, classes_file: str = '', image_suffix: str = '',
+                mask_suffix: str = '') -> CustomSegmentation:
   if fmt not in FORMATS:
     raise DataError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}')
   if not root:
     raise DataError(f'dataset {fmt!r} needs its root directory: config.dataset.root=DIR (--root DIR)')
   if not os.path.isdir(os.path.expanduser(root)):
     raise MissingDataError(f'dataset root {root} does not exist (config.dataset.root / --root)')
-  config = CustomSegmentationConfig(fmt=fmt, root=root, val_fraction=val_fraction,
-                                    ignore_label=ignore_label)
+  options = Options(val_fraction=val_fraction, image_suffix=image_suffix, mask_suffix=mask_suffix)
+  config = CustomSegmentationConfig(fmt=fmt, root=root, ignore_label=ignore_label, options=options,
+                                    classes_file=classes_file)
   return CustomSegmentation(config=config, data_dir=os.path.expanduser(data_dir))
+
+
+def source_splits(fmt: str, root: pathlib.Path, val_fraction: float = 0.1,
+                  **options) -> dict[str, list[Example]]:
+  """{split: [Example]} of a user dataset (see fcn_jax.data.layouts)."""
+  return layouts.source_splits(fmt, root, Options(val_fraction=val_fraction, **options))
 
 
 def source_split_names(fmt: str, root: str, val_fraction: float = 0.1) -> list[str]:
   """The split names a source will have (cheap: lists files, reads no image)."""
-  root_path = pathlib.Path(root).expanduser()
-  if fmt == 'folder':
-    splits = root_path / 'splits'
-    return sorted(p.stem for p in splits.glob('*.txt')) if splits.is_dir() else ['train', 'val']
-  if fmt == 'voc_like':
-    return sorted(p.stem for p in (root_path / 'ImageSets' / 'Segmentation').glob('*.txt'))
-  return sorted(p.stem[len('instances_'):] for p in (root_path / 'annotations').glob('instances_*.json'))
+  del val_fraction
+  return layouts.split_names(fmt, root)

@@ -1,7 +1,8 @@
 """Look at a dataset of your own before training on it: `python -m fcn_jax.data.inspect ROOT`.
 
-Detects the format (folder, coco or voc_like; see fcn_jax.data.custom), checks every example as
-preparation would, and prints the images per split, their sizes, and the classes with their pixel
+Detects the layout (folder, coco, voc_like, pairs or split_folders; see fcn_jax.data.layouts),
+checks every example as preparation would (counting every problem, with the fix for mask values
+outside classes.txt), and prints the images per split, their sizes, and the classes with their pixel
 frequencies; then draws a few examples (image | mask in the class colours) with the class legend.
 Exit status 1 when a problem is found (each is listed with its file).
 """
@@ -14,39 +15,40 @@ import sys
 
 import numpy as np
 
-from fcn_jax.data import custom
+from fcn_jax import cli as cli_lib
+from fcn_jax.data import custom, layouts
 from fcn_jax.errors import UserError, cli
 
 
 def detect_format(root: pathlib.Path) -> str:
-  if (root / 'annotations').is_dir():
-    return 'coco'
-  if (root / 'JPEGImages').is_dir():
-    return 'voc_like'
-  if (root / 'images').is_dir():
-    return 'folder'
-  raise UserError(f'{root}: no images/ (folder), JPEGImages/ (voc_like) or annotations/ (coco); '
-                  f'see python -m fcn_jax.data.inspect --help')
+  fmt = layouts.detect(root)
+  if fmt is None:
+    raise UserError(f'{root}: no images/ (folder), JPEGImages/ (voc_like), annotations/ (coco), '
+                    f'<split>/ + <split>annot/ or img_dir/ + ann_dir/ (split_folders), or '
+                    f'<split>.txt lists of `image mask` pairs (pairs); see python -m '
+                    f'fcn_jax.data.inspect --help')
+  return fmt
 
 
-def summary(fmt: str, root: pathlib.Path, val_fraction: float = 0.1,
-            ignore_label: int = 255) -> tuple[str, dict]:
-  """(printable report, {'classes', 'rows', 'counts'}) of a dataset; raises DataError on problems."""
-  from PIL import Image
-  classes = custom.class_info(fmt, root, ignore_label)
-  splits = custom.source_splits(fmt, root, val_fraction)
-  rows, counts = custom.validate(fmt, root, classes, splits)
-  lines = [f'{fmt} dataset at {root}: {sum(len(r) for r in rows.values())} images, '
+def summary(fmt: str, root: pathlib.Path, val_fraction: float = 0.1, ignore_label: int = 255,
+            **options) -> tuple[str, dict]:
+  """(printable report, {'classes', 'rows', 'counts'}) of a dataset; raises DataError on problems.
+  `options`: classes_file, image_suffix, mask_suffix."""
+  classes_file = options.pop('classes_file', '')
+  classes = custom.class_info(fmt, root, ignore_label, classes_file)
+  splits = custom.source_splits(fmt, root, val_fraction, **options)
+  binary = custom.binary_remap(classes, splits)
+  rows, counts, sizes = custom.validate(fmt, root, binary, splits)
+  images = sum(len(r) for r in rows.values())
+  lines = [f'{fmt} dataset at {root}: {cli_lib.plural(images, "image")}, '
            f'{classes.num_classes} classes']
+  if binary is not classes:
+    lines.append(f'  masks hold only 0 and 255 with 2 classes: 255 is read as class 1 '
+                 f'({classes.names[1]!r}), not ignored (binary masks stored as 0/255)')
   for split, items in rows.items():
-    sizes = []
-    for example, _ in items:
-      with Image.open(example.image) as im:
-        sizes.append(im.size[::-1])
-    h, w = np.asarray(sizes).T if sizes else (np.zeros(1), np.zeros(1))
-    lines.append(f'  {split}: {len(items)} images, height {int(h.min())}..{int(h.max())} (median '
-                 f'{int(np.median(h))}), width {int(w.min())}..{int(w.max())} (median '
-                 f'{int(np.median(w))})')
+    n, max_h, max_w, min_h, min_w = sizes[split]
+    lines.append(f'  {split}: {cli_lib.plural(n, "image")}, height {min_h}..{max_h}, '
+                 f'width {min_w}..{max_w}')
   total = np.sum([counts[s] for s in counts], axis=0)
   lines.append('  class                 id   pixels (all splits)   share   ' +
                '   '.join(f'{s:>8}' for s in counts))
@@ -78,15 +80,20 @@ def examples_figure(data: dict, path: pathlib.Path, count: int = 4) -> pathlib.P
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m fcn_jax.data.inspect', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli_lib.ArgumentParser(prog='python -m fcn_jax.data.inspect', description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('root', help='the dataset directory')
-  parser.add_argument('--format', choices=('auto',) + custom.FORMATS, default='auto',
+  parser.add_argument('--format', choices=('auto',) + layouts.FORMATS, default='auto',
                       help='the layout (default: detected from the directories present)')
-  parser.add_argument('--val-fraction', type=float, default=0.1,
+  parser.add_argument('--val_fraction', type=float, default=0.1,
                       help='folder format without splits/: the share of images in val')
-  parser.add_argument('--ignore-label', type=int, default=255,
-                      help='the mask value that marks ignored pixels in index masks')
+  parser.add_argument('--ignore_label', type=int, default=255,
+                      help='the mask value that marks ignored pixels in index masks (or a line '
+                      '`ignore V` in classes.txt)')
+  parser.add_argument('--classes_file', default='',
+                      help='classes.txt elsewhere than ROOT/classes.txt')
+  parser.add_argument('--image_suffix', default='', help='split_folders: image files <id><suffix>')
+  parser.add_argument('--mask_suffix', default='', help='split_folders: mask files <id><suffix>')
   parser.add_argument('--examples', type=int, default=4, help='examples to draw (0: none)')
   parser.add_argument('--out', help='the figure to write (default: ./<root name>_examples.png; '
                       'an existing file is not replaced)')
@@ -96,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     raise UserError(f'{root}: no such directory')
   fmt = detect_format(root) if args.format == 'auto' else args.format
   try:
-    report, data = summary(fmt, root, args.val_fraction, args.ignore_label)
+    report, data = summary(fmt, root, args.val_fraction, args.ignore_label,
+                           classes_file=args.classes_file, image_suffix=args.image_suffix,
+                           mask_suffix=args.mask_suffix)
   except custom.DataError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -25,6 +25,7 @@ import grain.python as grain
 import numpy as np
 from PIL import Image
 
+from fcn_jax import cli as cli_lib
 from fcn_jax import preprocessing as preprocessing_lib
 from fcn_jax.data import (IGNORE_LABEL, DataError, decode_example, decode_image, decode_mask,
                           file_name as _file_name)
@@ -355,15 +356,15 @@ def benchmark(num_images: int = 64, crop_size: int = 320, batch_size: int = 8, s
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(
+  p = cli_lib.ArgumentParser(
       prog='python -m fcn_jax.data.pipeline',
       description='Throughput of the training input pipeline (decode, scale, crop, flip, '
       'preprocess, batch) on synthetic 500x375 JPEGs, in the main process and with grain workers; '
       'writes nothing.')
   p.add_argument('--benchmark', action='store_true', required=True,
                  help='run the benchmark (the only mode; required so that a bare call explains itself)')
-  p.add_argument('--crop-size', type=int, default=320, help='training crop, pixels (default %(default)s)')
-  p.add_argument('--batch-size', type=int, default=8, help='images per batch (default %(default)s)')
+  p.add_argument('--crop_size', type=int, default=320, help='training crop, pixels (default %(default)s)')
+  p.add_argument('--batch_size', type=int, default=8, help='images per batch (default %(default)s)')
   p.add_argument('--seconds', type=float, default=10.0,
                  help='time per measured configuration (default %(default)s)')
   p.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2],

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from fcn_jax import cli as cli_lib
 from fcn_jax import viz
 
 NUM_CLASSES = 21
@@ -535,7 +536,7 @@ def write_pascal_context_tree(root, *, num_train: int, num_val: int, seed: int =
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(
+  p = cli_lib.ArgumentParser(
       prog='python -m fcn_jax.data.synthetic',
       description='Write a synthetic dataset: by default a manual directory in the official PASCAL '
       'VOC 2012 / 2011 and SBD formats (VOCdevkit/ and benchmark_RELEASE/ trees, or the official '
@@ -547,21 +548,21 @@ def main(argv=None) -> int:
                  help='voc: the PASCAL VOC / SBD manual directory (default); folder or coco: a small '
                  'dataset of your-own-data kind (colour shapes; see fcn_jax.data.custom); sift_flow, '
                  'nyud, pascal_context: a manual directory in that dataset\'s official layout '
-                 '(--num-train / --num-val images; nyud also --num-val as its test split)')
+                 '(--num_train / --num_val images; nyud also --num_val as its test split)')
   p.add_argument('--out', required=True, help='directory to write into (created if missing)')
-  p.add_argument('--num-train', type=int, default=40, help='folder / coco: training images')
-  p.add_argument('--num-val', type=int, default=10, help='folder / coco: validation images')
+  p.add_argument('--num_train', type=int, default=40, help='folder / coco: training images')
+  p.add_argument('--num_val', type=int, default=10, help='folder / coco: validation images')
   p.add_argument('--classes', type=int, default=4,
                  help='folder / coco: classes including background (2..8; default %(default)s)')
   p.add_argument('--mask', choices=('colour', 'index'), default='colour',
                  help='folder: colour masks (classes.txt with colours) or index PNGs')
-  p.add_argument('--voc-train', type=int, default=200, help='VOC segmentation train images (per year)')
-  p.add_argument('--voc-val', type=int, default=100, help='VOC segmentation val images (per year)')
-  p.add_argument('--sbd-train', type=int, default=400, help='SBD train images')
-  p.add_argument('--sbd-val', type=int, default=100, help='SBD val images')
+  p.add_argument('--voc_train', type=int, default=200, help='VOC segmentation train images (per year)')
+  p.add_argument('--voc_val', type=int, default=100, help='VOC segmentation val images (per year)')
+  p.add_argument('--sbd_train', type=int, default=400, help='SBD train images')
+  p.add_argument('--sbd_val', type=int, default=100, help='SBD val images')
   p.add_argument('--seed', type=int, default=0, help='scene generator seed')
-  p.add_argument('--min-size', type=int, default=64, help='smallest image side, pixels')
-  p.add_argument('--max-size', type=int, default=96, help='largest image side, pixels')
+  p.add_argument('--min_size', type=int, default=64, help='smallest image side, pixels')
+  p.add_argument('--max_size', type=int, default=96, help='largest image side, pixels')
   p.add_argument('--archived', action='store_true',
                  help='write the official archive files (VOCtrainval_*.tar, benchmark.tgz) instead of trees')
   a = p.parse_args(argv)
@@ -569,7 +570,7 @@ def main(argv=None) -> int:
     if getattr(a, name) < 1:
       p.error(f'--{name.replace("_", "-")} must be >= 1')
   if not 1 <= a.min_size <= a.max_size:
-    p.error('need 1 <= --min-size <= --max-size')
+    p.error('need 1 <= --min_size <= --max_size')
   try:
     if a.format == 'voc':
       out = write_manual_dir(a.out, voc_train=a.voc_train, voc_val=a.voc_val, sbd_train=a.sbd_train,
