@@ -155,8 +155,31 @@ def enable_compilation_cache(path: str) -> None:
   jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(path).expanduser()))
 
 
+def config_field_comments() -> dict[str, str]:
+  """{field: what it does} from the comments beside the base config's assignments (configs/common.py
+  documents each field where it sets it; the comment above a field counts when none is beside)."""
+  import re
+  comments, above = {}, []
+  for line in (CONFIG_DIR / 'common.py').read_text().splitlines():
+    stripped = line.strip()
+    if stripped.startswith('if preset =='):  # the presets' own comments say why, not what
+      break
+    if stripped.startswith('#'):
+      above.append(stripped.lstrip('# '))
+      continue
+    match = re.match(r'\s*c\.([\w.]+)\s*=[^#]*(?:#\s*(.*))?$', line)
+    if match and match.group(1) not in comments:
+      text = match.group(2) or ' '.join(above)
+      if text:
+        comments[match.group(1)] = text
+    above = []
+  return comments
+
+
 def config_fields_help(config: ml_collections.ConfigDict) -> str:
-  """Every config field with its value, for --help."""
+  """Every config field with its value and what it does, for --help."""
+  comments = config_field_comments()
+
   def lines(c, prefix=''):
     for key, value in sorted(c.items()):
       if isinstance(value, ml_collections.ConfigDict):
@@ -164,6 +187,8 @@ def config_fields_help(config: ml_collections.ConfigDict) -> str:
       else:
         text = repr(tuple(value) if isinstance(value, list) else value)
         yield f'  --config.{prefix}{key}={text if len(text) <= 70 else text[:67] + "..."}'
+        if comments.get(prefix + key):
+          yield f'      {comments[prefix + key]}'
   return '\n'.join(lines(config))
 
 
@@ -254,6 +279,8 @@ def main(arch: str) -> None:
       f'{config_fields_help(load_config(arch, "paper"))}\n')
 
   def parse(argv: list[str]) -> list[str]:
+    from fcn_jax import cli as cli_lib
+    argv = argv[:1] + cli_lib.normalize_flags(argv[1:], flags.FLAGS)
     try:
       return flags.FLAGS(argv)
     except SystemExit as e:  # absl's --help exits 1; help that was asked for is a success

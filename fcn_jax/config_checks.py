@@ -58,11 +58,14 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
     need(channels == wanted, 'modalities', f'inputs with {wanted} channels in all for {c.arch} '
          f'(these give {channels}; e.g. colour + depth for fcn32s_early_fusion, colour + HHA for '
          f'the late-fusion nets)')
-  for field in ('batch_size', 'accumulate_steps', 'crop_size', 'eval_batch_size', 'keep_checkpoints'):
+  for field in ('batch_size', 'accumulate_steps', 'eval_batch_size', 'keep_checkpoints'):
     need(isinstance(c[field], int) and c[field] >= 1, field, 'an integer >= 1')
-  for field in ('num_train_steps', 'log_every', 'eval_every', 'checkpoint_every', 'eval_pad_to',
-                'data_workers'):
+  for field in ('num_train_steps', 'log_every', 'eval_every', 'checkpoint_every', 'data_workers'):
     need(isinstance(c[field], int) and c[field] >= 0, field, 'an integer >= 0')
+  need(isinstance(c.crop_size, int) and c.crop_size >= 0, 'crop_size',
+       'an integer >= 1, or 0 (the training images\' largest side)')
+  need(isinstance(c.eval_pad_to, int) and c.eval_pad_to >= -1, 'eval_pad_to',
+       '0 (native size), -1 (the evaluation images\' largest side) or a size S > 0')
   epochs = c.get('total_epochs') or 0
   need(number(epochs) and epochs >= 0, 'total_epochs', 'a number >= 0')
   if isinstance(c.num_train_steps, int) and number(epochs):

@@ -107,6 +107,9 @@ def export_checkpoint(checkpoint_dir, out, *, sizes=DEFAULT_SIZES, which: str = 
       z.writestr('metadata.json', json.dumps(metadata, indent=2))
       for name, blob in entries.items():
         z.writestr(name, blob)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600: the artifact is meant to be shared
     os.replace(tmp, out)
   finally:
     if os.path.exists(tmp):

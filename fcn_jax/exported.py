@@ -59,3 +59,43 @@ class ExportedModel:
 
 def load(path) -> ExportedModel:
   return ExportedModel(path)
+
+
+def main(argv=None) -> int:
+  """`python -m fcn_jax.exported MODEL.fcnx IMAGE... --out DIR`: label PNGs (pixel = class id)."""
+  import argparse
+  import os
+  import sys
+  parser = argparse.ArgumentParser(
+      prog='python -m fcn_jax.exported', description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog='From the command line: writes DIR/<image stem>.png (8-bit, pixel = class id) for '
+      'each image; an existing file is not replaced.')
+  parser.add_argument('model', help='the .fcnx file written by python -m fcn_jax.export')
+  parser.add_argument('images', nargs='+', help='image files (JPEG / PNG)')
+  parser.add_argument('--out', required=True, help='output directory (created if missing)')
+  args = parser.parse_args(argv)
+  from PIL import Image
+  model = load(args.model)
+  os.makedirs(args.out, exist_ok=True)
+  failed = 0
+  for name in args.images:
+    target = os.path.join(args.out, os.path.splitext(os.path.basename(name))[0] + '.png')
+    if os.path.exists(target):
+      print(f'error: {target} exists; not replaced', file=sys.stderr)
+      failed += 1
+      continue
+    try:
+      with Image.open(name) as im:
+        image = np.asarray(im.convert('RGB'))
+      Image.fromarray(model.predict(image)).save(target)
+    except (OSError, ValueError) as e:
+      print(f'error: {name}: {e}', file=sys.stderr)
+      failed += 1
+      continue
+    print(target)
+  return 1 if failed else 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())

@@ -379,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                                  hha_dir=args.hha_dir, depth_dir=args.depth_dir)
   for message in failed:
     print(f'error: {message}', file=sys.stderr)
-  print(f'wrote {len(paths)} label maps to {args.out}' +
-        (f'; {len(failed)} images failed (listed above)' if failed else ''))
+  print(f'wrote {cli_lib.plural(len(paths), "label map")} to {args.out}' +
+        (f'; {cli_lib.plural(len(failed), "image")} failed (listed above)' if failed else ''))
   return 1 if failed else 0
 
 

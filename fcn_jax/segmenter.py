@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 from typing import Any, Sequence
 
 import jax
@@ -36,6 +37,13 @@ DEFAULT_BUCKET_STEP = 64
 
 def bucket_shape(height: int, width: int, step: int) -> tuple[int, int]:
   return (math.ceil(height / step) * step, math.ceil(width / step) * step)
+
+
+def is_single_image(images: Any) -> bool:
+  """One image rather than a sequence of them: an (H, W) / (H, W, C) array, a path or a PIL image."""
+  if isinstance(images, np.ndarray):
+    return images.ndim in (2, 3) and images.dtype != object
+  return isinstance(images, (str, os.PathLike)) or hasattr(images, 'getbands')
 
 
 class Segmenter:
@@ -134,7 +142,10 @@ class Segmenter:
     return {self.head_names[0]: np.asarray(result)}
 
   def scores(self, images: Sequence[Any] | np.ndarray, exact: bool = False) -> list[Any]:
-    """float32 (H, W, C) scores per image, in input order ({head: scores} for several heads)."""
+    """float32 (H, W, C) scores per image, in input order ({head: scores} for several heads). One
+    image (an (H, W, C) array, a path or a PIL image) gives one result, not a list."""
+    if is_single_image(images):
+      return self.scores([images], exact=exact)[0]
     inputs = [self._prepared(im) for im in images]
     out: list[dict | None] = [None] * len(inputs)
     if exact:
@@ -165,7 +176,11 @@ class Segmenter:
                probabilities: bool = False, exact: bool = False) -> Any:
     """Label maps (uint8 (H, W) class ids) per image; with scores / probabilities a dict that also
     holds the float32 (H, W, C) scores or softmax probabilities. With several heads each entry is
-    a {head name: array} dict."""
+    a {head name: array} dict. One image (an (H, W, C) array, a path or a PIL image) gives one
+    result, not a list."""
+    if is_single_image(images):
+      result = self([images], scores=scores, probabilities=probabilities, exact=exact)
+      return {k: v[0] for k, v in result.items()} if isinstance(result, dict) else result[0]
     raw = self.scores(images, exact=exact)
     per_head = len(self.head_names) > 1
     each = lambda fn: [({k: fn(v) for k, v in s.items()} if per_head else fn(s)) for s in raw]

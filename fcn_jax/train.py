@@ -26,6 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fcn_jax import checkpoint as ckpt_lib
+from fcn_jax.cli import plural
 from fcn_jax import distributed
 from fcn_jax import losses
 from fcn_jax import metrics as metrics_lib
@@ -763,17 +764,15 @@ def start_summary(config: ml_collections.ConfigDict, run: RunSpec, workdir: path
     return f' (up to {hw[0]}x{hw[1]})' if hw else ''
   evaluation = ('native size, one image at a time' if not config.eval_pad_to else
                 f'padded to {config.eval_pad_to}, batches of {config.eval_batch_size}')
-  remap = run.metadata.get('data', {})
   lines = [
       f'{config.get("name", config.arch)} ({config.get("preset", "custom")} preset) on '
       f'{d.name}{where}: {counts} classes ({shown})',
-      f'  train {d.train_split!r}: {images} images{size(run.train_source)}, crop '
+      f'  train {d.train_split!r}: {plural(images, "image")}{size(run.train_source)}, crop '
       f'{config.crop_size}, batch {config.batch_size} -> {config.num_train_steps} steps '
       f'({epochs:.1f} epochs)',
-      f'  eval {run.eval_name} {run.eval_split!r}: {len(run.eval_source)} images'
+      f'  eval {run.eval_name} {run.eval_split!r}: {plural(len(run.eval_source), "image")}'
       f'{size(run.eval_source)}, every {config.eval_every} steps and at the end, {evaluation}',
       f'  outputs: {workdir} (metrics.jsonl, tensorboard/, checkpoints/, results.md, figures/)']
-  del remap
   info = getattr(run.train_source, 'dataset_info', None)
   remapped = (getattr(info, 'metadata', None) or {}).get('mask_remap')
   if remapped:

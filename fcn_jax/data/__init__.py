@@ -131,7 +131,7 @@ def get_data_source(name: str, split: str, *, data_dir: str, manual_dir: str | N
     config = tfds.download.DownloadConfig(
         manual_dir=os.path.expanduser(os.fspath(manual_dir)) if manual_dir is not None else None,
         try_download_gcs=False)
-    with _removing_new_empty_dirs(builder.data_dir):
+    with _removing_new_empty_dirs(os.path.expanduser(os.fspath(data_dir))):
       builder.download_and_prepare(download_config=config, file_format='array_record')
   splits = builder.info.splits
   if split not in splits:
@@ -143,19 +143,23 @@ def get_data_source(name: str, split: str, *, data_dir: str, manual_dir: str | N
 
 @contextlib.contextmanager
 def _removing_new_empty_dirs(data_dir: str):
-  """A preparation that fails leaves no directory it created (TFDS makes <name>/<config>/<version>
-  before it reads a file); directories that existed, and anything with files in it, stay."""
-  path = pathlib.Path(data_dir)
-  chain = [path, *path.parents]
-  existed = {p for p in chain if p.exists()}
+  """A preparation that fails leaves no directory it created (TFDS makes <name>/<config>/ and
+  downloads/ before it reads a file); directories that existed, and anything holding files, stay."""
+  top = pathlib.Path(data_dir)
+  new_top = [p for p in (top, *top.parents) if not p.exists()]
+  existed = {pathlib.Path(d) for d, _, _ in os.walk(top)} if top.exists() else set()
   try:
     yield
   except BaseException:
-    for p in chain:
-      if p in existed:
-        break
+    for d, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])) if top.exists() else ():
+      if pathlib.Path(d) not in existed:
+        try:
+          os.rmdir(d)  # only when empty
+        except OSError:
+          pass
+    for p in new_top:
       try:
-        p.rmdir()  # only when empty
+        p.rmdir()
       except OSError:
         break
     raise

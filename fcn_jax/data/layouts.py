@@ -286,7 +286,7 @@ def split_folders_source(root: pathlib.Path, options: Options) -> dict[str, list
     images: dict[str, pathlib.Path] = {}
     for path in sorted(image_dir.iterdir()):
       stem = _strip(path.name, options.image_suffix)
-      if path.is_file() and stem is not None and any(path.name.lower().endswith(s) for s in suffixes):
+      if path.is_file() and stem is not None and any(path.name.lower().endswith(s.lower()) for s in suffixes):
         if stem in images:
           raise DataError(f'duplicate id {stem!r}: {images[stem]} and {path} are both images')
         images[stem] = path
