@@ -79,7 +79,7 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   # with config.preprocessing).
   c.modalities = ()
   c.preset = preset
-  c.seed = 0
+  c.seed = 0  # initialisation, data order and dropout
   c.class_names = ()  # () = from the dataset (PASCAL VOC's 21; a dataset's classes.txt)
 
   c.model = ml_collections.ConfigDict()
@@ -92,19 +92,22 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
 
   c.dataset = ml_collections.ConfigDict()
   # sbd | voc_segmentation/2012 | voc_segmentation/2011, or your own data: folder | coco |
-  # voc_like with dataset.root (see fcn_jax.data.custom).
+  # voc_like | pairs | split_folders with dataset.root (see fcn_jax.data.layouts).
   c.dataset.name = 'sbd'
   c.dataset.root = ''            # the user dataset's directory
+  c.dataset.classes_file = ''    # '' = ROOT/classes.txt (a file elsewhere keeps ROOT untouched)
   c.dataset.val_fraction = 0.1   # folder format without splits/: the share of images in 'val'
   c.dataset.ignore_label = 255   # the mask value to ignore in a user dataset's index masks
-  c.dataset.train_split = 'train'
+  c.dataset.image_suffix = ''    # split_folders: image files <id><image_suffix> ('' = any image)
+  c.dataset.mask_suffix = ''     # split_folders: mask files <id><mask_suffix> ('' = <id>.png)
+  c.dataset.train_split = 'train'  # the split to train on
   # '' = the dataset's default evaluation: VOC2011 seg11valid for sbd (the paper), else 'val' of
   # the training dataset.
   c.dataset.eval_name = ''
-  c.dataset.eval_split = ''
-  c.dataset.data_dir = '~/tensorflow_datasets'
+  c.dataset.eval_split = ''  # '' = the dataset's default evaluation split
+  c.dataset.data_dir = '~/tensorflow_datasets'  # where datasets are prepared (array_record)
   c.dataset.manual_dir = ''  # folder with the archives or their extracted trees
-  c.dataset.download = False
+  c.dataset.download = False  # fetch the official archives when not prepared
 
   # Caffe-trained VGG16 weights expect BGR minus the mean; converted checkpoints record their own.
   c.preprocessing = 'caffe_bgr'
@@ -113,10 +116,10 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
 
   c.batch_size = 20            # images per jit step (global, across devices and hosts)
   c.accumulate_steps = 1       # micro-steps per optimiser update (Caffe iter_size)
-  c.crop_size = 500            # VOC images are at most 500x500: padding to 500 loses nothing
+  c.crop_size = 500            # VOC images are at most 500x500: padding to 500 loses nothing; 0 = from the data
   c.scale_range = ()           # e.g. (0.5, 1.5) for random scaling
   c.flip = False               # the paper found no gain from mirroring
-  c.data_workers = 0
+  c.data_workers = 0  # grain worker processes decoding images (0: in this process)
   # Length: num_train_steps optimiser updates when > 0, else total_epochs passes over the training
   # set, turned into updates at run time (batch_size x accumulate_steps images per update).
   c.total_epochs = 175.0
@@ -134,13 +137,15 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.optim.algorithm = 'sgd'    # 'adam' only for the from-scratch CPU demo
 
   # Cadences, like every step count here and in metrics.jsonl / checkpoints: optimiser updates.
-  c.log_every = 50
-  c.eval_every = 4000
-  c.checkpoint_every = 1000
-  c.keep_checkpoints = 2
+  c.log_every = 50  # metrics.jsonl / TensorBoard / progress line
+  c.eval_every = 4000  # evaluation on the eval split (and at the end)
+  c.checkpoint_every = 1000  # also at every evaluation and at the end
+  c.keep_checkpoints = 2  # the latest N (the best one is kept besides)
   c.eval_batch_size = 1        # with eval_pad_to 0: native size, one image at a time (reference protocol)
-  c.eval_pad_to = 0            # >0: fixed (eval_batch_size, S, S) padded batches (faster, approximate borders)
-  c.num_figure_examples = 4
+  # >0: fixed (eval_batch_size, S, S) padded batches (faster, approximate borders); -1: S from the
+  # data (the evaluation images' largest side, rounded up to 32), checked before the first step.
+  c.eval_pad_to = 0
+  c.num_figure_examples = 4  # evaluation images in figures/score_maps.png
   # Persistent XLA compilation cache shared by all runs ('' = off): native-size evaluation compiles
   # once per distinct image size, and a rerun or the next stage reuses every compiled program.
   c.compilation_cache_dir = COMPILATION_CACHE_DIR
@@ -182,7 +187,7 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
     c.eval_every = 250 if arch == 'fcn32s' else 150
     c.checkpoint_every = 150
     c.eval_batch_size = 8
-    c.eval_pad_to = 160
+    c.eval_pad_to = -1  # from the data: 160 on the synthetic set, 480 on 480x360 photos
     c.num_figure_examples = 4
   return c
 
