@@ -106,4 +106,5 @@ def _main() -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from fcn_jax import cli as cli_lib
+  app.run(main, flags_parser=cli_lib.absl_flags_parser(flags.FLAGS))
