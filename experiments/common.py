@@ -10,6 +10,10 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
+from fcn_jax import cli as cli_lib
+from fcn_jax import config_checks, distributed, paths, train
+from fcn_jax import data as data_lib
+from fcn_jax.data import synthetic
 from fcn_jax.errors import UserError, user_errors_as_exit
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
@@ -27,7 +31,6 @@ def load_config(arch: str, preset: str | None = None) -> ml_collections.ConfigDi
 
 def demo_data_root(config: ml_collections.ConfigDict) -> pathlib.Path:
   """The demo's synthetic VOC-format tree in the cache (fcn_jax.paths), one per generator setting."""
-  from fcn_jax import paths
   s = config.synthetic
   return (paths.cache_dir() / 'synthetic' /
           f'voc-{s.num_train}-{s.num_val}-{s.min_size}-{s.max_size}-seed{s.seed}')
@@ -38,8 +41,6 @@ def prepare_demo_data(config: ml_collections.ConfigDict) -> None:
   the cache, atomically) and points the dataset at it and at its prepared TFDS files beside it."""
   if config.preset != 'demo' or config.dataset.manual_dir or config.dataset.name != 'voc_segmentation/2012':
     return  # a dataset of the user's
-  from fcn_jax.data import synthetic
-  from fcn_jax import distributed
   s = config.synthetic
   root = demo_data_root(config)
 
@@ -70,7 +71,6 @@ def resolve_init(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
       pred_config[key] = config[key]
     if pred_config.preset == 'demo':
       pred_config.synthetic = config.synthetic
-    from fcn_jax import distributed
     if distributed.is_main():
       print(f'{name} starts from a trained {pred}: training it first in {pred_dir}')
     run(pred_config, pred_dir)
@@ -89,9 +89,6 @@ def resolve_init(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  from fcn_jax import data as data_lib
-  from fcn_jax import train
-  from fcn_jax import config_checks
   workdir = pathlib.Path(workdir).expanduser().resolve()
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f'--workdir {workdir} is a file, not a directory')
@@ -131,7 +128,6 @@ def define_distributed_flags() -> None:
 def initialize_distributed() -> bool:
   """jax.distributed from the flags / environment; quiets absl logging on processes other than 0."""
   from absl import logging as absl_logging
-  from fcn_jax import distributed
   f = flags.FLAGS
   multi = distributed.initialize(f.coordinator_address, f.num_processes, f.process_id, f.local_device_ids,
                                  mode=f.distributed)
@@ -279,11 +275,10 @@ def main(arch: str) -> None:
       f'{config_fields_help(load_config(arch, "paper"))}\n')
 
   def parse(argv: list[str]) -> list[str]:
-    from fcn_jax import cli as cli_lib
     argv = argv[:1] + cli_lib.normalize_flags(argv[1:], flags.FLAGS)
     try:
       return flags.FLAGS(argv)
-    except SystemExit as e:  # absl's --help exits 1; help that was asked for is a success
+    except SystemExit:  # absl's --help exits 1; help that was asked for is a success
       if any(a in ('--help', '-h', '-?', '--helpshort', '--helpfull') for a in argv[1:]):
         raise SystemExit(0) from None
       raise

@@ -16,7 +16,14 @@ import pathlib
 
 from absl import app, flags
 
+from experiments import common
 from experiments.configs import common as configs
+from fcn_jax import checkpoint, report, train
+from fcn_jax import cli as cli_lib
+from fcn_jax import data as data_lib
+from fcn_jax import preprocessing as preprocessing_lib
+from fcn_jax.data import identity, pipeline
+from fcn_jax.errors import UserError, user_errors_as_exit
 
 flags.DEFINE_string('checkpoint', None, 'A training WORKDIR (or its checkpoints/), or the output '
                     'directory of fcn_jax.convert.', required=True)
@@ -62,8 +69,6 @@ def default_out(checkpoint_dir: str, dataset: str, split: str, step: int) -> pat
 
 
 def check_flags(f, spec) -> None:
-  from fcn_jax import data as data_lib
-  from fcn_jax.errors import UserError
   if f.batch_size < 1:
     raise UserError(f'--batch_size {f.batch_size}: must be >= 1')
   if f.pad_to < 0:
@@ -80,16 +85,11 @@ def check_flags(f, spec) -> None:
 
 def main(argv) -> None:
   del argv
-  from fcn_jax.errors import user_errors_as_exit
   with user_errors_as_exit():
     evaluate(flags.FLAGS)
 
 
 def evaluate(f) -> None:
-  from experiments import common
-  from fcn_jax import checkpoint, data as data_lib, report, train
-  from fcn_jax.data import identity, pipeline
-  from fcn_jax.errors import UserError
   common.quiet_logs()
   if f.which not in ('best', 'latest') and not f.which.isdigit():
     raise UserError(f'--which {f.which!r}: best, latest or a step number')
@@ -125,7 +125,6 @@ def evaluate(f) -> None:
     if n != count:
       raise UserError(f'the checkpoint predicts {count} classes ({head}), the dataset {dataset} '
                       f'has {n}: evaluate it on the data it was trained for')
-  from fcn_jax import preprocessing as preprocessing_lib
   modalities = [(m['name'], m['preprocessing']) for m in preprocessing_lib.modalities_of(meta)]
   batches = pipeline.eval_batches(source, preprocessing=meta['preprocessing'],
                                   batch_size=f.batch_size, pad_to=f.pad_to or None,
@@ -146,5 +145,4 @@ def evaluate(f) -> None:
 
 
 if __name__ == '__main__':
-  from fcn_jax import cli as cli_lib
   app.run(main, flags_parser=cli_lib.absl_flags_parser(flags.FLAGS))

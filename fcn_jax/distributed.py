@@ -165,3 +165,10 @@ def sum_across_processes(x: np.ndarray) -> np.ndarray:
     return x
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x)).reshape((jax.process_count(),) + x.shape).sum(0)
+
+
+def log(message: str) -> None:
+  """A line for the user, from process 0 only (written above a progress bar, if one is drawn)."""
+  if jax.process_index() == 0:
+    from tqdm.auto import tqdm
+    tqdm.write(message)

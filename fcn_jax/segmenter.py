@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fcn_jax import checkpoint, preprocessing
 from fcn_jax.errors import UserError
-from fcn_jax.models import cpu_forms
+from fcn_jax.models import forms as forms_lib
 
 DEFAULT_BUCKET_STEP = 64
 
@@ -70,10 +70,10 @@ class Segmenter:
     self.modalities = preprocessing.modalities_of(self.metadata)
     self.head_names = list(model.head_names)
     self.channels = model.arch.input_channels
-    self._apply = cpu_forms.jit(lambda v, x: model.apply(v, x, train=False), forms=model.forms,
+    self._apply = forms_lib.jit(lambda v, x: model.apply(v, x, train=False), forms=model.forms,
                                 in_shardings=(self._replicated, self._batched),
                                 out_shardings=self._batched)
-    self._apply_one = cpu_forms.jit(lambda v, x: model.apply(v, x, train=False),
+    self._apply_one = forms_lib.jit(lambda v, x: model.apply(v, x, train=False),
                                     forms=model.forms)
     self.compiled_shapes: set[tuple[int, ...]] = set()  # what was compiled, for tests / logs
 

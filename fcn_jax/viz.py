@@ -122,9 +122,9 @@ def training_curves(records: Sequence[dict], path: str | pathlib.Path, title: st
 
 def predict_scores(model, variables: dict, image: np.ndarray, preprocessing: str) -> np.ndarray:
   """uint8 RGB (H, W, 3) -> float32 class scores (H, W, C) at the input size."""
-  from fcn_jax.models import cpu_forms
+  from fcn_jax.models import forms as forms_lib
   x = prep_lib.get(preprocessing)(image)[None]
-  return np.asarray(cpu_forms.jit(lambda v, x: model.apply(v, x, train=False),
+  return np.asarray(forms_lib.jit(lambda v, x: model.apply(v, x, train=False),
                                   forms=getattr(model, 'forms', None))(variables, x))[0]
 
 

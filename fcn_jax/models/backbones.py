@@ -19,7 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_jax.models import cpu_forms, layers
+from fcn_jax.models import layers
+from fcn_jax.models import forms as forms_lib
+from fcn_jax.models import cpu_kernels
 
 # The FCN input padding: with 100 pixels on the first convolution the score map covers the input,
 # and the output is aligned to it, for ANY input size (Caffe voc-fcn*/net.py).
@@ -215,9 +217,9 @@ def scaled(features: int, width: float) -> int:
 
 
 def conv_relu(layer: Conv, width: float, dtype: jnp.dtype, name: str | None = None,
-              forms: cpu_forms.Forms | None = None):
+              forms: forms_lib.Forms | None = None):
   """The flax module for one Conv spec: Conv + ReLU, or torchvision's BasicConv2d; `forms`: the
-  CPU forms of the convolution (None: cpu_forms.current() at trace time)."""
+  CPU forms of the convolution (None: forms.active() at trace time)."""
   features = scaled(layer.features, width)
   name = name or layer.name
   if layer.batch_norm:
@@ -229,7 +231,7 @@ def conv_relu(layer: Conv, width: float, dtype: jnp.dtype, name: str | None = No
   conv = nn.Conv(features, (layer.kernel, layer.kernel), strides=layer.stride,
                  padding=[(layer.padding, layer.padding)] * 2, dtype=dtype,
                  feature_group_count=layer.groups, kernel_init=nn.initializers.he_normal(),
-                 conv_general_dilated=cpu_forms.conv_with(forms), name=name)
+                 conv_general_dilated=cpu_kernels.conv_with(forms), name=name)
   return lambda x: nn.relu(conv(x))
 
 
@@ -241,14 +243,14 @@ class BasicConv(nn.Module):
   stride: int = 1
   padding: int = 0
   dtype: jnp.dtype = jnp.float32
-  forms: cpu_forms.Forms | None = None
+  forms: forms_lib.Forms | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
                 padding=[(self.padding, self.padding)] * 2, use_bias=False, dtype=self.dtype,
                 kernel_init=nn.initializers.he_normal(),
-                conv_general_dilated=cpu_forms.conv_with(self.forms), name='conv')(x)
+                conv_general_dilated=cpu_kernels.conv_with(self.forms), name='conv')(x)
     # Statistics stay frozen: the paper fine-tunes with small batches of variably sized crops.
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, dtype=self.dtype, name='bn')(x)
     return nn.relu(x)
@@ -258,7 +260,7 @@ class InceptionBlock(nn.Module):
   spec: Inception
   width: float
   dtype: jnp.dtype = jnp.float32
-  forms: cpu_forms.Forms | None = None
+  forms: forms_lib.Forms | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -275,7 +277,7 @@ class InceptionBlock(nn.Module):
 def apply_backbone(spec: tuple[Layer, ...], x: jax.Array, *, width: float, dtype: jnp.dtype,
                    train: bool, dropout_rate: float | None = None,
                    name_of=lambda name: name,
-                   forms: cpu_forms.Forms | None = None) -> dict[str, jax.Array]:
+                   forms: forms_lib.Forms | None = None) -> dict[str, jax.Array]:
   """Runs a layer spec inside the calling module's compact scope (so parameters are named
   conv1_1, fc6, ... at the top level, as in Caffe; `name_of` renames them, e.g. conv1_1color).
 

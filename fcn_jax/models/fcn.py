@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fcn_jax.models import backbones
-from fcn_jax.models import cpu_forms, layers
+from fcn_jax.models import layers
+from fcn_jax.models import forms as forms_lib
+from fcn_jax import tune
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,9 +165,9 @@ class FCN(nn.Module):
   # False drops the skips' fixed scales (FCN-8s at-once's 0.01 / 0.0001): they fit ImageNet-trained
   # features under SGD, but from scratch they mute the skips (see experiments/configs: demo).
   skip_scaling: bool = True
-  # The CPU forms of the layers (fcn_jax.models.cpu_forms): chosen per machine when the model is
+  # The CPU forms of the layers (fcn_jax.models.forms, fcn_jax.tune): chosen per machine when the model is
   # built, not part of the model config (a checkpoint runs anywhere). None: chosen at trace time.
-  forms: cpu_forms.Forms | None = None
+  forms: forms_lib.Forms | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array | dict[str, jax.Array]:
@@ -275,7 +277,7 @@ def build(arch: str, num_classes: int | Sequence[int] | None = None, width: floa
   return FCN(ARCHS[arch], num_classes=head_classes(arch, num_classes), width=width,
              dtype=jnp.dtype(dtype), learnable_upsampling=learnable_upsampling,
              dropout_rate=dropout_rate, skip_scaling=skip_scaling,
-             forms=cpu_forms.current(ARCHS[arch].backbone))
+             forms=tune.current(ARCHS[arch].backbone))
 
 
 MODEL_CONFIG_FIELDS = tuple(inspect.signature(build).parameters)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_jax.models import cpu_forms
+from fcn_jax.models import forms as forms_lib
+from fcn_jax.models import cpu_kernels
 
 
 def ceil_pool_size(size: int, window: int, stride: int, padding: int = 0) -> int:
@@ -27,9 +28,9 @@ def ceil_pool_size(size: int, window: int, stride: int, padding: int = 0) -> int
 
 
 def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int = 0,
-                  forms: cpu_forms.Forms | None = None) -> jax.Array:
+                  forms: forms_lib.Forms | None = None) -> jax.Array:
   """Max pooling with Caffe's ceil rounding: an odd size keeps its last row/column (its gradient
-  in the form `forms` picks, see cpu_forms).
+  in the form `forms` picks, see fcn_jax.models.cpu_kernels).
 
   Args:
     x: (N, H, W, C).
@@ -41,7 +42,7 @@ def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int = 0,
     out = ceil_pool_size(size, window, stride, padding)
     right = (out - 1) * stride + window - size - padding
     pads.append((padding, max(right, 0)))
-  return cpu_forms.max_pool(x, window, stride, tuple(pads), blocks=window == stride and not padding,
+  return cpu_kernels.max_pool(x, window, stride, tuple(pads), blocks=window == stride and not padding,
                            forms=forms)
 
 
@@ -72,7 +73,7 @@ def bilinear_init(kernel_size: int) -> Callable:
 
 
 def transposed_conv(x: jax.Array, kernel: jax.Array, stride: int,
-                    forms: cpu_forms.Forms | None = None) -> jax.Array:
+                    forms: forms_lib.Forms | None = None) -> jax.Array:
   """Caffe Deconvolution without padding or bias: out[i*s + a] += x[i] * kernel[a].
 
   Computed as a sub-pixel convolution (a small stride-1 convolution producing s*s phases, then
@@ -100,7 +101,7 @@ def transposed_conv(x: jax.Array, kernel: jax.Array, stride: int,
   sub = sub.transpose(0, 2, 4, 1, 3, 5).reshape(taps, taps, kernel.shape[2], stride * stride * c_out)
   pads = ((taps - 1, taps - 1), (taps - 1, taps - 1))
   m_h, m_w = h + taps - 1, w + taps - 1
-  y = cpu_forms.subpixel_conv(x, sub.astype(x.dtype), pads, forms=forms)
+  y = cpu_kernels.subpixel_conv(x, sub.astype(x.dtype), pads, forms=forms)
   y = y.reshape(n, m_h, m_w, stride, stride, c_out).transpose(0, 1, 3, 2, 4, 5)
   y = y.reshape(n, m_h * stride, m_w * stride, c_out)
   return y[:, : stride * (h - 1) + k, : stride * (w - 1) + k]
@@ -214,7 +215,7 @@ class Deconv(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   per_class: bool = False
-  forms: cpu_forms.Forms | None = None  # None: cpu_forms.current() at trace time
+  forms: forms_lib.Forms | None = None  # None: forms.active() at trace time
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
