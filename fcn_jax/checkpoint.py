@@ -448,8 +448,8 @@ def model_config_of(metadata: dict) -> dict:
 
 def build_from_metadata(metadata: dict):
   """The flax module described by checkpoint metadata."""
-  from fcn_jax import models  # imported here: checkpoints do not need the models to be importable
-  return models.build_from_config(model_config_of(metadata))
+  from fcn_jax import models, tune  # imported here: checkpoints do not need the models to be importable
+  return tune.tuned(models.build_from_config(model_config_of(metadata)))
 
 
 def load_inference(directory, which: str = 'best'):

@@ -4,8 +4,9 @@ set with FCN_JAX_CPU_FORMS ('measure' | 'default' | 'off' | 'conv_library=eigen,
 fcn_jax.models.forms.from_spec). `python -m fcn_jax.tune [BACKBONE ...]` measures again on purpose
 (on an idle machine: a busy one can make a slower set look faster) and prints the timings.
 
-models.build() takes `current(backbone)`: the `use` override, ACCELERATOR off the CPU, else this
-machine's forms.
+Entry points (training, checkpoint.load_inference, the benchmarks) give their models `tuned(model)`:
+the `use` override, ACCELERATOR off the CPU, else this machine's forms; models.build() alone never
+measures (it takes the default set).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ from fcn_jax.models.forms import (_LIBRARY_OPTIONS, ACCELERATOR, CONV_LIBRARIES,
                                   _override, from_spec, on_cpu)
 
 _resolved: dict[str, Forms] = {}
+
+
+def tuned(model):
+  """`model` (an FCN from models.build) with the forms this machine runs best for its backbone."""
+  return model.clone(forms=current(model.arch.backbone))
 
 
 def current(backbone: str = 'vgg16') -> Forms:

@@ -22,7 +22,6 @@ import numpy as np
 from fcn_jax.models import backbones
 from fcn_jax.models import layers
 from fcn_jax.models import forms as forms_lib
-from fcn_jax import tune
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +268,9 @@ def build(arch: str, num_classes: int | Sequence[int] | None = None, width: floa
     dropout_rate: None keeps the classifier's dropout (0.5 after fc6 and fc7, as the paper); a
       number replaces it (0 disables it, e.g. for short from-scratch runs at reduced width).
     skip_scaling: False drops FCN-8s at-once's fixed skip scales (for training from scratch).
+
+  The model takes the default CPU forms (`forms.active()`); `fcn_jax.tune.tuned(model)` gives it
+  this machine's (the entry points do: training, checkpoint.load_inference, the benchmarks).
   """
   if arch not in ARCHS:
     raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
@@ -277,7 +279,7 @@ def build(arch: str, num_classes: int | Sequence[int] | None = None, width: floa
   return FCN(ARCHS[arch], num_classes=head_classes(arch, num_classes), width=width,
              dtype=jnp.dtype(dtype), learnable_upsampling=learnable_upsampling,
              dropout_rate=dropout_rate, skip_scaling=skip_scaling,
-             forms=tune.current(ARCHS[arch].backbone))
+             forms=forms_lib.active())
 
 
 MODEL_CONFIG_FIELDS = tuple(inspect.signature(build).parameters)

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fcn_jax import losses
 from fcn_jax import metrics as metrics_lib
 from fcn_jax import models
-from fcn_jax import optim
+from fcn_jax import optim, tune
 from fcn_jax.models import forms as forms_lib
 
 
@@ -44,7 +44,8 @@ def model_config(config: ml_collections.ConfigDict) -> dict:
   return {'arch': config.arch, **model}
 
 def model_from_config(config: ml_collections.ConfigDict) -> nn.Module:
-  return models.build_from_config(model_config(config))
+  """The model of a training config, with this machine's CPU forms (fcn_jax.tune)."""
+  return tune.tuned(models.build_from_config(model_config(config)))
 
 def optimizer_from_config(config: ml_collections.ConfigDict, model: nn.Module,
                           params: Any) -> optax.GradientTransformation:
