@@ -139,6 +139,9 @@ def evaluate(f) -> None:
   print(report.table_markdown([(name, scores)] + report.paper_rows(name)))
   for head, head_scores in list((scores.get('heads') or {}).items())[1:]:
     print(f'{head} head: pixel acc. {100 * head_scores["pixel_acc"]:.1f}')
+  absent = report.absent_classes(scores, class_names)
+  if absent:
+    print(report.absent_note(absent))
   print(f'{split}: mean IU {100 * scores["mean_iu"]:.2f} over {len(source)} '
         f'image{"" if len(source) == 1 else "s"}')
   print(f'wrote {out / "results.json"} and {out / "results.md"}')

@@ -177,7 +177,25 @@ def write_results(workdir: str | pathlib.Path, name: str, scores: Mapping[str, A
     text += (f'\n\n{head} head: pixel acc. {100 * head_scores["pixel_acc"]:.1f}'
              + ''.join(f' (paper {v["geometric_pixel_acc"]:.1f})' for _, v in paper_rows(name, raw=True)
                        if head == 'geometric' and 'geometric_pixel_acc' in v))
+  absent = absent_classes(scores, class_names)
+  if absent:
+    text += '\n\n' + absent_note(absent)
   (workdir / 'results.md').write_text(text + '\n')
+
+
+def absent_classes(scores: Mapping[str, Any], class_names: Sequence[str]) -> list[str]:
+  """The classes with no ground-truth pixel in the evaluated split (their accuracy is undefined)."""
+  acc = scores.get('per_class_acc')
+  if acc is None:
+    return []
+  return [str(n) for n, a in zip(class_names, acc) if a is None or not math.isfinite(a)]
+
+
+def absent_note(absent: Sequence[str]) -> str:
+  """Why the mean IU leaves classes out: said wherever a score is shown (a mean over the classes
+  present can flatter a setup where a class was never labelled)."""
+  return (f'Note: {len(absent)} class(es) have no pixels in this split and are left out of mean '
+          f'acc. / mean IU: {", ".join(absent[:10])}{", ..." if len(absent) > 10 else ""}.')
 
 
 def paper_rows(name: str, raw: bool = False) -> list[tuple[str, dict]]:

@@ -30,6 +30,9 @@ def final_report(config: ml_collections.ConfigDict, run: RunSpec, model, variabl
     viz.score_map_figure(model, variables, examples, class_names,
                          workdir / 'figures' / 'score_maps.png', preprocessing=config.preprocessing,
                          palette=run.metadata.get('palette'))
+  absent = report.absent_classes(scores, class_names)
+  if absent:
+    log(report.absent_note(absent))
   log(f'done: mean IU {100 * scores["mean_iu"]:.2f} on {run.eval_split!r} at step {step}. '
        f'Results: {workdir / "results.md"}; figures: {workdir / "figures"}/; checkpoints: '
        f'{workdir / "checkpoints"}/')
