@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import shlex
 import sys
@@ -24,9 +25,15 @@ def config_path(arch: str, preset: str | None = None) -> str:
   return f'{path}:{preset}' if preset else path
 
 
-def load_config(arch: str, preset: str | None = None) -> ml_collections.ConfigDict:
-  from experiments.configs import common
-  return common.get_config(arch, preset or 'paper')
+def load_config(name: str, preset: str | None = None) -> ml_collections.ConfigDict:
+  """The config that experiments/configs/<name>.py's get_config(preset) returns: read from the
+  file itself, so that --help, the predecessor of a staged net and error messages see the edits a
+  user made there."""
+  path = CONFIG_DIR / f'{name}.py'
+  spec = importlib.util.spec_from_file_location(f'_fcn_jax_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset or 'paper')
 
 
 def demo_data_root(config: ml_collections.ConfigDict) -> pathlib.Path:

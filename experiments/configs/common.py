@@ -55,8 +55,15 @@ RECIPE_PREDECESSOR = {'pascalcontext_fcn16s': 'pascalcontext_fcn32s',
                       'pascalcontext_fcn8s': 'pascalcontext_fcn16s',
                       'siftflow_fcn16s': 'siftflow_fcn32s', 'siftflow_fcn8s': 'siftflow_fcn16s',
                       'nyud_fcn16s_color_hha': 'nyud_fcn32s_color_hha'}
-# The reference "heavy" solvers (ZOO.md sec. 3): fixed lr by stride; the late-fusion net 1e-12.
-_RECIPE_HEAVY_LR = {'32s': 1e-10, '16s': 1e-12, '8s': 1e-14}
+# Fixed learning rates (paper, heavy) of the recipes, by stride: the paper's staged rates and the
+# reference "heavy" solvers (ZOO.md sec. 3); the colour + HHA late-fusion nets take the 16s rates.
+_LR_32S, _LR_16S, _LR_8S = (1e-4, 1e-10), (1e-6, 1e-12), (1e-8, 1e-14)
+RECIPE_LR = {
+    'pascalcontext_fcn32s': _LR_32S, 'pascalcontext_fcn16s': _LR_16S, 'pascalcontext_fcn8s': _LR_8S,
+    'siftflow_fcn32s': _LR_32S, 'siftflow_fcn16s': _LR_16S, 'siftflow_fcn8s': _LR_8S,
+    'nyud_fcn32s_color': _LR_32S, 'nyud_fcn32s_hha': _LR_32S, 'nyud_fcn32s_color_d': _LR_32S,
+    'nyud_fcn32s_color_hha': _LR_16S, 'nyud_fcn16s_color_hha': _LR_16S,
+}
 
 
 def predecessor(name: str) -> str | None:
@@ -65,13 +72,21 @@ def predecessor(name: str) -> str | None:
 
 
 def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
-  """The config of an arch (PASCAL VOC) or of a reference recipe of another dataset (RECIPES)."""
+  """The config of an arch (PASCAL VOC) or of a reference recipe of another dataset (RECIPES):
+  every default (`base_config`, the paper's recipe), then the preset's changes."""
   if arch in RECIPES:
     return _recipe_config(arch, preset)
   preset = preset or 'paper'
   if preset not in PRESETS:
     raise UserError(f'unknown preset {preset!r} for {arch}; choose one of {", ".join(PRESETS)} '
-                     f'(e.g. --config experiments/configs/{arch}.py:demo)')
+                    f'(e.g. --config experiments/configs/{arch}.py:demo)')
+  c = base_config(arch, preset)
+  PRESET_CHANGES[preset](c, arch)
+  return c
+
+
+def base_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
+  """Every field with its default: the paper's recipe (SBD train -> seg11valid)."""
   c = ml_collections.ConfigDict()
   c.arch = arch
   c.name = arch  # the experiment (experiments/<name>.py)
@@ -149,47 +164,60 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   # Persistent XLA compilation cache shared by all runs ('' = off): native-size evaluation compiles
   # once per distinct image size, and a rerun or the next stage reuses every compiled program.
   c.compilation_cache_dir = COMPILATION_CACHE_DIR
-
-  if preset == 'heavy':
-    c.batch_size = 1
-    c.loss_normalize = False
-    c.optim.momentum = 0.99
-    c.optim.learning_rate = HEAVY_LR.get(arch, HEAVY_LR['fcn32s'])
-    c.num_train_steps = 300_000 if arch == 'fcn8s_atonce' else 100_000
-    if arch in ALEXNETS:  # Caffe voc-fcn-alexnet: normalised loss, lr 1e-4, iter_size 20
-      c.loss_normalize, c.optim.learning_rate, c.optim.momentum, c.accumulate_steps = True, 1e-4, 0.9, 20
-  elif preset == 'demo':
-    # From scratch (no ImageNet weights can be assumed), 1/16 width, on a 2-core CPU in minutes:
-    # Adam and no dropout get there in ~1000 steps where the paper's SGD would need far more.
-    c.model.width = 0.0625
-    c.model.dropout_rate = 0.0
-    # From scratch, at-once's fixed skip scales (0.01, 0.0001, sized for ImageNet features under
-    # SGD) mute the pool3 / pool4 skips: FCN-8s at-once then learns no better than FCN-32s.
-    c.model.skip_scaling = False
-    c.preprocessing = 'torchvision_rgb'  # unit-scale inputs suit a from-scratch init
-    c.dataset.name = 'voc_segmentation/2012'  # the synthetic set, unless a dataset is named
-    # Empty: the synthetic set and its prepared TFDS files, in the cache (see fcn_jax.paths); a
-    # manual_dir (and data_dir) of your own trains the demo recipe on that data instead.
-    c.dataset.data_dir = ''
-    c.dataset.manual_dir = ''
-    c.synthetic = ml_collections.ConfigDict({'num_train': 240, 'num_val': 64, 'min_size': 128,
-                                             'max_size': 160, 'seed': 0})
-    c.batch_size = 4
-    c.crop_size = 128
-    c.flip = True
-    # FCN-32s learns the classes; the skip stages then fine-tune from it (new score layers at zero).
-    single_stage = ('fcn32s', 'fcn8s_atonce', 'fcn_googlenet') + ALEXNETS
-    c.num_train_steps = 1000 if arch in single_stage else 300
-    c.optim.algorithm = 'adam'
-    c.optim.learning_rate = 1e-3
-    c.optim.momentum = 0.9
-    c.log_every = 25
-    c.eval_every = 250 if arch == 'fcn32s' else 150
-    c.checkpoint_every = 150
-    c.eval_batch_size = 8
-    c.eval_pad_to = -1  # from the data: 160 on the synthetic set, 480 on 480x360 photos
-    c.num_figure_examples = 4
   return c
+
+
+def _paper(c: ml_collections.ConfigDict, arch: str) -> None:
+  """The paper's recipe is the base."""
+  del c, arch
+
+
+def _heavy(c: ml_collections.ConfigDict, arch: str) -> None:
+  """Caffe's "heavy" reference models: batch 1, summed loss, momentum 0.99."""
+  c.batch_size = 1
+  c.loss_normalize = False
+  c.optim.momentum = 0.99
+  c.optim.learning_rate = HEAVY_LR.get(arch, HEAVY_LR['fcn32s'])
+  c.num_train_steps = 300_000 if arch == 'fcn8s_atonce' else 100_000
+  if arch in ALEXNETS:  # Caffe voc-fcn-alexnet: normalised loss, lr 1e-4, iter_size 20
+    c.loss_normalize, c.optim.learning_rate, c.optim.momentum, c.accumulate_steps = True, 1e-4, 0.9, 20
+
+
+def _demo(c: ml_collections.ConfigDict, arch: str) -> None:
+  """The synthetic VOC-format set (or your own data) from scratch at 1/16 width on a CPU."""
+  # From scratch (no ImageNet weights can be assumed), 1/16 width, on a 2-core CPU in minutes:
+  # Adam and no dropout get there in ~1000 steps where the paper's SGD would need far more.
+  c.model.width = 0.0625
+  c.model.dropout_rate = 0.0
+  # From scratch, at-once's fixed skip scales (0.01, 0.0001, sized for ImageNet features under
+  # SGD) mute the pool3 / pool4 skips: FCN-8s at-once then learns no better than FCN-32s.
+  c.model.skip_scaling = False
+  c.preprocessing = 'torchvision_rgb'  # unit-scale inputs suit a from-scratch init
+  c.dataset.name = 'voc_segmentation/2012'  # the synthetic set, unless a dataset is named
+  # Empty: the synthetic set and its prepared TFDS files, in the cache (see fcn_jax.paths); a
+  # manual_dir (and data_dir) of your own trains the demo recipe on that data instead.
+  c.dataset.data_dir = ''
+  c.dataset.manual_dir = ''
+  c.synthetic = ml_collections.ConfigDict({'num_train': 240, 'num_val': 64, 'min_size': 128,
+                                           'max_size': 160, 'seed': 0})
+  c.batch_size = 4
+  c.crop_size = 128
+  c.flip = True
+  # FCN-32s learns the classes; the skip stages then fine-tune from it (new score layers at zero).
+  single_stage = ('fcn32s', 'fcn8s_atonce', 'fcn_googlenet') + ALEXNETS
+  c.num_train_steps = 1000 if arch in single_stage else 300
+  c.optim.algorithm = 'adam'
+  c.optim.learning_rate = 1e-3
+  c.optim.momentum = 0.9
+  c.log_every = 25
+  c.eval_every = 250 if arch == 'fcn32s' else 150
+  c.checkpoint_every = 150
+  c.eval_batch_size = 8
+  c.eval_pad_to = -1  # from the data: 160 on the synthetic set, 480 on 480x360 photos
+  c.num_figure_examples = 4
+
+
+PRESET_CHANGES = {'paper': _paper, 'heavy': _heavy, 'demo': _demo}
 
 
 def _recipe_config(name: str, preset: str) -> ml_collections.ConfigDict:
@@ -201,13 +229,11 @@ def _recipe_config(name: str, preset: str) -> ml_collections.ConfigDict:
   c.modalities = tuple(modalities)
   c.preprocessing = modalities[0][1]
   c.crop_size = crop_size
-  stride = next(s for s in ('32s', '16s', '8s') if f'fcn{s}' in arch)
-  if len(modalities) == 2 and modalities[1][0] == 'hha':  # late fusion: 1e-12 for the 32s net too
-    stride = '16s' if stride == '32s' else stride
+  paper_lr, heavy_lr = RECIPE_LR[name]
   if c.preset == 'paper':
-    c.optim.learning_rate = PAPER_LR.get(f'fcn{stride}', PAPER_LR['fcn32s'])
+    c.optim.learning_rate = paper_lr
   elif c.preset == 'heavy':
-    c.optim.learning_rate = _RECIPE_HEAVY_LR[stride]
+    c.optim.learning_rate = heavy_lr
     c.num_train_steps = 300_000
   elif c.preset == 'demo':
     c.dataset.data_dir = '~/tensorflow_datasets'
