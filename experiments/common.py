@@ -37,7 +37,8 @@ def load_config(name: str, preset: str | None = None) -> ml_collections.ConfigDi
 
 
 def demo_data_root(config: ml_collections.ConfigDict) -> pathlib.Path:
-  """The demo's synthetic VOC-format tree in the cache (fcn_jax.paths), one per generator setting."""
+  """The demo's synthetic VOC-format tree in the cache (fcn_jax.paths), one per generator
+  setting."""
   s = config.synthetic
   return (paths.cache_dir() / 'synthetic' /
           f'voc-{s.num_train}-{s.num_val}-{s.min_size}-{s.max_size}-seed{s.seed}')
@@ -46,7 +47,8 @@ def demo_data_root(config: ml_collections.ConfigDict) -> pathlib.Path:
 def prepare_demo_data(config: ml_collections.ConfigDict) -> None:
   """Demo preset without a dataset of the user's: writes the synthetic VOC-format tree (once, into
   the cache, atomically) and points the dataset at it and at its prepared TFDS files beside it."""
-  if config.preset != 'demo' or config.dataset.manual_dir or config.dataset.name != 'voc_segmentation/2012':
+  if (config.preset != 'demo' or config.dataset.manual_dir
+      or config.dataset.name != 'voc_segmentation/2012'):
     return  # a dataset of the user's
   s = config.synthetic
   root = demo_data_root(config)
@@ -108,12 +110,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     if config.dataset.name in data_lib.CUSTOM_FORMATS:  # the message names the layout to fix
       raise UserError(f'{e}\n(config.dataset.root={config.dataset.root}; README: "Train on your '
                       f'own data")') from None
-    raise SystemExit(f'{e}\n\nFrom the command line: --config.dataset.manual_dir=DIR (the archives or '
-                     f'trees above) or --config.dataset.download=True; prepared data is kept under '
-                     f'--config.dataset.data_dir={config.dataset.data_dir}.'
+    raise SystemExit(f'{e}\n\nFrom the command line: --config.dataset.manual_dir=DIR (the archives '
+                     f'or trees above) or --config.dataset.download=True; prepared data is kept '
+                     f'under --config.dataset.data_dir={config.dataset.data_dir}.'
                      f'\n\nNo data yet? The demo runs end to end on a synthetic VOC-format set: '
-                     f'`make demo`, or `python -m experiments.{config.arch} --workdir runs/demo/'
-                     f'{config.arch} --config experiments/configs/{config.arch}.py:demo`.') from None
+                     f'`make demo`, or `python -m experiments.{config.arch} '
+                     f'--workdir runs/demo/{config.arch} '
+                     f'--config experiments/configs/{config.arch}.py:demo`.') from None
   except train.NonFiniteLossError as e:
     raise SystemExit(str(e)) from None
 
@@ -122,13 +125,15 @@ def define_distributed_flags() -> None:
   """Multi-host flags (see fcn_jax.distributed): every process runs the same command plus its id."""
   flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
                     'auto: connect the processes when a coordinator / several processes are given '
-                    '(flags or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or a Cloud '
-                    'TPU pod slice, SLURM or Open MPI job is detected; on: always call '
+                    '(flags or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or a '
+                    'Cloud TPU pod slice, SLURM or Open MPI job is detected; on: always call '
                     'jax.distributed.initialize; off: single process.')
-  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, the same for all processes.')
+  flags.DEFINE_string('coordinator_address', None,
+                      'host:port of process 0, the same for all processes.')
   flags.DEFINE_integer('num_processes', None, 'Number of processes (usually one per host).')
   flags.DEFINE_integer('process_id', None, 'This process\'s id, 0 .. num_processes - 1.')
-  flags.DEFINE_string('local_device_ids', None, 'Comma-separated local accelerator ids this process uses '
+  flags.DEFINE_string('local_device_ids', None,
+                      'Comma-separated local accelerator ids this process uses '
                       '(several processes per GPU host).')
 
 
@@ -136,8 +141,8 @@ def initialize_distributed() -> bool:
   """jax.distributed from the flags / environment; quiets absl logging on processes other than 0."""
   from absl import logging as absl_logging
   f = flags.FLAGS
-  multi = distributed.initialize(f.coordinator_address, f.num_processes, f.process_id, f.local_device_ids,
-                                 mode=f.distributed)
+  multi = distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                                 f.local_device_ids, mode=f.distributed)
   if multi and not distributed.is_main():
     absl_logging.set_verbosity(absl_logging.ERROR)
   return multi
@@ -223,8 +228,8 @@ def explain_config_error(argv: list[str], arch: str, error: Exception) -> str:
   if not pathlib.Path(path).exists():
     return f'--config {spec}: no such file (the configs are experiments/configs/<arch>.py[:PRESET])'
   if preset and preset not in configs.PRESETS:
-    return (f'--config {spec}: unknown preset {preset!r}; choose one of {", ".join(configs.PRESETS)}'
-            f' (e.g. --config {path}:demo)')
+    return (f'--config {spec}: unknown preset {preset!r}; choose one of '
+            f'{", ".join(configs.PRESETS)} (e.g. --config {path}:demo)')
   try:
     config = load_config(arch, preset or 'paper')
   except Exception:  # a config file of the user's: report its own error below
@@ -246,11 +251,12 @@ def explain_config_error(argv: list[str], arch: str, error: Exception) -> str:
           if close:
             hint = f'; did you mean {" or ".join("--config." + c for c in close)}?'
           elif parent in keys:
-            hint = f'; config.{parent} has: {", ".join(sorted(k.rpartition(".")[2] for k in group))}'
+            hint = (f'; config.{parent} has: '
+                    f'{", ".join(sorted(k.rpartition(".")[2] for k in group))}')
           else:
             hint = ''
-          return (f'{arg}: config has no field {field!r}{hint} (python -m experiments.{arch} --help '
-                  f'lists the fields)')
+          return (f'{arg}: config has no field {field!r}{hint} '
+                  f'(python -m experiments.{arch} --help lists the fields)')
   cause = error
   while cause.__cause__ is not None or cause.__context__ is not None:
     cause = cause.__cause__ or cause.__context__

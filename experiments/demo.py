@@ -43,7 +43,8 @@ def comparison(workdir: pathlib.Path, num_rows: int = 4) -> pathlib.Path:
   examples = train.first_examples(config, source, num_rows)
   rows = [{'image': image, 'ground truth': label} for _, image, label in examples]
   for arch in ARCHS:
-    model, variables, meta = checkpoint.load_inference(workdir / arch / 'checkpoints', which='latest')
+    model, variables, meta = checkpoint.load_inference(workdir / arch / 'checkpoints',
+                                                       which='latest')
     for row, (_, image, _) in zip(rows, examples):
       scores = viz.predict_scores(model, variables, image, meta['preprocessing'])
       row[NAMES[arch]] = np.argmax(scores, -1)

@@ -29,8 +29,8 @@ flags.DEFINE_string('checkpoint', None, 'A training WORKDIR (or its checkpoints/
                     'directory of fcn_jax.convert.', required=True)
 flags.DEFINE_string('dataset', '', 'Default: the dataset the checkpoint was trained on (its '
                     'metadata), else voc_segmentation/2011. voc_segmentation/2011 | '
-                    'voc_segmentation/2012 | sbd | pascal_context | sift_flow | nyud_v2, or your own '
-                    'data: folder | coco | voc_like | pairs | split_folders (with --root)')
+                    'voc_segmentation/2012 | sbd | pascal_context | sift_flow | nyud_v2, or your '
+                    'own data: folder | coco | voc_like | pairs | split_folders (with --root)')
 flags.DEFINE_string('root', '', 'The directory of a user dataset (default: the checkpoint\'s).')
 flags.DEFINE_string('classes_file', '', 'classes.txt elsewhere than ROOT/classes.txt (default: '
                     'the checkpoint\'s).')
@@ -55,8 +55,8 @@ flags.DEFINE_string('which', 'best', 'Which checkpoint of a training run: best, 
 flags.DEFINE_string('out', '', 'Output directory (default: see above).')
 flags.DEFINE_bool('overwrite', False, 'Replace results.json / results.md that exist in --out.')
 flags.DEFINE_string('compilation_cache_dir', configs.COMPILATION_CACHE_DIR,
-                    'Persistent XLA compilation cache (\'\' = off): each native image size compiles '
-                    'once, and later evaluations reuse the compiled programs.')
+                    'Persistent XLA compilation cache (\'\' = off): each native image size '
+                    'compiles once, and later evaluations reuse the compiled programs.')
 
 
 def default_out(checkpoint_dir: str, dataset: str, split: str, step: int) -> pathlib.Path:
@@ -100,10 +100,12 @@ def evaluate(f) -> None:
   check_flags(f, spec)  # before the model is loaded or data prepared
   dataset, split = spec.name, spec.split
   print(f'evaluating step {step} of {root} on {spec.describe()}')
-  out = pathlib.Path(f.out).expanduser().resolve() if f.out else default_out(root, dataset, split, step)
+  out = (pathlib.Path(f.out).expanduser().resolve() if f.out
+         else default_out(root, dataset, split, step))
   existing = [out / name for name in ('results.json', 'results.md') if (out / name).exists()]
   if existing and not f.overwrite:
-    raise UserError(f'{existing[0]} exists; pass --overwrite to replace it, or choose another --out')
+    raise UserError(f'{existing[0]} exists; pass --overwrite to replace it, or choose another '
+                    f'--out')
   common.enable_compilation_cache(f.compilation_cache_dir)
   model, variables, meta = checkpoint.load_inference(root, which=str(step))
   try:

@@ -152,7 +152,8 @@ def measure(backbone: str = 'vgg16', repeats: int = 3) -> tuple[Forms, dict[str,
   a model is being traced: the probes are evaluated eagerly).
   """
   if backbone not in PROBE_SLICES:
-    raise CpuFormsError(f'no CPU-form probe for backbone {backbone!r}; known: {sorted(PROBE_SLICES)}')
+    raise CpuFormsError(f'no CPU-form probe for backbone {backbone!r}; '
+                        f'known: {sorted(PROBE_SLICES)}')
   with jax.ensure_compile_time_eval():
     return _measure(backbone, repeats)
 
@@ -277,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m fcn_jax.tune', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('backbones', nargs='*', default=['vgg16'],
-                      help=f'backbones to measure (default vgg16; known: {", ".join(PROBE_SLICES)})')
+                      help=f'backbones to measure (default vgg16; '
+                           f'known: {", ".join(PROBE_SLICES)})')
   args = parser.parse_args(argv)
   unknown = [b for b in args.backbones if b not in PROBE_SLICES]
   if unknown:
@@ -291,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         'forms': dataclasses.asdict(forms), 'timings_ms': timings,
         'measured_at': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')})
     _resolved[key] = forms
-    print(f'  {forms.describe()}\n  probes (ms): ' + ', '.join(f'{k} {v}' for k, v in timings.items()))
+    print(f'  {forms.describe()}\n  probes (ms): '
+          + ', '.join(f'{k} {v}' for k, v in timings.items()))
   print(f'cached in {path}')
   return 0
 

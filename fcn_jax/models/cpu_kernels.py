@@ -110,8 +110,9 @@ window_max_pool.defvjp(_window_max_pool_fwd, _window_max_pool_bwd)
 
 def max_pool(x: jax.Array, window: int, stride: int, pads: tuple, blocks: bool,
              forms: Forms | None = None) -> jax.Array:
-  """Max pooling with explicit (-inf) padding, in the form `forms` (None: `active()`) picks; `blocks`: the
-  windows tile the input (window == stride, only the ceil-mode padding on the right)."""
+  """Max pooling with explicit (-inf) padding, in the form `forms` (None: `active()`) picks;
+  `blocks`: the windows tile the input (window == stride, only the ceil-mode padding on the
+  right)."""
   forms = forms or active()
   if forms.pool_grad and blocks:
     return block_max_pool(x, stride)  # pads the ceil-mode remainder with -inf itself

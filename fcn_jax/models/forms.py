@@ -1,6 +1,7 @@
 """The CPU forms of FCN's convolution and pooling layers, as data: which library XLA hands the
-convolutions to and which layers take matrix-product or elementwise forms (fcn_jax.models.cpu_kernels
-computes them; fcn_jax.tune measures which of them this machine runs best).
+convolutions to and which layers take matrix-product or elementwise forms
+(fcn_jax.models.cpu_kernels computes them; fcn_jax.tune measures which of them this machine runs
+best).
 
 
 XLA's CPU backend computes some of FCN's layers several times slower than PyTorch's oneDNN, and
@@ -77,7 +78,8 @@ class Forms:
 
   def __post_init__(self):
     if self.conv_library not in CONV_LIBRARIES:
-      raise CpuFormsError(f'conv_library must be one of {CONV_LIBRARIES}, got {self.conv_library!r}')
+      raise CpuFormsError(f'conv_library must be one of {CONV_LIBRARIES}, '
+                          f'got {self.conv_library!r}')
 
   def compiler_options(self) -> dict[str, Any] | None:
     """XLA compiler options of a program traced with these forms (None: XLA's defaults)."""
@@ -112,8 +114,9 @@ def from_spec(spec: str) -> Forms:
     key, sep, value = item.partition('=')
     key, value = key.strip(), value.strip()
     if not sep or key not in names:
-      raise CpuFormsError(f'{ENV_VAR}={spec!r}: expected measure, default, off or a comma-separated '
-                       f'list of {", ".join(f"{n}=..." for n in names)}; {item!r} is not one')
+      raise CpuFormsError(f'{ENV_VAR}={spec!r}: expected measure, default, off or a '
+                          f'comma-separated list of {", ".join(f"{n}=..." for n in names)}; '
+                          f'{item!r} is not one')
     if key == 'conv_library':
       values[key] = value
     elif names[key] in ('int', int):

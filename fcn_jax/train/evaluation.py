@@ -72,14 +72,16 @@ def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *,
           kept.append((str(names[i]), batch['image'][i], first_labels[i], local_preds[i]))
   exclude = exclude or {}
   by_head = {h: metrics_lib.segmentation_scores(  # in the model's head order (jax sorts dict keys)
-      distributed.sum_across_processes(np.asarray(jax.device_get(confusion[h]))), exclude.get(h, ()))
+      distributed.sum_across_processes(np.asarray(jax.device_get(confusion[h]))),
+      exclude.get(h, ()))
       for h in model.head_names}
   scores = dict(by_head[model.head_names[0]])
   if len(by_head) > 1:  # the first head's scores drive "best"; every head's are kept
     scores['heads'] = by_head
   return scores, kept
 
-def first_examples(config: ml_collections.ConfigDict, source, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def first_examples(config: ml_collections.ConfigDict, source,
+                   count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
   """The first `count` examples of a split as (file_name, uint8 RGB image, label) for figures."""
   out = []
   for i in range(min(count, len(source))):

@@ -91,8 +91,10 @@ def _take_workdir_lock(workdir: pathlib.Path) -> workdir_lib.WorkdirLock | None:
     raise workdir_lib.WorkdirBusyError(error.decode())
   return lock
 
-def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, resumed_at: int | None) -> None:
-  """config.json of this run; a resumed run with a changed config keeps the previous one beside it."""
+def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+                  resumed_at: int | None) -> None:
+  """config.json of this run; a resumed run with a changed config keeps the previous one beside
+  it."""
   path = workdir / 'config.json'
   text = config.to_json_best_effort(indent=2) + '\n'
   if path.exists() and resumed_at is not None and path.read_text() != text:
@@ -282,7 +284,8 @@ class StepMeter:
   """Sums the on-device step metrics and fetches them only at log time (no sync per step)."""
 
   def __init__(self, writer, progress, batch_size: int, workdir: pathlib.Path):
-    self.writer, self.progress, self.batch_size, self.workdir = writer, progress, batch_size, workdir
+    self.writer, self.progress, self.batch_size, self.workdir = (writer, progress, batch_size,
+                                                                 workdir)
     self.pending = None
     self.t_last, self.step_last = time.perf_counter(), progress.start
 

@@ -30,7 +30,8 @@ def metadata_from_config(config: ml_collections.ConfigDict, classes=None,
   classes for a net with several heads."""
   extra = {}
   if classes is not None:
-    extra = {'palette': np.asarray(classes.palette).tolist(), 'ignore_label': int(classes.ignore_label),
+    extra = {'palette': np.asarray(classes.palette).tolist(),
+             'ignore_label': int(classes.ignore_label),
              'dataset': config.dataset.name, 'data': dataset_identity(config)}
   if heads and len(heads) > 1:
     extra['heads'] = [{'name': h, 'num_classes': c.num_classes, 'class_names': list(c.names),
@@ -79,8 +80,8 @@ def resolve_num_updates(config: ml_collections.ConfigDict, num_train_images: int
   return max(1, math.ceil(epochs * num_train_images / images_per_update))
 
 def resolve_head_classes(config: ml_collections.ConfigDict, heads: dict) -> None:
-  """A net with several heads: config.model.num_classes from the dataset's heads (data.head_classes),
-  which must be the arch's (SIFT Flow: semantic, geometric)."""
+  """A net with several heads: config.model.num_classes from the dataset's heads
+  (data.head_classes), which must be the arch's (SIFT Flow: semantic, geometric)."""
   names = [h.name for h in models.ARCHS[config.arch].heads]
   if sorted(map(str, heads)) != sorted(names):
     raise UserError(f'{config.arch} has the heads {", ".join(names)}, but the dataset '
@@ -114,8 +115,9 @@ def resolve_classes(config: ml_collections.ConfigDict, classes, heads: dict | No
                     f'has {n} classes ({", ".join(classes.names[:6])}{", ..." if n > 6 else ""}); '
                     f'leave it at 0 (from the dataset) or fix the dataset\'s class list')
   if config.class_names and tuple(config.class_names) != tuple(classes.names):
-    raise UserError(f'config.class_names={tuple(config.class_names)[:6]}... differ from the dataset '
-                    f'{where}\'s {tuple(classes.names)[:6]}...; leave it empty (from the dataset)')
+    raise UserError(f'config.class_names={tuple(config.class_names)[:6]}... differ from the '
+                    f'dataset {where}\'s {tuple(classes.names)[:6]}...; leave it empty (from the '
+                    f'dataset)')
   config.model.num_classes = n
   config.class_names = tuple(classes.names)
 
@@ -246,5 +248,6 @@ def start_summary(config: ml_collections.ConfigDict, run: RunSpec, workdir: path
   remapped = (getattr(info, 'metadata', None) or {}).get('mask_remap')
   if remapped:
     lines.insert(1, '  masks: ' + ', '.join(f'{a} read as class {b} ({names[b]})'
-                                           for a, b in remapped) + ' (binary masks stored as 0/255)')
+                                           for a, b in remapped)
+                 + ' (binary masks stored as 0/255)')
   return '\n'.join(lines)

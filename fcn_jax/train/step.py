@@ -27,7 +27,8 @@ class TrainState:
   params: Any
   batch_stats: Any         # frozen BatchNorm statistics (GoogLeNet); {} otherwise
   opt_state: Any
-  rng: jax.Array           # base key; dropout uses fold_in(rng, step) so resumed runs replay exactly
+  rng: jax.Array           # base key; dropout uses fold_in(rng, step) so resumed runs replay
+                           # exactly
 
   def variables(self, params=None) -> dict:
     v = {'params': self.params if params is None else params}
@@ -53,14 +54,16 @@ def optimizer_from_config(config: ml_collections.ConfigDict, model: nn.Module,
   return optim.make_optimizer(
       learning_rate=o.learning_rate, momentum=o.momentum, weight_decay=o.weight_decay,
       params=params, frozen=models.frozen_mask(model, params), bias_lr_mult=o.bias_lr_mult,
-      schedule=o.schedule, total_steps=config.num_train_steps, accumulate_steps=config.accumulate_steps,
-      caffe=o.caffe, algorithm=o.get('algorithm', 'sgd'))
+      schedule=o.schedule, total_steps=config.num_train_steps,
+      accumulate_steps=config.accumulate_steps, caffe=o.caffe,
+      algorithm=o.get('algorithm', 'sgd'))
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, variables: dict,
                        rng: jax.Array) -> TrainState:
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params), rng=rng)
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                    rng=rng)
 
 def label_key(model: nn.Module, head: str) -> str:
   """The batch key of a head's labels: 'label' for a single-headed net, else 'label_<head>'
@@ -71,8 +74,9 @@ def per_head(model: nn.Module, outputs) -> dict[str, jax.Array]:
   """The model's scores by head name (a single-headed net returns one array)."""
   return outputs if isinstance(outputs, dict) else {model.head_names[0]: outputs}
 
-def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
-               normalize_loss: bool, class_weights: tuple[float, ...] | None = None) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, *, model: nn.Module,
+               tx: optax.GradientTransformation, normalize_loss: bool,
+               class_weights: tuple[float, ...] | None = None) -> tuple[TrainState, dict]:
   """One pure SGD micro-step. batch: image (N, H, W, C) float32 (the modalities concatenated),
   label (N, H, W) int32 (several heads: label_<head> each). The loss sums the heads' losses (the
   reference SIFT Flow nets: semantic + geometric); the pixel accuracy is the first head's."""
@@ -83,7 +87,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
     logits = per_head(model, model.apply(state.variables(params), batch['image'], train=True,
                                          rngs={'dropout': dropout_rng}))
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
-    total = sum(losses.cross_entropy(logits[h], batch[label_key(model, h)], normalize=normalize_loss,
+    total = sum(losses.cross_entropy(logits[h], batch[label_key(model, h)],
+                                     normalize=normalize_loss,
                                      class_weights=weights if h == first else None)
                 for h in model.head_names)
     return total, logits[first]

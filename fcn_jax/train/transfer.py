@@ -57,5 +57,6 @@ def initial_variables(model: nn.Module, config: ml_collections.ConfigDict, rng: 
         f'the backbone is copied, the score layers start fresh ({", ".join(fresh) or "none"})')
   variables = dict(variables, params=params)
   if 'batch_stats' in variables and 'batch_stats' in source:
-    variables['batch_stats'], _, _ = transfer_params(variables['batch_stats'], source['batch_stats'])
+    variables['batch_stats'], _, _ = transfer_params(variables['batch_stats'],
+                                                     source['batch_stats'])
   return variables
