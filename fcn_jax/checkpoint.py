@@ -34,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
 
+from fcn_jax import models
 from fcn_jax.errors import UserError
 
 __all__ = ['CheckpointNotFoundError', 'Checkpointer', 'build_from_metadata', 'is_checkpoint_dir',
@@ -417,7 +418,6 @@ def model_metadata(model_config: dict) -> dict:
   """The checkpoint metadata describing a model: `model` (the model config, exactly the keyword
   arguments of models.build, the one source build_from_metadata reads) and read-only summaries of
   it for people and the resume checks (arch, num_classes, width, ...)."""
-  from fcn_jax import models
   model_config = {k: (v.item() if isinstance(v, np.generic) else v)
                   for k, v in model_config.items()}
   model_config['dtype'] = jnp.dtype(model_config.get('dtype') or 'float32').name
@@ -448,7 +448,6 @@ def model_config_of(metadata: dict) -> dict:
 
 def build_from_metadata(metadata: dict):
   """The flax module described by checkpoint metadata."""
-  from fcn_jax import models  # imported here: checkpoints do not need the models to be importable
   return models.build_from_config(model_config_of(metadata))
 
 

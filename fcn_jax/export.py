@@ -28,6 +28,7 @@ import zipfile
 
 import numpy as np
 
+from fcn_jax import checkpoint, preprocessing
 from fcn_jax import cli as cli_lib
 from fcn_jax.errors import UserError, cli
 
@@ -55,7 +56,6 @@ def export_checkpoint(checkpoint_dir, out, *, sizes=DEFAULT_SIZES, which: str = 
   import jax
   import jax.numpy as jnp
   from jax import export as jax_export
-  from fcn_jax import checkpoint, preprocessing
   out = pathlib.Path(out).expanduser().resolve()
   if out.is_dir():
     raise UserError(f'--out {out} is a directory; give a file name (e.g. model.fcnx)')

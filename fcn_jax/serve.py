@@ -27,7 +27,9 @@ from PIL import Image
 
 from fcn_jax import cli as cli_lib
 from fcn_jax import images as images_lib
+from fcn_jax import viz
 from fcn_jax.errors import UserError, cli
+from fcn_jax.segmenter import Segmenter
 
 DEFAULT_MAX_BYTES = 20 * 2**20
 
@@ -124,7 +126,6 @@ class Service:
       raise HttpError(status, str(e).replace('--max_size', 'the service\'s --max_size')) from None
 
   def predict(self, body: bytes, scores: bool = False) -> dict:
-    from fcn_jax import viz
     image = self.decode(body)
     with self._lock:
       result = self.segmenter([image], scores=True)
@@ -218,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
                  help='largest image side in pixels (default %(default)s)')
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), help='compute dtype')
   a = p.parse_args(argv)
-  from fcn_jax.segmenter import Segmenter
   segmenter = Segmenter.load(a.checkpoint, which=a.which, batch_size=1, dtype=a.dtype)
   segmenter.require_single_colour_net('fcn_jax.serve')
   service = Service(segmenter, max_bytes=a.max_bytes, max_size=a.max_size)

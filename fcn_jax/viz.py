@@ -11,6 +11,7 @@ from PIL import Image
 
 from fcn_jax import preprocessing as prep_lib
 from fcn_jax.data.classes import full_palette, voc_palette
+from fcn_jax.models import cpu_forms
 
 
 PALETTE = voc_palette()
@@ -122,7 +123,6 @@ def training_curves(records: Sequence[dict], path: str | pathlib.Path, title: st
 
 def predict_scores(model, variables: dict, image: np.ndarray, preprocessing: str) -> np.ndarray:
   """uint8 RGB (H, W, 3) -> float32 class scores (H, W, C) at the input size."""
-  from fcn_jax.models import cpu_forms
   x = prep_lib.get(preprocessing)(image)[None]
   return np.asarray(cpu_forms.jit(lambda v, x: model.apply(v, x, train=False),
                                   forms=getattr(model, 'forms', None))(variables, x))[0]

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fcn_jax import checkpoint
 from fcn_jax.data import classes as classes_lib
 from fcn_jax.errors import UserError
 
@@ -44,7 +45,6 @@ class ZooNet:
 
   def metadata(self, width: float = 1.0, learnable_upsampling: bool = False) -> dict[str, Any]:
     """The checkpoint metadata of this net: the model config and everything inference needs."""
-    from fcn_jax import checkpoint
     model = {'arch': self.arch, 'num_classes': self.num_classes, 'width': width,
              'learnable_upsampling': learnable_upsampling}
     heads = [{'name': name, 'num_classes': len(names), 'class_names': list(names),

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import pathlib
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -28,7 +30,8 @@ from PIL import Image
 from fcn_jax import cli as cli_lib
 from fcn_jax import preprocessing as preprocessing_lib
 from fcn_jax.data import (IGNORE_LABEL, DataError, decode_example, decode_image, decode_mask,
-                          file_name as _file_name)
+                          file_name as _file_name, get_data_source)
+from fcn_jax.data import synthetic_voc
 
 
 def rescale(image: np.ndarray, label: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -303,17 +306,11 @@ def _eval_iter(source, preprocess, heads, batch_size, pad_to, shard_index, shard
 
 def benchmark(num_images: int = 64, crop_size: int = 320, batch_size: int = 8, seconds: float = 10.0,
               worker_counts=(0, 1, 2), workdir: str | None = None) -> dict:
-  import pathlib
-  import tempfile
-
-  from fcn_jax.data import get_data_source
-  from fcn_jax.data import synthetic
-
   tmp = tempfile.TemporaryDirectory() if workdir is None else None
   root = pathlib.Path(workdir or tmp.name)
   manual = root / 'manual'
   if not (root / 'data').exists():
-    devkit = synthetic.write_voc_tree(manual, num_train=num_images, num_val=1, seed=0, min_size=375, max_size=375)
+    devkit = synthetic_voc.write_voc_tree(manual, num_train=num_images, num_val=1, seed=0, min_size=375, max_size=375)
     # Make every image exactly 500x375 (W x H), like a typical VOC image.
     for path in (devkit / 'VOC2012' / 'JPEGImages').glob('*.jpg'):
       Image.open(path).resize((500, 375), Image.BILINEAR).save(path, quality=95)
