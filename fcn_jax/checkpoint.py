@@ -337,7 +337,8 @@ def save_inference(directory, variables: dict, metadata: dict, *, overwrite: boo
   """
   directory = os.path.abspath(os.fspath(directory))
   if 'arch' not in metadata:
-    raise ValueError('metadata must contain "arch" (plus num_classes, width, ...) to rebuild the model')
+    raise ValueError('metadata must contain "arch" (plus num_classes, width, ...) to rebuild the '
+                     'model')
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise FileExistsError(f'{directory} is a file')
   if os.path.isdir(directory) and os.listdir(directory):

@@ -64,9 +64,9 @@ def export_checkpoint(checkpoint_dir, out, *, sizes=DEFAULT_SIZES, which: str = 
   model, variables, meta = checkpoint.load_inference(checkpoint_dir, which=which)
   modalities = [m['name'] for m in preprocessing.modalities_of(meta)]
   if len(model.head_names) > 1 or modalities != ['color']:
-    raise UserError(f'fcn_jax.export handles single-headed colour nets for now; {checkpoint_dir} has '
-                    f'heads {", ".join(model.head_names)} and inputs {" + ".join(modalities)}. Use '
-                    f'python -m fcn_jax.predict (or fcn_jax.segmenter.Segmenter) instead')
+    raise UserError(f'fcn_jax.export handles single-headed colour nets for now; {checkpoint_dir} '
+                    f'has heads {", ".join(model.head_names)} and inputs {" + ".join(modalities)}. '
+                    'Use python -m fcn_jax.predict (or fcn_jax.segmenter.Segmenter) instead')
   p = preprocessing.get(meta['preprocessing'])
   prep = {'bgr': p.bgr, 'scale': p.scale, 'mean': list(p.mean), 'std': list(p.std)}
   if platforms is None:

@@ -113,9 +113,10 @@ class Segmenter:
     """Raises UserError for a net with several heads or inputs besides colour (for the tools that
     do not handle them yet: export, serve)."""
     if len(self.head_names) > 1 or self.modality_names != ['color']:
-      raise UserError(f'{what} handles single-headed colour nets for now; this checkpoint has heads '
-                      f'{", ".join(self.head_names)} and inputs {" + ".join(self.modality_names)}. '
-                      f'Use python -m fcn_jax.predict (or fcn_jax.segmenter.Segmenter) instead')
+      raise UserError(f'{what} handles single-headed colour nets for now; this checkpoint has '
+                      f'heads {", ".join(self.head_names)} and inputs '
+                      f'{" + ".join(self.modality_names)}. Use python -m fcn_jax.predict (or '
+                      'fcn_jax.segmenter.Segmenter) instead')
 
   @property
   def modality_names(self) -> list[str]:

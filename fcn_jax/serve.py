@@ -185,7 +185,8 @@ def make_handler(service: Service):
         self._json(400, {'error': 'bad Content-Length'})
         return
       if length > service.max_bytes:
-        self._json(413, {'error': f'image of {length} bytes is over the limit of {service.max_bytes}'})
+        self._json(413, {'error': f'image of {length} bytes is over the limit of '
+                                  f'{service.max_bytes}'})
         return
       body = self.rfile.read(length)
       query = urllib.parse.parse_qs(url.query)
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     server = make_server(service, a.host, a.port)
   except OSError as e:
-    raise UserError(f'cannot listen on {a.host}:{a.port}: {e.strerror}; pass another --port') from None
+    raise UserError(f'cannot listen on {a.host}:{a.port}: {e.strerror}; pass another '
+                    '--port') from None
   print(f'serving {a.checkpoint} on http://{server.server_address[0]}:{server.server_address[1]}/',
         flush=True)
   try:

@@ -152,8 +152,9 @@ def recognise(state: dict[str, np.ndarray], filename: str = '',
     conv1_out = np.shape(conv1)[0]
     conv2_inputs = np.shape(state.get('conv2.weight', np.zeros((0, 0))))[1]
     if conv1_out % 2 == 0 and conv2_inputs == conv1_out // 2:
-      return ZOO['voc-fcn-alexnet'], (f'conv1..conv5 + score_fr, conv2 in two groups ({conv2_inputs} '
-                                      f'of {conv1_out} channels each): FCN-AlexNet, CaffeNet layout')
+      return ZOO['voc-fcn-alexnet'], ('conv1..conv5 + score_fr, conv2 in two groups '
+                                      f'({conv2_inputs} of {conv1_out} channels each): '
+                                      'FCN-AlexNet, CaffeNet layout')
     raise RecognitionError(f'an FCN-AlexNet whose conv2 is not grouped ({conv2_inputs} inputs per '
                            f'filter, {conv1_out} channels from conv1): not the reference CaffeNet '
                            'layout; convert it with --arch fcn_alexnet (torchvision layout)')
@@ -169,8 +170,8 @@ def recognise(state: dict[str, np.ndarray], filename: str = '',
     return ZOO['nyud-fcn32s-color-d'], 'conv1_1_bgrd with 4 input channels: colour + depth, early fusion'
   if has('score_fr_sem') or has('score_fr_geo'):
     stride = _stride_of(has, '_sem')
-    return ZOO[f'siftflow-fcn{stride}'], (f'semantic and geometric heads (score_fr_sem, score_fr_geo) '
-                                          f'with FCN-{stride} skips: SIFT Flow')
+    return ZOO[f'siftflow-fcn{stride}'], ('semantic and geometric heads (score_fr_sem, '
+                                          f'score_fr_geo) with FCN-{stride} skips: SIFT Flow')
   if not has('conv5_3'):
     raise RecognitionError('not a Caffe-named VGG16, CaffeNet or fusion net (no conv5_3 or conv1); '
                            f'layers like {sorted(state)[:8]}')

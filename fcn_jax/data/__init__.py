@@ -101,7 +101,8 @@ def check_split(name: str, split: str, *, root: str = '', val_fraction: float = 
   dataset's splits are listed from its root: no image is read)."""
   if name in CUSTOM_FORMATS:
     if not root:
-      raise DataError(f'dataset {name!r} needs its root directory: config.dataset.root=DIR (--root DIR)')
+      raise DataError(f'dataset {name!r} needs its root directory: config.dataset.root=DIR (--root '
+                      'DIR)')
     if not os.path.isdir(os.path.expanduser(root)):
       raise MissingDataError(f'dataset root {root} does not exist (config.dataset.root / --root)')
     names = custom.source_split_names(name, root, val_fraction)
@@ -110,7 +111,8 @@ def check_split(name: str, split: str, *, root: str = '', val_fraction: float = 
   else:
     raise DataError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')
   if split not in names:
-    raise DataError(f'{name} has no split {split!r}; choose one of {", ".join(names) or "(none found)"}')
+    raise DataError(f'{name} has no split {split!r}; choose one of '
+                    f'{", ".join(names) or "(none found)"}')
 
 
 def get_data_source(name: str, split: str, *, data_dir: str, manual_dir: str | None = None,

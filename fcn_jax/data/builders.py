@@ -60,9 +60,9 @@ class MissingDataError(DataError, FileNotFoundError):
   """The source data is not where the instructions say it should be."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Validation / encoding helpers (shared by the builders and the tests).
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def _read_bytes(path: epath.Path) -> bytes:
   try:
@@ -90,8 +90,8 @@ def read_index_png(data: bytes, path) -> np.ndarray:
   try:
     with Image.open(io.BytesIO(data)) as im:
       if im.mode not in ('P', 'L'):
-        raise DataError(f'{path}: segmentation PNG must be a palette (P) or grayscale (L) image of class ids, '
-                        f'got mode {im.mode}')
+        raise DataError(f'{path}: segmentation PNG must be a palette (P) or grayscale (L) image of '
+                        f'class ids, got mode {im.mode}')
       return np.asarray(im, dtype=np.uint8).copy()
   except DataError:
     raise
@@ -107,9 +107,11 @@ def read_sbd_mat(path: epath.Path) -> np.ndarray:
       mat = scipy.io.loadmat(f, squeeze_me=True, struct_as_record=False)
     seg = np.asarray(mat['GTcls'].Segmentation)
   except Exception as e:
-    raise DataError(f'unreadable SBD annotation {path} (need struct GTcls with field Segmentation): {e}') from e
+    raise DataError(f'unreadable SBD annotation {path} (need struct GTcls with field '
+                    f'Segmentation): {e}') from e
   if seg.ndim != 2 or not np.issubdtype(seg.dtype, np.integer):
-    raise DataError(f'{path}: GTcls.Segmentation must be a 2-D integer array, got {seg.dtype} {seg.shape}')
+    raise DataError(f'{path}: GTcls.Segmentation must be a 2-D integer array, got {seg.dtype} '
+                    f'{seg.shape}')
   check_mask_values(seg, path)
   return seg.astype(np.uint8)
 
@@ -118,7 +120,8 @@ def check_mask_values(mask: np.ndarray, path) -> None:
   values = np.unique(mask)
   bad = values[(values >= NUM_CLASSES) & (values != IGNORE_LABEL) | (values < 0)]
   if bad.size:
-    raise DataError(f'{path}: mask values {bad.tolist()[:10]} outside {{0..{NUM_CLASSES - 1}, {IGNORE_LABEL}}}')
+    raise DataError(f'{path}: mask values {bad.tolist()[:10]} outside {{0..{NUM_CLASSES - 1}, '
+                    f'{IGNORE_LABEL}}}')
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
@@ -131,17 +134,19 @@ def make_example(image_id: str, jpeg_path: epath.Path, mask: np.ndarray | None =
                  mask_path: epath.Path | None = None) -> dict[str, Any]:
   """Reads + validates one (image, mask) pair. `mask` given (SBD) or read from `mask_path` (VOC PNG)."""
   if not jpeg_path.exists():
-    raise DataError(f'id {image_id!r} is listed in the split but its image {jpeg_path} does not exist')
+    raise DataError(f'id {image_id!r} is listed in the split but its image {jpeg_path} does not '
+                    'exist')
   if mask is None:
     if not mask_path.exists():
-      raise DataError(f'id {image_id!r} is listed in the split but its mask {mask_path} does not exist')
+      raise DataError(f'id {image_id!r} is listed in the split but its mask {mask_path} does not '
+                      'exist')
     mask = read_index_png(_read_bytes(mask_path), mask_path)
     check_mask_values(mask, mask_path)
   jpeg = _read_bytes(jpeg_path)
   hw = check_jpeg(jpeg, jpeg_path)
   if tuple(mask.shape[:2]) != hw:
-    raise DataError(f'size mismatch for {image_id!r}: image {jpeg_path} is {hw[0]}x{hw[1]} (HxW) but mask '
-                    f'{mask_path} is {mask.shape[0]}x{mask.shape[1]}')
+    raise DataError(f'size mismatch for {image_id!r}: image {jpeg_path} is {hw[0]}x{hw[1]} (HxW) '
+                    f'but mask {mask_path} is {mask.shape[0]}x{mask.shape[1]}')
   return {'image': jpeg, 'segmentation_mask': encode_mask_png(mask), 'file_name': image_id}
 
 
@@ -243,8 +248,8 @@ def download_file(url: str, dest: epath.Path, md5: str | None) -> epath.Path:
           f.write(block)
           bar.update(len(block))
   except OSError as e:
-    raise MissingDataError(f'cannot download {url}: {e}. Download it by hand into the manual directory '
-                           '(see the instructions) and pass manual_dir.') from e
+    raise MissingDataError(f'cannot download {url}: {e}. Download it by hand into the manual '
+                           'directory (see the instructions) and pass manual_dir.') from e
   got = md5sum(part)
   if md5 is not None and got != md5:
     part.unlink()
@@ -295,8 +300,8 @@ class _Base(tfds.core.GeneratorBasedBuilder):
         raise MissingDataError(f'downloaded {archive["url"]} does not contain {contents}')
       return root
     raise MissingDataError(
-        f'no {what} data: give a manual_dir (default {getattr(dl_manager, "_manual_dir", None)} is missing or '
-        'empty) or download=True.\n\n' + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+        f'no {what} data: give a manual_dir (default {getattr(dl_manager, "_manual_dir", None)} is '
+        'missing or empty) or download=True.\n\n' + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
 
   def _files(self, root: epath.Path, image_id: str) -> tuple[epath.Path, epath.Path]:
     """(image, annotation) paths of one id."""
@@ -320,15 +325,16 @@ class _Base(tfds.core.GeneratorBasedBuilder):
                                                   mininterval=2.0, leave=False):
       if isinstance(mask_source, epath.Path) and mask_source.suffix == '.mat':
         if not mask_source.exists():
-          raise DataError(f'id {image_id!r} is listed in the split but its annotation {mask_source} does not exist')
+          raise DataError(f'id {image_id!r} is listed in the split but its annotation '
+                          f'{mask_source} does not exist')
         yield image_id, make_example(image_id, jpeg_path, mask=read_sbd_mat(mask_source), mask_path=mask_source)
       else:
         yield image_id, make_example(image_id, jpeg_path, mask_path=mask_source)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # VOC
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 VOC_MANUAL_INSTRUCTIONS = """\
 Put ONE of these into the manual directory (`manual_dir`):
@@ -387,11 +393,14 @@ class VocSegmentation(_Base):
   """PASCAL VOC semantic segmentation (SegmentationClass), 2012 and 2011."""
 
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Original JPEG bytes; index-PNG masks with 255 borders; seg11valid for 2011.'}
+  RELEASE_NOTES = {'1.0.0': 'Original JPEG bytes; index-PNG masks with 255 borders; seg11valid '
+                            'for 2011.'}
   BUILDER_CONFIGS = [
-      VocSegmentationConfig(year='2012', description='VOC2012 segmentation: train 1464, val 1449, trainval 2913.'),
-      VocSegmentationConfig(year='2011', description='VOC2011 segmentation: train 1112, val 1111, trainval, and '
-                                                     'seg11valid (val minus SBD train, 736).'),
+      VocSegmentationConfig(year='2012', description='VOC2012 segmentation: train 1464, val 1449, '
+                                                     'trainval 2913.'),
+      VocSegmentationConfig(year='2011', description='VOC2011 segmentation: train 1112, val 1111, '
+                                                     'trainval, and seg11valid (val minus SBD '
+                                                     'train, 736).'),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = VOC_MANUAL_INSTRUCTIONS
 
@@ -406,7 +415,8 @@ class VocSegmentation(_Base):
     return self._find_root(
         dl_manager, VOC_ARCHIVES[year], lambda base: _find_voc_root(base, year),
         what=f'VOC{year}', contents=f'VOCdevkit/VOC{year}',
-        tree='VOCdevkit/VOC{year}/ImageSets/Segmentation (+ JPEGImages, SegmentationClass)'.format(year=year))
+        tree='VOCdevkit/VOC{year}/ImageSets/Segmentation (+ JPEGImages, '
+             'SegmentationClass)'.format(year=year))
 
   def _sbd_train_ids(self, dl_manager) -> list[str]:
     ids = _sbd_train_ids_from_manual(_manual_dir(dl_manager))
@@ -417,8 +427,9 @@ class VocSegmentation(_Base):
       return read_id_list(root / 'benchmark_RELEASE' / 'dataset' / 'train.txt')
     manual = _manual_dir(dl_manager) or getattr(dl_manager, '_manual_dir', None)
     raise MissingDataError(
-        'voc_segmentation/2011 split seg11valid (VOC2011 seg val minus SBD train) needs the SBD train list, which '
-        f'was not found: put one of {manual}/benchmark_RELEASE/dataset/train.txt, {manual}/benchmark.tgz or '
+        'voc_segmentation/2011 split seg11valid (VOC2011 seg val minus SBD train) needs the SBD '
+        'train list, which was not found: put one of '
+        f'{manual}/benchmark_RELEASE/dataset/train.txt, {manual}/benchmark.tgz or '
         f'{manual}/sbd_train.txt in place (or pass download=True).')
 
   def _split_generators(self, dl_manager):
@@ -437,9 +448,9 @@ class VocSegmentation(_Base):
     return root / 'JPEGImages' / f'{image_id}.jpg', root / 'SegmentationClass' / f'{image_id}.png'
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # SBD
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 SBD_MANUAL_INSTRUCTIONS = """\
 Put ONE of these into the manual directory (`manual_dir`):
@@ -462,7 +473,8 @@ class Sbd(_Base):
   """Semantic Boundaries Dataset (Hariharan et al. 2011), class segmentation (cls/*.mat GTcls.Segmentation)."""
 
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Original JPEG bytes; GTcls.Segmentation as index PNG (no void borders in SBD).'}
+  RELEASE_NOTES = {'1.0.0': 'Original JPEG bytes; GTcls.Segmentation as index PNG (no void '
+                            'borders in SBD).'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = SBD_MANUAL_INSTRUCTIONS
 
   def _info(self):

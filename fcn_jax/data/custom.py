@@ -89,8 +89,8 @@ def read_classes_txt(path: pathlib.Path, *, ignore_label: int = IGNORE_LABEL) ->
       elif len(parts) == 2 and int(parts[1]) <= 255:
         ignore_values.append(int(parts[1]))
       else:
-        raise DataError(f'{path}:{number}: `ignore` needs a colour (`ignore R G B`) or an index-mask '
-                        f'value 0..255 (`ignore 11`), got {raw.strip()!r}')
+        raise DataError(f'{path}:{number}: `ignore` needs a colour (`ignore R G B`) or an '
+                        f'index-mask value 0..255 (`ignore 11`), got {raw.strip()!r}')
       continue
     if name in names:
       raise DataError(f'{path}:{number}: class {name!r} is listed twice')
@@ -158,7 +158,8 @@ def mask_to_ids(mask: Image.Image, classes: ClassInfo, path) -> np.ndarray:
       raise DataError(f'{path}: mask colours not in classes.txt: ' + _counts_text(
           values[bad], counts[bad], lambda v: f'({v >> 16}, {(v >> 8) & 255}, {v & 255})'))
     return mapped[inverse].reshape(code.shape).astype(np.uint8)
-  raise DataError(f'{path}: mask mode {mask.mode} is neither an index (L / P) nor an RGB colour mask')
+  raise DataError(f'{path}: mask mode {mask.mode} is neither an index (L / P) nor an RGB colour '
+                  'mask')
 
 
 def coco_semantic_mask(annotations: list[dict], height: int, width: int,
@@ -228,8 +229,9 @@ def read_example(example: Example, classes: ClassInfo,
   if example.coco is not None:
     path, record, annotations = example.coco
     if (record.get('height'), record.get('width')) not in ((height, width), (None, None)):
-      raise DataError(f'size mismatch for {example.id!r}: image {example.image} is {height}x{width} '
-                      f'(HxW) but {path} says {record.get("height")}x{record.get("width")}')
+      raise DataError(f'size mismatch for {example.id!r}: image {example.image} is '
+                      f'{height}x{width} (HxW) but {path} says '
+                      f'{record.get("height")}x{record.get("width")}')
     return data, coco_semantic_mask(annotations, height, width, category_ids, path)
   if not example.mask.is_file():
     raise DataError(f'id {example.id!r}: mask {example.mask} does not exist')
@@ -396,7 +398,8 @@ class CustomSegmentation(tfds.core.GeneratorBasedBuilder):
   """A user's dataset in one of FORMATS; one builder config per (format, root, options, contents)."""
 
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Original image bytes; class-id PNG masks (255 = ignore); class metadata.'}
+  RELEASE_NOTES = {'1.0.0': 'Original image bytes; class-id PNG masks (255 = ignore); class '
+                            'metadata.'}
 
   def __init__(self, *, config: CustomSegmentationConfig, **kwargs):
     kwargs.setdefault('file_format', 'array_record')
@@ -454,7 +457,8 @@ def get_builder(fmt: str, *, root: str, data_dir: str, val_fraction: float = 0.1
   if fmt not in FORMATS:
     raise DataError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}')
   if not root:
-    raise DataError(f'dataset {fmt!r} needs its root directory: config.dataset.root=DIR (--root DIR)')
+    raise DataError(f'dataset {fmt!r} needs its root directory: config.dataset.root=DIR (--root '
+                    'DIR)')
   if not os.path.isdir(os.path.expanduser(root)):
     raise MissingDataError(f'dataset root {root} does not exist (config.dataset.root / --root)')
   options = Options(val_fraction=val_fraction, image_suffix=image_suffix, mask_suffix=mask_suffix)

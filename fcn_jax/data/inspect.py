@@ -59,7 +59,8 @@ def summary(fmt: str, root: pathlib.Path, val_fraction: float = 0.1, ignore_labe
     share = total[i] / max(total.sum(), 1)
     per_split = '   '.join(f'{counts[s][i]:>8}' for s in counts)
     warn = '  <- no pixels' if total[i] == 0 else ''
-    lines.append(f'  {name[:20]:<20} {i:>3}   {int(total[i]):>19}   {100 * share:5.1f}%   {per_split}{warn}')
+    lines.append(f'  {name[:20]:<20} {i:>3}   {int(total[i]):>19}   {100 * share:5.1f}%   '
+                 f'{per_split}{warn}')
   return '\n'.join(lines), {'classes': classes, 'rows': rows, 'counts': counts}
 
 

@@ -291,8 +291,8 @@ def _eval_iter(source, preprocess, heads, batch_size, pad_to, shard_index, shard
       h, w = image.shape[:2]
       if h > pad_to or w > pad_to:
         raise DataError(f'{_file_name(record)} is {h}x{w}, larger than pad_to={pad_to}: set pad_to '
-                        f'(evaluate --pad_to, config.eval_pad_to) to at least {max(h, w)}, or 0 for '
-                        f'native-size evaluation')
+                        f'(evaluate --pad_to, config.eval_pad_to) to at least {max(h, w)}, or 0 '
+                        'for native-size evaluation')
       images[j, :h, :w] = image
       for head, label in example_labels.items():
         labels[batch_label_key(head)][j, :h, :w] = label
@@ -300,9 +300,9 @@ def _eval_iter(source, preprocess, heads, batch_size, pad_to, shard_index, shard
     yield {'image': images, **labels, 'file_name': names}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Throughput benchmark: 500x375 JPEG -> random scale -> crop, images/s per worker process.
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def benchmark(num_images: int = 64, crop_size: int = 320, batch_size: int = 8, seconds: float = 10.0,
               worker_counts=(0, 1, 2), workdir: str | None = None) -> dict:
@@ -330,7 +330,9 @@ def benchmark(num_images: int = 64, crop_size: int = 320, batch_size: int = 8, s
     rate = count / (time.perf_counter() - start)
     results[workers] = rate
     print(f'worker_count={workers}: {rate:.1f} images/s total'
-          + (f', {rate / workers:.1f} images/s per worker process' if workers else ' (decoding in the main process)'),
+          + (f', {rate / workers:.1f} images/s per worker process' if workers else ' (decoding in '
+                                                                                   'the main '
+                                                                                   'process)'),
           flush=True)
     del it
   # Pure per-example cost in this process (no grain machinery): the "per worker" figure.
@@ -344,9 +346,9 @@ def benchmark(num_images: int = 64, crop_size: int = 320, batch_size: int = 8, s
   cpu_rate = count / max(time.process_time() - cpu_start, 1e-9)
   results['single_process_transform'] = rate
   results['per_cpu_second'] = cpu_rate
-  print(f'single process, transform only: {rate:.1f} images/s wall, {cpu_rate:.1f} images per CPU-second '
-        f'(500x375 JPEG -> scale [0.5, 2] -> {crop_size} crop -> flip -> caffe_bgr; the CPU figure is what one '
-        'worker process reaches on an otherwise idle core)', flush=True)
+  print(f'single process, transform only: {rate:.1f} images/s wall, {cpu_rate:.1f} images per '
+        f'CPU-second (500x375 JPEG -> scale [0.5, 2] -> {crop_size} crop -> flip -> caffe_bgr; the '
+        'CPU figure is what one worker process reaches on an otherwise idle core)', flush=True)
   if tmp is not None:
     tmp.cleanup()
   return results
@@ -359,8 +361,10 @@ def main(argv=None):
       'preprocess, batch) on synthetic 500x375 JPEGs, in the main process and with grain workers; '
       'writes nothing.')
   p.add_argument('--benchmark', action='store_true', required=True,
-                 help='run the benchmark (the only mode; required so that a bare call explains itself)')
-  p.add_argument('--crop_size', type=int, default=320, help='training crop, pixels (default %(default)s)')
+                 help='run the benchmark (the only mode; required so that a bare call explains '
+                      'itself)')
+  p.add_argument('--crop_size', type=int, default=320, help='training crop, pixels (default '
+                                                            '%(default)s)')
   p.add_argument('--batch_size', type=int, default=8, help='images per batch (default %(default)s)')
   p.add_argument('--seconds', type=float, default=10.0,
                  help='time per measured configuration (default %(default)s)')
