@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from fcn_jax.data import builders
+from fcn_jax.data import archives, builders
 from fcn_jax.data.builders import DataError, MissingDataError
 from fcn_jax.data.classes import (IGNORE_LABEL, NYUD_CLASS_NAMES, PASCAL_CONTEXT_CLASS_NAMES,
                                   SIFT_FLOW_GEOMETRIC_CLASS_NAMES, SIFT_FLOW_SEMANTIC_CLASS_NAMES,
@@ -148,7 +148,7 @@ class _Reference(builders._Base):
 
   def _root(self, dl_manager, archive: dict, find, **kwargs) -> epath.Path:
     """_find_root, downloading only archives with a known checksum."""
-    if self._allow_download and archive['md5'] is None and builders._manual_dir(dl_manager) is None:
+    if self._allow_download and archive['md5'] is None and archives.manual_dir(dl_manager) is None:
       raise MissingDataError(f'{archive["url"]} has no published checksum, so fcn_jax does not '
                              f'download it: download it by hand into the manual directory.\n\n'
                              + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
@@ -364,7 +364,7 @@ class PascalContext(_Reference):
               'segmentation_mask': _mask_feature()}
 
   def _split_generators(self, dl_manager):
-    manual = builders._manual_dir(dl_manager)
+    manual = archives.manual_dir(dl_manager)
     voc = self._find_root(dl_manager, VOC2010_ARCHIVE, _find_voc2010, what='VOC2010',
                           contents='VOCdevkit/VOC2010', tree='VOCdevkit/VOC2010/{JPEGImages,ImageSets}')
     context = self._root(dl_manager, CONTEXT_ARCHIVE, _find_context,
