@@ -55,7 +55,8 @@ class MaskValuesError(DataError):
     self.path, self.values, self.counts = path, values, counts
     n = len(classes.names)
     super().__init__(f'{path}: mask values not in classes.txt (ids 0..{n - 1}, ignored '
-                     f'{", ".join(map(str, classes.ignored))}): ' + _counts_text(values, counts, int))
+                     f'{", ".join(map(str, classes.ignored))}): ' +
+                     _counts_text(values, counts, int))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,7 +148,8 @@ def mask_to_ids(mask: Image.Image, classes: ClassInfo, path) -> np.ndarray:
                       f'`name R G B` lines (or save the masks as index PNGs)')
     rgb = np.asarray(mask.convert('RGB')).astype(np.int64)
     code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-    table = {(int(r) << 16) | (int(g) << 8) | int(b): i for i, (r, g, b) in enumerate(classes.palette)}
+    table = {(int(r) << 16) | (int(g) << 8) | int(b): i
+             for i, (r, g, b) in enumerate(classes.palette)}
     for r, g, b in classes.ignore_colors:
       table[(r << 16) | (g << 8) | b] = IGNORE_LABEL
     values, inverse = np.unique(code, return_inverse=True)
@@ -164,7 +166,8 @@ def mask_to_ids(mask: Image.Image, classes: ClassInfo, path) -> np.ndarray:
 
 def coco_semantic_mask(annotations: list[dict], height: int, width: int,
                        category_ids: dict[int, int], path) -> np.ndarray:
-  """uint8 (H, W) class ids from one image's COCO instances (see the module docstring for overlaps)."""
+  """uint8 (H, W) class ids from one image's COCO instances (see the module docstring for
+  overlaps)."""
   from pycocotools import mask as mask_utils
   out = np.zeros((height, width), np.uint8)
 
@@ -178,7 +181,8 @@ def coco_semantic_mask(annotations: list[dict], height: int, width: int,
     elif isinstance(seg, dict) and isinstance(seg.get('counts'), list):  # uncompressed RLE
       rle = mask_utils.frPyObjects(seg, height, width)
     elif isinstance(seg, dict):
-      rle = dict(seg, counts=seg['counts'].encode() if isinstance(seg['counts'], str) else seg['counts'])
+      counts = seg['counts']
+      rle = dict(seg, counts=counts.encode() if isinstance(counts, str) else counts)
     else:
       raise DataError(f'{path}: annotation {ann.get("id")} has no polygon or RLE segmentation')
     m = mask_utils.decode(rle)
@@ -325,7 +329,8 @@ def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str,
       except DataError as e:
         problems.append(str(e))
         continue
-      hist += np.bincount(ids_map[ids_map != IGNORE_LABEL].ravel(), minlength=len(classes.names))[:len(hist)]
+      labelled = ids_map[ids_map != IGNORE_LABEL].ravel()
+      hist += np.bincount(labelled, minlength=len(classes.names))[:len(hist)]
       rows.append((example, encode_mask_png(ids_map)))
       shapes.append(ids_map.shape)
     out[split], counts[split] = rows, hist.tolist()
@@ -385,8 +390,9 @@ class CustomSegmentationConfig(tfds.core.BuilderConfig):
     root = os.path.abspath(os.path.expanduser(root))
     classes = classes_path(root, classes_file)
     classes_text = classes.read_text() if classes.is_file() else ''
-    key = json.dumps([fmt, root, options.val_fraction, ignore_label, fingerprint(pathlib.Path(root)),
-                      options.image_suffix, options.mask_suffix, classes_text])
+    key = json.dumps([fmt, root, options.val_fraction, ignore_label,
+                      fingerprint(pathlib.Path(root)), options.image_suffix, options.mask_suffix,
+                      classes_text])
     slug = re.sub(r'[^a-zA-Z0-9]+', '_', os.path.basename(root.rstrip('/')))[:40] or 'root'
     super().__init__(name=f'{fmt}_{slug}_{hashlib.md5(key.encode()).hexdigest()[:10]}',
                      description=f'{fmt} dataset at {root}')
@@ -395,7 +401,8 @@ class CustomSegmentationConfig(tfds.core.BuilderConfig):
 
 
 class CustomSegmentation(tfds.core.GeneratorBasedBuilder):
-  """A user's dataset in one of FORMATS; one builder config per (format, root, options, contents)."""
+  """A user's dataset in one of FORMATS; one builder config per (format, root, options,
+  contents)."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Original image bytes; class-id PNG masks (255 = ignore); class '

@@ -106,7 +106,8 @@ def folder_source(root: pathlib.Path, options: Options) -> dict[str, list[Exampl
     split_ids = _read_split_lists(root / 'splits')
   else:
     split_ids = _split_by_fraction(sorted(images), options.val_fraction)
-  return {s: [Example(i, images.get(i, images_dir / f'{i}.jpg'), masks.get(i, masks_dir / f'{i}.png'))
+  return {s: [Example(i, images.get(i, images_dir / f'{i}.jpg'),
+                      masks.get(i, masks_dir / f'{i}.png'))
               for i in ids] for s, ids in split_ids.items()}
 
 
@@ -191,7 +192,8 @@ def _is_pairs_list(path: pathlib.Path) -> bool:
   for line in path.read_text(errors='replace').splitlines():
     if line.strip() and not line.lstrip().startswith('#'):
       parts = line.split()
-      return len(parts) == 2 and all(pathlib.Path(p).suffix.lower() in IMAGE_SUFFIXES for p in parts)
+      return len(parts) == 2 and all(pathlib.Path(p).suffix.lower() in IMAGE_SUFFIXES
+                                     for p in parts)
   return False
 
 
@@ -288,7 +290,8 @@ def split_folders_source(root: pathlib.Path, options: Options) -> dict[str, list
     images: dict[str, pathlib.Path] = {}
     for path in sorted(image_dir.iterdir()):
       stem = _strip(path.name, options.image_suffix)
-      if path.is_file() and stem is not None and any(path.name.lower().endswith(s.lower()) for s in suffixes):
+      matches = any(path.name.lower().endswith(s.lower()) for s in suffixes)
+      if path.is_file() and stem is not None and matches:
         if stem in images:
           raise DataError(f'duplicate id {stem!r}: {images[stem]} and {path} are both images')
         images[stem] = path
@@ -301,7 +304,8 @@ SOURCES = {'folder': folder_source, 'voc_like': voc_like_source, 'coco': coco_so
            'pairs': pairs_source, 'split_folders': split_folders_source}
 
 
-def source_splits(fmt: str, root: pathlib.Path, options: Options = Options()) -> dict[str, list[Example]]:
+def source_splits(fmt: str, root: pathlib.Path,
+                  options: Options = Options()) -> dict[str, list[Example]]:
   """{split: [Example]} of a user dataset (lists files; reads no image)."""
   root = pathlib.Path(root).expanduser()
   if not root.is_dir():
