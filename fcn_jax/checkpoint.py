@@ -1,13 +1,16 @@
-"""Checkpoints that keep the latest AND the best (by mean IU) training states, and inference bundles.
+"""Checkpoints that keep the latest AND the best (by mean IU) training states, and inference
+bundles.
 
-Layout (one orbax CheckpointManager per directory; every step is written to a temporary directory and
-renamed when complete, so a run killed mid-save leaves the previous checkpoints restorable):
+Layout (one orbax CheckpointManager per directory; every step is written to a temporary directory
+and renamed when complete, so a run killed mid-save leaves the previous checkpoints restorable):
 
     directory/
       <step>/
         variables/    {'params', maybe 'batch_stats'} of the state (orbax StandardSave)
-        train_state/  the rest of the state: opt_state, step, rng, ... (absent for inference bundles)
-        metadata/     JSON: arch, num_classes, width, learnable_upsampling, preprocessing, class_names...
+        train_state/  the rest of the state: opt_state, step, rng, ... (absent for inference
+                      bundles)
+        metadata/     JSON: arch, num_classes, width, learnable_upsampling, preprocessing,
+                      class_names...
         data_state/   JSON: the data iterator state (absent when none was given)
         metrics/      JSON written by orbax when the step was evaluated (drives "best")
 
@@ -38,7 +41,8 @@ from fcn_jax import models
 from fcn_jax.errors import UserError
 
 __all__ = ['CheckpointNotFoundError', 'Checkpointer', 'build_from_metadata', 'is_checkpoint_dir',
-           'load_inference', 'model_config_of', 'model_metadata', 'read_metadata', 'resolve_directory', 'resolve_step', 'save_inference']
+           'load_inference', 'model_config_of', 'model_metadata', 'read_metadata',
+           'resolve_directory', 'resolve_step', 'save_inference']
 
 VARIABLES = 'variables'
 TRAIN_STATE = 'train_state'
@@ -307,7 +311,8 @@ class Checkpointer:
       state_dict = {k: state_dict[k] for k in target_sd}  # the target's key order
     state = flax.serialization.from_state_dict(target_state, state_dict)
     state = jax.tree.map(
-        lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_prng_key(t) else x,
+        lambda t, x: (jax.random.wrap_key_data(x, impl=jax.random.key_impl(t))
+                      if _is_prng_key(t) else x),
         target_state, state)
     data_state = _from_json(restored[DATA_STATE]) if DATA_STATE in items else None
     return state, data_state, dict(restored[METADATA])
@@ -465,7 +470,8 @@ def load_inference(directory, which: str = 'best'):
     raise ValueError(f'checkpoint {os.path.join(root, str(step))} holds no model variables')
   manager = _manager(root, max_to_keep=None, read_only=True)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore()}))
+    restored = manager.restore(
+        step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore()}))
   finally:
     manager.close()
   variables = {k: v for k, v in restored[VARIABLES].items()}

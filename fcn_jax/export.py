@@ -1,14 +1,16 @@
 """Export a checkpoint for inference outside the training code: serialized StableHLO (jax.export).
 
-  python -m fcn_jax.export --checkpoint runs/fcn8s --out fcn8s.fcnx [--sizes 512x384,384x512,512x512]
+  python -m fcn_jax.export --checkpoint runs/fcn8s --out fcn8s.fcnx \\
+      [--sizes 512x384,384x512,512x512]
 
 The artifact is a zip: `metadata.json` (arch, classes, class names, palette, preprocessing as data:
 channel order, scale, mean, std; the sizes) and one `model_<H>x<W>.stablehlo` per size, each a
-jax.export module with the weights inside, a symbolic batch dimension (1..--max_batch), input (B, H, W, 3) float32
-preprocessed images and output (B, H, W, C) float32 scores. Sizes are fixed: the FCN geometry (ceil
-pooling, crops derived from the input size) is computed in Python from static shapes, so images are
-padded at the bottom and right to the smallest listed size that holds them (`fcn_jax.exported`
-does it), as `fcn_jax.segmenter` does. Platforms: CPU, and CUDA where this jax can lower to it.
+jax.export module with the weights inside, a symbolic batch dimension (1..--max_batch), input
+(B, H, W, 3) float32 preprocessed images and output (B, H, W, C) float32 scores. Sizes are fixed:
+the FCN geometry (ceil pooling, crops derived from the input size) is computed in Python from static
+shapes, so images are padded at the bottom and right to the smallest listed size that holds them
+(`fcn_jax.exported` does it), as `fcn_jax.segmenter` does. Platforms: CPU, and CUDA where this jax
+can lower to it.
 
 Loading needs only jax and numpy: `fcn_jax.exported.load(FILE)` (it imports no model code).
 ONNX: no well-kept converter takes jax.export / StableHLO to ONNX today (jax2tf + tf2onnx needs

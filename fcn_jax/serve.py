@@ -1,4 +1,5 @@
-"""A local segmentation service: `python -m fcn_jax.serve --checkpoint DIR [--host 127.0.0.1 --port 8000]`.
+"""A local segmentation service:
+`python -m fcn_jax.serve --checkpoint DIR [--host 127.0.0.1 --port 8000]`.
 
 HTTP JSON API (one model, loaded once; requests run one at a time):
   GET  /            a page: drop an image, see the overlay with a class legend and an opacity slider
@@ -41,15 +42,17 @@ PAGE = r'''<!doctype html>
  #drop.over { background: #eef; }
  #view { position: relative; display: inline-block; margin-top: 1em; }
  #view img { display: block; max-width: 640px; }
- #mask { position: absolute; left: 0; top: 0; width: 100%; height: 100%; image-rendering: pixelated; }
- .swatch { display: inline-block; width: 1em; height: 1em; margin-right: .4em; vertical-align: middle;
-           border: 1px solid #000; }
+ #mask { position: absolute; left: 0; top: 0; width: 100%; height: 100%;
+         image-rendering: pixelated; }
+ .swatch { display: inline-block; width: 1em; height: 1em; margin-right: .4em;
+           vertical-align: middle; border: 1px solid #000; }
  #error { color: #b00; }
 </style></head>
 <body>
 <h1>fcn_jax <span id="arch"></span></h1>
 <div id="drop">Drop an image here, or <input type="file" id="file" accept="image/*"></div>
-<p>Opacity <input type="range" id="opacity" min="0" max="100" value="60"> <span id="opacity_value">60%</span></p>
+<p>Opacity <input type="range" id="opacity" min="0" max="100" value="60">
+<span id="opacity_value">60%</span></p>
 <p id="error"></p>
 <div id="view"><img id="photo"><img id="mask"></div>
 <ul id="legend"></ul>
@@ -85,7 +88,9 @@ document.getElementById('file').onchange = e => send(e.target.files[0]);
 const drop = document.getElementById('drop');
 drop.ondragover = e => { e.preventDefault(); drop.classList.add('over'); };
 drop.ondragleave = () => drop.classList.remove('over');
-drop.ondrop = e => { e.preventDefault(); drop.classList.remove('over'); send(e.dataTransfer.files[0]); };
+drop.ondrop = e => {
+  e.preventDefault(); drop.classList.remove('over'); send(e.dataTransfer.files[0]);
+};
 const wanted = new URLSearchParams(location.search).get('image');  // ?image=URL: load it at once
 if (wanted) fetch(wanted).then(r => r.blob()).then(send);
 </script>
@@ -203,7 +208,8 @@ def make_handler(service: Service):
   return Handler
 
 
-def make_server(service: Service, host: str = '127.0.0.1', port: int = 8000) -> http.server.ThreadingHTTPServer:
+def make_server(service: Service, host: str = '127.0.0.1',
+                port: int = 8000) -> http.server.ThreadingHTTPServer:
   return http.server.ThreadingHTTPServer((host, port), make_handler(service))
 
 
