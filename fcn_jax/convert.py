@@ -55,7 +55,7 @@ from fcn_jax import cli as cli_lib
 from fcn_jax import preprocessing as preprocessing_lib
 from fcn_jax.convert_formats import FORMATS, ConversionError, detect_format, read_weights
 from fcn_jax.convert_layouts import (  # noqa: F401 - re-exported: fcn_jax.convert's names
-    _TV_VGG16_FEATURES, _VGG_CONVS, HEAD_PREFIXES, LAYOUTS, Layout, Target, _classes_text,
+    _TV_VGG16_FEATURES, _VGG_CONVS, HEAD_PREFIXES, LAYOUTS, Layout, Target, classes_text,
     guess_archs, import_weights)
 from fcn_jax.data.classes import VOC_CLASS_NAMES
 from fcn_jax.errors import cli
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
   inputs = ' + '.join(f'{m["name"]} ({m["preprocessing"]})' for m in
                       preprocessing_lib.modalities_of(metadata))
   print(f'wrote {os.path.abspath(args.out)}: {metadata["arch"]}, '
-        f'{_classes_text(metadata["num_classes"])}, width {metadata["width"]:g}, inputs {inputs} '
+        f'{classes_text(metadata["num_classes"])}, width {metadata["width"]:g}, inputs {inputs} '
         f'({metadata["source"]})')
   return 0
 

@@ -174,7 +174,7 @@ def _listing(title: str, items: list[str], limit: int = 40) -> str:
   return f'{title} ({len(items)}):\n' + '\n'.join(f'    {s}' for s in shown)
 
 
-def _classes_text(num_classes) -> str:
+def classes_text(num_classes) -> str:
   if isinstance(num_classes, (tuple, list)):
     return ' + '.join(map(str, num_classes)) + ' classes'
   return f'{num_classes} classes'
@@ -263,7 +263,7 @@ class _Mapping:
     if value is None:
       self.mismatched.append(
           f'{key}: file has {tuple(self.state[key].shape)}, {self.arch} (width {self.width:g}, '
-          f'{_classes_text(self.num_classes)}) needs {_expected_source_shape(t)}')
+          f'{classes_text(self.num_classes)}) needs {_expected_source_shape(t)}')
       return
     _set(self.variables, t.path, np.ascontiguousarray(value, dtype=np.float32))
 
@@ -288,7 +288,7 @@ class _Mapping:
 
   def error(self, unexpected: list[str], mixing: list[str]) -> ConversionError:
     parts = [f'cannot load the file into {self.arch} (layout {self.layout.name}, width '
-             f'{self.width:g}, {_classes_text(self.num_classes)}):' +
+             f'{self.width:g}, {classes_text(self.num_classes)}):' +
              _guess_hint(self.arch, self.keys)]
     if self.missing:
       parts.append(_listing('missing keys', self.missing))
