@@ -10,7 +10,6 @@ The sizes follow FCN-VGG16 on a size x size image (conv1 sees size + 198 after t
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics

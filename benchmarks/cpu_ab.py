@@ -24,7 +24,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from benchmarks import run
 from fcn_jax import cli as cli_lib

@@ -21,7 +21,6 @@ torch is optional: without it the torch columns read "-". Timings never fail any
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import functools
@@ -30,10 +29,8 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
-import traceback
 from typing import Any, Callable
 
 import jax

@@ -20,7 +20,6 @@ TensorFlow, which this project does not install); not provided.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import pathlib
@@ -28,7 +27,6 @@ import sys
 import tempfile
 import zipfile
 
-import numpy as np
 
 from fcn_jax import checkpoint, preprocessing
 from fcn_jax import cli as cli_lib

@@ -24,7 +24,6 @@ import threading
 import urllib.parse
 
 import numpy as np
-from PIL import Image
 
 from fcn_jax import cli as cli_lib
 from fcn_jax import images as images_lib

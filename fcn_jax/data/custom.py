@@ -33,7 +33,7 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds

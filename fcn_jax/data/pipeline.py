@@ -17,7 +17,6 @@ Throughput: `python -m fcn_jax.data.pipeline --benchmark`.
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import pathlib
@@ -31,7 +30,7 @@ from PIL import Image
 
 from fcn_jax import cli as cli_lib
 from fcn_jax import preprocessing as preprocessing_lib
-from fcn_jax.data import (IGNORE_LABEL, DataError, decode_example, decode_image, decode_mask,
+from fcn_jax.data import (IGNORE_LABEL, DataError, decode_image, decode_mask,
                           file_name as _file_name, get_data_source)
 from fcn_jax.data import synthetic_voc
 
