@@ -96,7 +96,7 @@ def evaluate(f) -> None:
   directory = checkpoint.resolve_directory(f.checkpoint)
   root, step = checkpoint.resolve_step(directory, f.which)
   spec = identity.resolve(checkpoint.read_metadata(root, str(step)), f.dataset, f.split,
-                          **{k: getattr(f, k) for k in identity.OVERRIDABLE})
+                          **{k: getattr(f, k, None) for k in identity.OVERRIDABLE})
   check_flags(f, spec)  # before the model is loaded or data prepared
   dataset, split = spec.name, spec.split
   print(f'evaluating step {step} of {root} on {spec.describe()}')

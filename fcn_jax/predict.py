@@ -144,18 +144,18 @@ def companion_dirs(modalities: list[str], hha_dir: str | None, depth_dir: str | 
   needed = [] if records else modalities[1:]  # dataset records hold their modalities
   for name, directory in given.items():
     if directory and name not in needed:
-      raise UserError(f'--{name}-dir: this checkpoint takes {" + ".join(modalities)} inputs, not '
-                      f'{name}; leave --{name}-dir out')
+      raise UserError(f'--{name}_dir: this checkpoint takes {" + ".join(modalities)} inputs, not '
+                      f'{name}; leave --{name}_dir out')
   dirs = {}
   for name in needed:
     if name not in given:
       raise UserError(f'this checkpoint needs {name} inputs, which fcn_jax.predict cannot read')
     if not given[name]:
-      raise UserError(f'this checkpoint takes {" + ".join(modalities)} inputs: pass --{name}-dir '
+      raise UserError(f'this checkpoint takes {" + ".join(modalities)} inputs: pass --{name}_dir '
                       f'DIR with a {name} image per input image (same file name)')
     directory = pathlib.Path(given[name]).expanduser()
     if not directory.is_dir():
-      raise UserError(f'--{name}-dir {directory}: no such directory')
+      raise UserError(f'--{name}_dir {directory}: no such directory')
     dirs[name] = directory
   return dirs
 
