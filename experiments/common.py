@@ -170,7 +170,7 @@ def config_field_comments() -> dict[str, str]:
   comments, above = {}, []
   for line in (CONFIG_DIR / 'common.py').read_text().splitlines():
     stripped = line.strip()
-    if stripped.startswith('if preset =='):  # the presets' own comments say why, not what
+    if stripped.startswith('def _paper('):  # the presets' own comments say why, not what
       break
     if stripped.startswith('#'):
       above.append(stripped.lstrip('# '))

@@ -439,7 +439,7 @@ def model_metadata(model_config: dict) -> dict:
           'input_channels': spec.input_channels}
 
 
-_MODEL_SUMMARY = ('arch', 'width', 'learnable_upsampling', 'skip_scaling')
+_MODEL_SUMMARY = ('arch', 'width', 'learnable_upsampling', 'skip_scaling', 'backbone')
 
 
 def model_config_of(metadata: dict) -> dict:

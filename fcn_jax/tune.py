@@ -40,9 +40,14 @@ from fcn_jax.models.forms import (_LIBRARY_OPTIONS, ACCELERATOR, CONV_LIBRARIES,
 _resolved: dict[str, Forms] = {}
 
 
+# Backbones measured as another: vgg16_bn's convolutions have VGG16's shapes.
+MEASURED_AS = {'vgg16_bn': 'vgg16'}
+
+
 def tuned(model):
   """`model` (an FCN from models.build) with the forms this machine runs best for its backbone."""
-  return model.clone(forms=current(model.arch.backbone))
+  backbone = model.arch.backbone
+  return model.clone(forms=current(MEASURED_AS.get(backbone, backbone)))
 
 
 def current(backbone: str = 'vgg16') -> Forms:

@@ -23,7 +23,7 @@ LOCK_NAME = '.fcn_jax.lock'
 # Checkpoint metadata fields a resumed run must match: they fix the shapes and the tree structure of
 # what is restored (model variables, optimiser state) or what the inputs mean.
 COMPATIBILITY_FIELDS = ('arch', 'num_classes', 'width', 'learnable_upsampling', 'skip_scaling',
-                        'preprocessing', 'class_names', 'optimizer', 'accumulate_steps')
+                        'preprocessing', 'class_names', 'optimizer', 'accumulate_steps', 'backbone')
 
 
 class WorkdirBusyError(UserError):

@@ -82,18 +82,23 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
   reference SIFT Flow nets: semantic + geometric); the pixel accuracy is the first head's."""
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   first = model.head_names[0]
+  # BatchNorm statistics: vgg16_bn's are trained (updated from each batch); GoogLeNet's frozen
+  # ones come back unchanged.
+  mutable = ['batch_stats'] if state.batch_stats else False
 
   def loss_fn(params):
-    logits = per_head(model, model.apply(state.variables(params), batch['image'], train=True,
-                                         rngs={'dropout': dropout_rng}))
+    out = model.apply(state.variables(params), batch['image'], train=True,
+                      rngs={'dropout': dropout_rng}, mutable=mutable)
+    outputs, new_vars = out if mutable else (out, {})
+    logits = per_head(model, outputs)
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
     total = sum(losses.cross_entropy(logits[h], batch[label_key(model, h)],
                                      normalize=normalize_loss,
                                      class_weights=weights if h == first else None)
                 for h in model.head_names)
-    return total, logits[first]
+    return total, (logits[first], new_vars.get('batch_stats', state.batch_stats))
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   labels = batch[label_key(model, first)]
@@ -106,7 +111,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
       'valid_pixels': valid.sum(),
       'steps': jnp.ones((), jnp.int32),
   }
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            batch_stats=batch_stats)
   return new_state, step_metrics
 
 def eval_step(variables: dict, batch: dict, confusion: dict, *,
