@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lint clean
 
 $(VENV)/.installed: requirements.txt setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+# ruff (lint at 100 columns) and the import direction (import-linter contracts in pyproject.toml).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check fcn_jax experiments benchmarks tests
+	$(VENV)/bin/lint-imports
 
 # Removes only what setup and the tests build here: never runs/ (training outputs) or the cache
 # (~/.cache/fcn_jax: the compilation cache and the demo data, rebuilt on demand).

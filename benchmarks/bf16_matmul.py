@@ -9,7 +9,6 @@ bfloat16 operands to float32 before the library call (the `convert` ops in the p
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -45,7 +44,7 @@ def main(argv=None) -> int:
   p.add_argument('--repeats', type=int, default=5)
   a = p.parse_args(argv)
   n = a.n
-  print(f'| dtype | program | converts to f32 | library in HLO | TFLOP/s |\n|---|---|---|---|---|')
+  print('| dtype | program | converts to f32 | library in HLO | TFLOP/s |\n|---|---|---|---|---|')
   for dtype in (jnp.float32, jnp.bfloat16):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
     for name, options in OPTIONS.items():

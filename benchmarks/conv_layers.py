@@ -1,6 +1,6 @@
 """Per-layer view of the CPU gap: one VGG16 convolution per block at the FCN sizes, forward, gradient
 with respect to the input and with respect to the kernel: XLA's convolution (lax, NHWC) with its
-two CPU libraries (YNNPACK, XLA's default, and Eigen), fcn_jax's `cpu_forms.conv_general_dilated`
+two CPU libraries (YNNPACK, XLA's default, and Eigen), fcn_jax's `cpu_kernels.conv_general_dilated`
 with this machine's forms for VGG16 (or --forms SPEC) and PyTorch (oneDNN, NCHW).
 
     python -m benchmarks.conv_layers --size 256
@@ -10,7 +10,6 @@ The sizes follow FCN-VGG16 on a size x size image (conv1 sees size + 198 after t
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -22,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fcn_jax import cli as cli_lib
-from fcn_jax.models import cpu_forms
+from fcn_jax.models import forms as forms_lib
+from fcn_jax.models import cpu_kernels
+from fcn_jax import tune
 
 
 def _median(fn, repeats, sync):
@@ -57,7 +58,7 @@ def main(argv=None):
   p.add_argument('--forms', default=None, help='CPU forms as FCN_JAX_CPU_FORMS spells them '
                  "(default: this machine's for VGG16)")
   a = p.parse_args(argv)
-  forms = cpu_forms.from_spec(a.forms) if a.forms else cpu_forms.current('vgg16')
+  forms = forms_lib.from_spec(a.forms) if a.forms else tune.current('vgg16')
   sync = lambda x: jax.block_until_ready(x)
   print(f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r} load {os.getloadavg()[0]:.2f}; fcn_jax '
         f'CPU forms {forms.describe()}')
@@ -88,9 +89,9 @@ def main(argv=None):
               'dw': _median(lambda: dw(xj, wj, gj), a.repeats, sync)}
     xj, wj, gj = map(jnp.asarray, (x, w, g))
     lax_conv = jax.lax.conv_general_dilated
-    ynn = timings(lax_conv, cpu_forms.Forms(conv_library='ynnpack').compiler_options())
-    eigen = timings(lax_conv, cpu_forms.Forms(conv_library='eigen').compiler_options())
-    jt = timings(cpu_forms.conv_with(forms), forms.compiler_options())
+    ynn = timings(lax_conv, forms_lib.Forms(conv_library='ynnpack').compiler_options())
+    eigen = timings(lax_conv, forms_lib.Forms(conv_library='eigen').compiler_options())
+    jt = timings(cpu_kernels.conv_with(forms), forms.compiler_options())
     tt = {}
     if not a.no_torch:
       import torch

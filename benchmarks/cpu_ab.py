@@ -1,5 +1,5 @@
 """Interleaved A/B on CPU of one training step (or forward pass): fcn_jax with this machine's CPU
-forms, with other sets of forms (fcn_jax.models.cpu_forms), and PyTorch eager.
+forms, with other sets of forms (fcn_jax.models.forms, fcn_jax.tune), and PyTorch eager.
 
     python -m benchmarks.cpu_ab --arch fcn8s --size 256 --rounds 3 --variants jax torch
     python -m benchmarks.cpu_ab --variants jax jax-baseline forms:conv_library=eigen,shifted_dw=0
@@ -24,25 +24,25 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from benchmarks import run
 from fcn_jax import cli as cli_lib
-from fcn_jax.models import cpu_forms
+from fcn_jax.models import forms as forms_lib
+from fcn_jax import tune
 from fcn_jax.models import fcn as fcn_lib
 
 NAMED_FORMS = {
-    'jax-amd': cpu_forms.TUNED_ON_AMD,
-    'jax-eigen': dataclasses.replace(cpu_forms.TUNED_ON_AMD, conv_library='eigen'),
-    'jax-baseline': cpu_forms.PLAIN_XLA,
+    'jax-amd': forms_lib.TUNED_ON_AMD,
+    'jax-eigen': dataclasses.replace(forms_lib.TUNED_ON_AMD, conv_library='eigen'),
+    'jax-baseline': forms_lib.PLAIN_XLA,
 }
 
 
-def forms_of(variant: str, arch: str) -> cpu_forms.Forms:
+def forms_of(variant: str, arch: str) -> forms_lib.Forms:
   if variant == 'jax':
-    return cpu_forms.current(fcn_lib.ARCHS[arch].backbone)
+    return tune.current(fcn_lib.ARCHS[arch].backbone)
   if variant.startswith('forms:'):
-    return cpu_forms.from_spec(variant[len('forms:'):])
+    return forms_lib.from_spec(variant[len('forms:'):])
   return NAMED_FORMS[variant]
 
 
@@ -54,7 +54,7 @@ def jax_stepper(arch: str, size: int, batch: int, width: float, dtype: str, form
   t = time.perf_counter()
   if step == 'forward':
     images = jax.numpy.asarray(data['image'])
-    compiled = cpu_forms.jit(lambda v, x: model.apply(v, x, train=False), forms=forms).lower(
+    compiled = forms_lib.jit(lambda v, x: model.apply(v, x, train=False), forms=forms).lower(
         variables, images).compile()
   else:
     state, b, train_step_fn = run.train_setup(model, variables, data)

@@ -21,7 +21,6 @@ torch is optional: without it the torch columns read "-". Timings never fail any
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import functools
@@ -30,10 +29,8 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
-import traceback
 from typing import Any, Callable
 
 import jax
@@ -44,7 +41,8 @@ from fcn_jax import cli as cli_lib
 from fcn_jax import models
 from fcn_jax import optim
 from fcn_jax import train as train_lib
-from fcn_jax.models import cpu_forms
+from fcn_jax.models import forms as forms_lib
+from fcn_jax import tune
 
 NETS = ('fcn_alexnet', 'fcn32s', 'fcn8s', 'fcn_googlenet')
 MEASUREMENTS = ('fwd-latency', 'fwd-batch', 'train')
@@ -178,7 +176,7 @@ def _batch(n: int, size: int, seed: int = 0) -> dict:
 
 @functools.lru_cache(maxsize=4)
 def _model_and_variables(arch: str, width: float, dtype: str):
-  model = models.build(arch, NUM_CLASSES, width=width, dtype=jnp.dtype(dtype))
+  model = tune.tuned(models.build(arch, NUM_CLASSES, width=width, dtype=jnp.dtype(dtype)))
   # Parameters are float32 whatever the compute dtype, so both dtypes share one initialisation.
   variables = models.init_variables(models.build(arch, NUM_CLASSES, width=width), jax.random.key(0))
   return model, jax.tree.map(np.asarray, variables)
@@ -188,7 +186,7 @@ def jax_forward(arch, prof: Profile, dtype: str, n: int) -> dict:
   model, variables = _model_and_variables(arch, prof.width, dtype)
   variables = jax.device_put(variables)
   images = jnp.asarray(_batch(n, prof.size)['image'])
-  fn = cpu_forms.jit(lambda v, x: model.apply(v, x, train=False), forms=model.forms)
+  fn = forms_lib.jit(lambda v, x: model.apply(v, x, train=False), forms=model.forms)
   t0 = time.perf_counter()
   compiled = fn.lower(variables, images).compile()
   compile_s = time.perf_counter() - t0
@@ -390,7 +388,7 @@ def environment() -> dict:
       'python': platform.python_version(), 'jax': jax.__version__,
       'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
       'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
-      'cpu_forms': cpu_forms.current().describe() if jax.default_backend() == 'cpu' else '-',
+      'cpu_forms': tune.current().describe() if jax.default_backend() == 'cpu' else '-',
   }
   try:
     import flax
@@ -410,7 +408,7 @@ def environment() -> dict:
   return env
 
 
-cpu_name = cpu_forms.cpu_model  # the CPU model string every table records
+cpu_name = tune.cpu_model  # the CPU model string every table records
 
 
 def pipeline_rate(seconds: float, crop: int, batch: int, log) -> dict | None:

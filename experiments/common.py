@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import shlex
 import sys
@@ -10,6 +11,10 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
+from fcn_jax import cli as cli_lib
+from fcn_jax import config_checks, distributed, paths, train
+from fcn_jax import data as data_lib
+from fcn_jax.data import synthetic
 from fcn_jax.errors import UserError, user_errors_as_exit
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
@@ -20,14 +25,20 @@ def config_path(arch: str, preset: str | None = None) -> str:
   return f'{path}:{preset}' if preset else path
 
 
-def load_config(arch: str, preset: str | None = None) -> ml_collections.ConfigDict:
-  from experiments.configs import common
-  return common.get_config(arch, preset or 'paper')
+def load_config(name: str, preset: str | None = None) -> ml_collections.ConfigDict:
+  """The config that experiments/configs/<name>.py's get_config(preset) returns: read from the
+  file itself, so that --help, the predecessor of a staged net and error messages see the edits a
+  user made there."""
+  path = CONFIG_DIR / f'{name}.py'
+  spec = importlib.util.spec_from_file_location(f'_fcn_jax_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset or 'paper')
 
 
 def demo_data_root(config: ml_collections.ConfigDict) -> pathlib.Path:
-  """The demo's synthetic VOC-format tree in the cache (fcn_jax.paths), one per generator setting."""
-  from fcn_jax import paths
+  """The demo's synthetic VOC-format tree in the cache (fcn_jax.paths), one per generator
+  setting."""
   s = config.synthetic
   return (paths.cache_dir() / 'synthetic' /
           f'voc-{s.num_train}-{s.num_val}-{s.min_size}-{s.max_size}-seed{s.seed}')
@@ -36,10 +47,9 @@ def demo_data_root(config: ml_collections.ConfigDict) -> pathlib.Path:
 def prepare_demo_data(config: ml_collections.ConfigDict) -> None:
   """Demo preset without a dataset of the user's: writes the synthetic VOC-format tree (once, into
   the cache, atomically) and points the dataset at it and at its prepared TFDS files beside it."""
-  if config.preset != 'demo' or config.dataset.manual_dir or config.dataset.name != 'voc_segmentation/2012':
+  if (config.preset != 'demo' or config.dataset.manual_dir
+      or config.dataset.name != 'voc_segmentation/2012'):
     return  # a dataset of the user's
-  from fcn_jax.data import synthetic
-  from fcn_jax import distributed
   s = config.synthetic
   root = demo_data_root(config)
 
@@ -70,7 +80,6 @@ def resolve_init(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
       pred_config[key] = config[key]
     if pred_config.preset == 'demo':
       pred_config.synthetic = config.synthetic
-    from fcn_jax import distributed
     if distributed.is_main():
       print(f'{name} starts from a trained {pred}: training it first in {pred_dir}')
     run(pred_config, pred_dir)
@@ -89,9 +98,6 @@ def resolve_init(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  from fcn_jax import data as data_lib
-  from fcn_jax import train
-  from fcn_jax import config_checks
   workdir = pathlib.Path(workdir).expanduser().resolve()
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f'--workdir {workdir} is a file, not a directory')
@@ -104,12 +110,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     if config.dataset.name in data_lib.CUSTOM_FORMATS:  # the message names the layout to fix
       raise UserError(f'{e}\n(config.dataset.root={config.dataset.root}; README: "Train on your '
                       f'own data")') from None
-    raise SystemExit(f'{e}\n\nFrom the command line: --config.dataset.manual_dir=DIR (the archives or '
-                     f'trees above) or --config.dataset.download=True; prepared data is kept under '
-                     f'--config.dataset.data_dir={config.dataset.data_dir}.'
+    raise SystemExit(f'{e}\n\nFrom the command line: --config.dataset.manual_dir=DIR (the archives '
+                     f'or trees above) or --config.dataset.download=True; prepared data is kept '
+                     f'under --config.dataset.data_dir={config.dataset.data_dir}.'
                      f'\n\nNo data yet? The demo runs end to end on a synthetic VOC-format set: '
-                     f'`make demo`, or `python -m experiments.{config.arch} --workdir runs/demo/'
-                     f'{config.arch} --config experiments/configs/{config.arch}.py:demo`.') from None
+                     f'`make demo`, or `python -m experiments.{config.arch} '
+                     f'--workdir runs/demo/{config.arch} '
+                     f'--config experiments/configs/{config.arch}.py:demo`.') from None
   except train.NonFiniteLossError as e:
     raise SystemExit(str(e)) from None
 
@@ -118,23 +125,24 @@ def define_distributed_flags() -> None:
   """Multi-host flags (see fcn_jax.distributed): every process runs the same command plus its id."""
   flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
                     'auto: connect the processes when a coordinator / several processes are given '
-                    '(flags or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or a Cloud '
-                    'TPU pod slice, SLURM or Open MPI job is detected; on: always call '
+                    '(flags or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or a '
+                    'Cloud TPU pod slice, SLURM or Open MPI job is detected; on: always call '
                     'jax.distributed.initialize; off: single process.')
-  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, the same for all processes.')
+  flags.DEFINE_string('coordinator_address', None,
+                      'host:port of process 0, the same for all processes.')
   flags.DEFINE_integer('num_processes', None, 'Number of processes (usually one per host).')
   flags.DEFINE_integer('process_id', None, 'This process\'s id, 0 .. num_processes - 1.')
-  flags.DEFINE_string('local_device_ids', None, 'Comma-separated local accelerator ids this process uses '
+  flags.DEFINE_string('local_device_ids', None,
+                      'Comma-separated local accelerator ids this process uses '
                       '(several processes per GPU host).')
 
 
 def initialize_distributed() -> bool:
   """jax.distributed from the flags / environment; quiets absl logging on processes other than 0."""
   from absl import logging as absl_logging
-  from fcn_jax import distributed
   f = flags.FLAGS
-  multi = distributed.initialize(f.coordinator_address, f.num_processes, f.process_id, f.local_device_ids,
-                                 mode=f.distributed)
+  multi = distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                                 f.local_device_ids, mode=f.distributed)
   if multi and not distributed.is_main():
     absl_logging.set_verbosity(absl_logging.ERROR)
   return multi
@@ -162,7 +170,7 @@ def config_field_comments() -> dict[str, str]:
   comments, above = {}, []
   for line in (CONFIG_DIR / 'common.py').read_text().splitlines():
     stripped = line.strip()
-    if stripped.startswith('if preset =='):  # the presets' own comments say why, not what
+    if stripped.startswith('def _paper('):  # the presets' own comments say why, not what
       break
     if stripped.startswith('#'):
       above.append(stripped.lstrip('# '))
@@ -220,8 +228,8 @@ def explain_config_error(argv: list[str], arch: str, error: Exception) -> str:
   if not pathlib.Path(path).exists():
     return f'--config {spec}: no such file (the configs are experiments/configs/<arch>.py[:PRESET])'
   if preset and preset not in configs.PRESETS:
-    return (f'--config {spec}: unknown preset {preset!r}; choose one of {", ".join(configs.PRESETS)}'
-            f' (e.g. --config {path}:demo)')
+    return (f'--config {spec}: unknown preset {preset!r}; choose one of '
+            f'{", ".join(configs.PRESETS)} (e.g. --config {path}:demo)')
   try:
     config = load_config(arch, preset or 'paper')
   except Exception:  # a config file of the user's: report its own error below
@@ -243,11 +251,12 @@ def explain_config_error(argv: list[str], arch: str, error: Exception) -> str:
           if close:
             hint = f'; did you mean {" or ".join("--config." + c for c in close)}?'
           elif parent in keys:
-            hint = f'; config.{parent} has: {", ".join(sorted(k.rpartition(".")[2] for k in group))}'
+            hint = (f'; config.{parent} has: '
+                    f'{", ".join(sorted(k.rpartition(".")[2] for k in group))}')
           else:
             hint = ''
-          return (f'{arg}: config has no field {field!r}{hint} (python -m experiments.{arch} --help '
-                  f'lists the fields)')
+          return (f'{arg}: config has no field {field!r}{hint} '
+                  f'(python -m experiments.{arch} --help lists the fields)')
   cause = error
   while cause.__cause__ is not None or cause.__context__ is not None:
     cause = cause.__cause__ or cause.__context__
@@ -279,11 +288,10 @@ def main(arch: str) -> None:
       f'{config_fields_help(load_config(arch, "paper"))}\n')
 
   def parse(argv: list[str]) -> list[str]:
-    from fcn_jax import cli as cli_lib
     argv = argv[:1] + cli_lib.normalize_flags(argv[1:], flags.FLAGS)
     try:
       return flags.FLAGS(argv)
-    except SystemExit as e:  # absl's --help exits 1; help that was asked for is a success
+    except SystemExit:  # absl's --help exits 1; help that was asked for is a success
       if any(a in ('--help', '-h', '-?', '--helpshort', '--helpfull') for a in argv[1:]):
         raise SystemExit(0) from None
       raise

@@ -12,9 +12,15 @@ import json
 import pathlib
 import time
 
+import numpy as np
 from absl import app, flags
 
 from experiments import common
+from experiments.configs import common as configs
+from fcn_jax import checkpoint, report, train, viz
+from fcn_jax import cli as cli_lib
+from fcn_jax.data.classes import VOC_CLASS_NAMES
+from fcn_jax.errors import user_errors_as_exit
 
 ARCHS = ('fcn32s', 'fcn16s', 'fcn8s')
 NAMES = {'fcn32s': 'FCN-32s', 'fcn16s': 'FCN-16s', 'fcn8s': 'FCN-8s',
@@ -31,15 +37,14 @@ flags.DEFINE_bool('control', False, 'Also continue FCN-32s for as many steps as 
 def comparison(workdir: pathlib.Path, num_rows: int = 4) -> pathlib.Path:
   """Fig. 2 style rows (image | FCN-32s | FCN-16s | FCN-8s | ground truth) on validation images,
   from the final state of each net (the one the printed table scores)."""
-  import numpy as np
-  from fcn_jax import checkpoint, train, viz
   config = common.load_config('fcn8s', 'demo')
   common.prepare_demo_data(config)
   _, source = train.data_sources(config)
   examples = train.first_examples(config, source, num_rows)
   rows = [{'image': image, 'ground truth': label} for _, image, label in examples]
   for arch in ARCHS:
-    model, variables, meta = checkpoint.load_inference(workdir / arch / 'checkpoints', which='latest')
+    model, variables, meta = checkpoint.load_inference(workdir / arch / 'checkpoints',
+                                                       which='latest')
     for row, (_, image, _) in zip(rows, examples):
       scores = viz.predict_scores(model, variables, image, meta['preprocessing'])
       row[NAMES[arch]] = np.argmax(scores, -1)
@@ -64,16 +69,13 @@ def control(workdir: pathlib.Path) -> dict:
 
 def main(argv) -> None:
   del argv
-  from fcn_jax.errors import user_errors_as_exit
   with user_errors_as_exit():
     _main()
 
 
 def _main() -> None:
   common.quiet_logs()
-  from experiments.configs import common as configs
   common.enable_compilation_cache(configs.COMPILATION_CACHE_DIR)
-  from fcn_jax import report
   workdir = pathlib.Path(flags.FLAGS.workdir).expanduser().resolve()
   start = time.perf_counter()
   results = {}
@@ -96,7 +98,6 @@ def _main() -> None:
   if flags.FLAGS.control:
     rows.append(('FCN-32s, same steps', control(workdir)))
   figure = comparison(workdir)
-  from fcn_jax.data.classes import VOC_CLASS_NAMES
   table = report.table_markdown(rows, VOC_CLASS_NAMES)
   (workdir / 'results.md').write_text(
       '# Demo: synthetic VOC-format validation set (reduced width, CPU)\n\n' + table + '\n')
@@ -106,5 +107,4 @@ def _main() -> None:
 
 
 if __name__ == '__main__':
-  from fcn_jax import cli as cli_lib
   app.run(main, flags_parser=cli_lib.absl_flags_parser(flags.FLAGS))

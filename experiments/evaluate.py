@@ -16,14 +16,21 @@ import pathlib
 
 from absl import app, flags
 
+from experiments import common
 from experiments.configs import common as configs
+from fcn_jax import checkpoint, report, train
+from fcn_jax import cli as cli_lib
+from fcn_jax import data as data_lib
+from fcn_jax import preprocessing as preprocessing_lib
+from fcn_jax.data import identity, pipeline
+from fcn_jax.errors import UserError, user_errors_as_exit
 
 flags.DEFINE_string('checkpoint', None, 'A training WORKDIR (or its checkpoints/), or the output '
                     'directory of fcn_jax.convert.', required=True)
 flags.DEFINE_string('dataset', '', 'Default: the dataset the checkpoint was trained on (its '
                     'metadata), else voc_segmentation/2011. voc_segmentation/2011 | '
-                    'voc_segmentation/2012 | sbd | pascal_context | sift_flow | nyud_v2, or your own '
-                    'data: folder | coco | voc_like | pairs | split_folders (with --root)')
+                    'voc_segmentation/2012 | sbd | pascal_context | sift_flow | nyud_v2, or your '
+                    'own data: folder | coco | voc_like | pairs | split_folders (with --root)')
 flags.DEFINE_string('root', '', 'The directory of a user dataset (default: the checkpoint\'s).')
 flags.DEFINE_string('classes_file', '', 'classes.txt elsewhere than ROOT/classes.txt (default: '
                     'the checkpoint\'s).')
@@ -48,8 +55,8 @@ flags.DEFINE_string('which', 'best', 'Which checkpoint of a training run: best, 
 flags.DEFINE_string('out', '', 'Output directory (default: see above).')
 flags.DEFINE_bool('overwrite', False, 'Replace results.json / results.md that exist in --out.')
 flags.DEFINE_string('compilation_cache_dir', configs.COMPILATION_CACHE_DIR,
-                    'Persistent XLA compilation cache (\'\' = off): each native image size compiles '
-                    'once, and later evaluations reuse the compiled programs.')
+                    'Persistent XLA compilation cache (\'\' = off): each native image size '
+                    'compiles once, and later evaluations reuse the compiled programs.')
 
 
 def default_out(checkpoint_dir: str, dataset: str, split: str, step: int) -> pathlib.Path:
@@ -62,8 +69,6 @@ def default_out(checkpoint_dir: str, dataset: str, split: str, step: int) -> pat
 
 
 def check_flags(f, spec) -> None:
-  from fcn_jax import data as data_lib
-  from fcn_jax.errors import UserError
   if f.batch_size < 1:
     raise UserError(f'--batch_size {f.batch_size}: must be >= 1')
   if f.pad_to < 0:
@@ -80,16 +85,11 @@ def check_flags(f, spec) -> None:
 
 def main(argv) -> None:
   del argv
-  from fcn_jax.errors import user_errors_as_exit
   with user_errors_as_exit():
     evaluate(flags.FLAGS)
 
 
 def evaluate(f) -> None:
-  from experiments import common
-  from fcn_jax import checkpoint, data as data_lib, report, train
-  from fcn_jax.data import identity, pipeline
-  from fcn_jax.errors import UserError
   common.quiet_logs()
   if f.which not in ('best', 'latest') and not f.which.isdigit():
     raise UserError(f'--which {f.which!r}: best, latest or a step number')
@@ -100,10 +100,12 @@ def evaluate(f) -> None:
   check_flags(f, spec)  # before the model is loaded or data prepared
   dataset, split = spec.name, spec.split
   print(f'evaluating step {step} of {root} on {spec.describe()}')
-  out = pathlib.Path(f.out).expanduser().resolve() if f.out else default_out(root, dataset, split, step)
+  out = (pathlib.Path(f.out).expanduser().resolve() if f.out
+         else default_out(root, dataset, split, step))
   existing = [out / name for name in ('results.json', 'results.md') if (out / name).exists()]
   if existing and not f.overwrite:
-    raise UserError(f'{existing[0]} exists; pass --overwrite to replace it, or choose another --out')
+    raise UserError(f'{existing[0]} exists; pass --overwrite to replace it, or choose another '
+                    f'--out')
   common.enable_compilation_cache(f.compilation_cache_dir)
   model, variables, meta = checkpoint.load_inference(root, which=str(step))
   try:
@@ -125,7 +127,6 @@ def evaluate(f) -> None:
     if n != count:
       raise UserError(f'the checkpoint predicts {count} classes ({head}), the dataset {dataset} '
                       f'has {n}: evaluate it on the data it was trained for')
-  from fcn_jax import preprocessing as preprocessing_lib
   modalities = [(m['name'], m['preprocessing']) for m in preprocessing_lib.modalities_of(meta)]
   batches = pipeline.eval_batches(source, preprocessing=meta['preprocessing'],
                                   batch_size=f.batch_size, pad_to=f.pad_to or None,
@@ -149,5 +150,4 @@ def evaluate(f) -> None:
 
 
 if __name__ == '__main__':
-  from fcn_jax import cli as cli_lib
   app.run(main, flags_parser=cli_lib.absl_flags_parser(flags.FLAGS))

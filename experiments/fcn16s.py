@@ -1,4 +1,5 @@
-"""Train and evaluate fcn16s: `python -m experiments.fcn16s --workdir DIR [--config experiments/configs/fcn16s.py:PRESET]`."""
+"""Train and evaluate fcn16s: `python -m experiments.fcn16s --workdir DIR
+[--config experiments/configs/fcn16s.py:PRESET]`."""
 
 from experiments import common
 

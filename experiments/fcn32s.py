@@ -1,4 +1,5 @@
-"""Train and evaluate fcn32s: `python -m experiments.fcn32s --workdir DIR [--config experiments/configs/fcn32s.py:PRESET]`."""
+"""Train and evaluate fcn32s: `python -m experiments.fcn32s --workdir DIR
+[--config experiments/configs/fcn32s.py:PRESET]`."""
 
 from experiments import common
 

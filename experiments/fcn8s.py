@@ -1,4 +1,5 @@
-"""Train and evaluate fcn8s: `python -m experiments.fcn8s --workdir DIR [--config experiments/configs/fcn8s.py:PRESET]`."""
+"""Train and evaluate fcn8s: `python -m experiments.fcn8s --workdir DIR
+[--config experiments/configs/fcn8s.py:PRESET]`."""
 
 from experiments import common
 

@@ -1,4 +1,5 @@
-"""Train and evaluate fcn8s_atonce: `python -m experiments.fcn8s_atonce --workdir DIR [--config experiments/configs/fcn8s_atonce.py:PRESET]`."""
+"""Train and evaluate fcn8s_atonce: `python -m experiments.fcn8s_atonce --workdir DIR
+[--config experiments/configs/fcn8s_atonce.py:PRESET]`."""
 
 from experiments import common
 

@@ -1,4 +1,5 @@
-"""Train and evaluate fcn_alexnet: `python -m experiments.fcn_alexnet --workdir DIR [--config experiments/configs/fcn_alexnet.py:PRESET]`."""
+"""Train and evaluate fcn_alexnet: `python -m experiments.fcn_alexnet --workdir DIR
+[--config experiments/configs/fcn_alexnet.py:PRESET]`."""
 
 from experiments import common
 

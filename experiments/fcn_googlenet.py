@@ -1,4 +1,5 @@
-"""Train and evaluate fcn_googlenet: `python -m experiments.fcn_googlenet --workdir DIR [--config experiments/configs/fcn_googlenet.py:PRESET]`."""
+"""Train and evaluate fcn_googlenet: `python -m experiments.fcn_googlenet --workdir DIR
+[--config experiments/configs/fcn_googlenet.py:PRESET]`."""
 
 from experiments import common
 

@@ -10,7 +10,8 @@ BVLC/caffe src/caffe/proto/caffe.proto:
       optional int32 width = 4;                                 // legacy 4-D shape
       repeated float data = 5 [packed = true]; repeated float diff = 6 [packed = true];
       optional BlobShape shape = 7;
-      repeated double double_data = 8 [packed = true]; repeated double double_diff = 9 [packed = true];
+      repeated double double_data = 8 [packed = true];
+      repeated double double_diff = 9 [packed = true];
     }
     message LayerParameter {                                    // NetParameter.layer = 100
       optional string name = 1; optional string type = 2;
@@ -26,8 +27,8 @@ BVLC/caffe src/caffe/proto/caffe.proto:
 
 Two schemas are built from this: `faithful` declares the blob payloads as packed repeated floats,
 exactly as caffe.proto does (used to write files); `fast` declares the same field numbers as `bytes`
-(a packed repeated float IS a length-delimited run of little-endian float32 on the wire), so a 500 MB
-VGG16 model is read with `np.frombuffer` instead of 138 million Python floats.
+(a packed repeated float IS a length-delimited run of little-endian float32 on the wire), so a
+500 MB VGG16 model is read with `np.frombuffer` instead of 138 million Python floats.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def _file_proto(fast: bool) -> descriptor_pb2.FileDescriptorProto:
   for number, name in enumerate(('num', 'channels', 'height', 'width'), 1):
     _field(blob, name, number, _F.TYPE_INT32)
   for name, number, ftype in (('data', 5, _F.TYPE_FLOAT), ('diff', 6, _F.TYPE_FLOAT),
-                              ('double_data', 8, _F.TYPE_DOUBLE), ('double_diff', 9, _F.TYPE_DOUBLE)):
+                              ('double_data', 8, _F.TYPE_DOUBLE),
+                              ('double_diff', 9, _F.TYPE_DOUBLE)):
     if fast:
       _field(blob, name, number, _F.TYPE_BYTES)
     else:
@@ -103,7 +105,8 @@ def message_classes(fast: bool = False) -> dict[str, type]:
   pool = descriptor_pool.DescriptorPool()
   pool.Add(_file_proto(fast))
   names = ('NetParameter', 'LayerParameter', 'V1LayerParameter', 'BlobProto', 'BlobShape')
-  return {n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f'caffe.{n}')) for n in names}
+  return {n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f'caffe.{n}'))
+          for n in names}
 
 
 def blob_shape(blob) -> tuple[int, ...]:
@@ -147,7 +150,8 @@ def read_net(data: bytes) -> tuple[str, list[tuple[str, str, list[np.ndarray]]]]
   return net.name, layers
 
 
-def write_net(path, name: str, layers, *, legacy: bool = False, legacy_blob_shape: bool = None) -> None:
+def write_net(path, name: str, layers, *, legacy: bool = False,
+              legacy_blob_shape: bool = None) -> None:
   """Writes a caffemodel with the faithful schema (tests and tools).
 
   Args:

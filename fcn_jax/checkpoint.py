@@ -1,13 +1,16 @@
-"""Checkpoints that keep the latest AND the best (by mean IU) training states, and inference bundles.
+"""Checkpoints that keep the latest AND the best (by mean IU) training states, and inference
+bundles.
 
-Layout (one orbax CheckpointManager per directory; every step is written to a temporary directory and
-renamed when complete, so a run killed mid-save leaves the previous checkpoints restorable):
+Layout (one orbax CheckpointManager per directory; every step is written to a temporary directory
+and renamed when complete, so a run killed mid-save leaves the previous checkpoints restorable):
 
     directory/
       <step>/
         variables/    {'params', maybe 'batch_stats'} of the state (orbax StandardSave)
-        train_state/  the rest of the state: opt_state, step, rng, ... (absent for inference bundles)
-        metadata/     JSON: arch, num_classes, width, learnable_upsampling, preprocessing, class_names...
+        train_state/  the rest of the state: opt_state, step, rng, ... (absent for inference
+                      bundles)
+        metadata/     JSON: arch, num_classes, width, learnable_upsampling, preprocessing,
+                      class_names...
         data_state/   JSON: the data iterator state (absent when none was given)
         metrics/      JSON written by orbax when the step was evaluated (drives "best")
 
@@ -34,10 +37,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
 
+from fcn_jax import models, tune
 from fcn_jax.errors import UserError
 
 __all__ = ['CheckpointNotFoundError', 'Checkpointer', 'build_from_metadata', 'is_checkpoint_dir',
-           'load_inference', 'model_config_of', 'model_metadata', 'read_metadata', 'resolve_directory', 'resolve_step', 'save_inference']
+           'load_inference', 'model_config_of', 'model_metadata', 'read_metadata',
+           'resolve_directory', 'resolve_step', 'save_inference']
 
 VARIABLES = 'variables'
 TRAIN_STATE = 'train_state'
@@ -306,7 +311,8 @@ class Checkpointer:
       state_dict = {k: state_dict[k] for k in target_sd}  # the target's key order
     state = flax.serialization.from_state_dict(target_state, state_dict)
     state = jax.tree.map(
-        lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_prng_key(t) else x,
+        lambda t, x: (jax.random.wrap_key_data(x, impl=jax.random.key_impl(t))
+                      if _is_prng_key(t) else x),
         target_state, state)
     data_state = _from_json(restored[DATA_STATE]) if DATA_STATE in items else None
     return state, data_state, dict(restored[METADATA])
@@ -336,7 +342,8 @@ def save_inference(directory, variables: dict, metadata: dict, *, overwrite: boo
   """
   directory = os.path.abspath(os.fspath(directory))
   if 'arch' not in metadata:
-    raise ValueError('metadata must contain "arch" (plus num_classes, width, ...) to rebuild the model')
+    raise ValueError('metadata must contain "arch" (plus num_classes, width, ...) to rebuild the '
+                     'model')
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise FileExistsError(f'{directory} is a file')
   if os.path.isdir(directory) and os.listdir(directory):
@@ -417,7 +424,6 @@ def model_metadata(model_config: dict) -> dict:
   """The checkpoint metadata describing a model: `model` (the model config, exactly the keyword
   arguments of models.build, the one source build_from_metadata reads) and read-only summaries of
   it for people and the resume checks (arch, num_classes, width, ...)."""
-  from fcn_jax import models
   model_config = {k: (v.item() if isinstance(v, np.generic) else v)
                   for k, v in model_config.items()}
   model_config['dtype'] = jnp.dtype(model_config.get('dtype') or 'float32').name
@@ -433,7 +439,7 @@ def model_metadata(model_config: dict) -> dict:
           'input_channels': spec.input_channels}
 
 
-_MODEL_SUMMARY = ('arch', 'width', 'learnable_upsampling', 'skip_scaling')
+_MODEL_SUMMARY = ('arch', 'width', 'learnable_upsampling', 'skip_scaling', 'backbone')
 
 
 def model_config_of(metadata: dict) -> dict:
@@ -448,8 +454,7 @@ def model_config_of(metadata: dict) -> dict:
 
 def build_from_metadata(metadata: dict):
   """The flax module described by checkpoint metadata."""
-  from fcn_jax import models  # imported here: checkpoints do not need the models to be importable
-  return models.build_from_config(model_config_of(metadata))
+  return tune.tuned(models.build_from_config(model_config_of(metadata)))
 
 
 def load_inference(directory, which: str = 'best'):
@@ -465,7 +470,8 @@ def load_inference(directory, which: str = 'best'):
     raise ValueError(f'checkpoint {os.path.join(root, str(step))} holds no model variables')
   manager = _manager(root, max_to_keep=None, read_only=True)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore()}))
+    restored = manager.restore(
+        step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore()}))
   finally:
     manager.close()
   variables = {k: v for k, v in restored[VARIABLES].items()}

@@ -7,6 +7,8 @@ import os
 
 import ml_collections
 
+from fcn_jax import data as data_lib
+from fcn_jax import models, preprocessing
 from fcn_jax.errors import UserError
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -14,10 +16,8 @@ ALGORITHMS = ('sgd', 'adam')
 SCHEDULES = ('fixed', 'poly')
 
 
-def _problems(c: ml_collections.ConfigDict) -> list[str]:
-  from fcn_jax import data as data_lib
-  from fcn_jax import models, preprocessing
-  out = []
+def _recorder(c: ml_collections.ConfigDict, out: list[str]):
+  """need(ok, field, accepts): records a problem with config field `field` unless `ok`."""
 
   def need(ok: bool, field: str, accepts: str) -> None:
     if not ok:
@@ -25,10 +25,14 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
       for part in field.split('.'):
         value = value.get(part) if isinstance(value, ml_collections.ConfigDict) else None
       out.append(f'config.{field}={value!r}: {accepts}')
+  return need
 
-  def number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
+def _number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_model(c: ml_collections.ConfigDict, need) -> None:
   need(c.arch in models.ARCHS, 'arch', f'one of {", ".join(sorted(models.ARCHS))}')
   m = c.model
   counts = m.num_classes if isinstance(m.num_classes, (tuple, list)) else None
@@ -36,28 +40,36 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
        (counts is not None and all(isinstance(n, int) and n >= 2 for n in counts)),
        'model.num_classes', '0 (from the dataset), an integer >= 2 (background and a class), or '
        'one such count per head for a net with several heads')
-  need(number(m.width) and m.width > 0, 'model.width', 'a number > 0 (1.0 = the paper\'s nets)')
+  need(_number(m.width) and m.width > 0, 'model.width', 'a number > 0 (1.0 = the paper\'s nets)')
   need(m.dtype in DTYPES, 'model.dtype', f'one of {", ".join(DTYPES)}')
   dropout = m.get('dropout_rate')
-  need(dropout is None or (number(dropout) and 0 <= dropout < 1), 'model.dropout_rate',
+  need(dropout is None or (_number(dropout) and 0 <= dropout < 1), 'model.dropout_rate',
        'None (0.5, the paper) or a number in [0, 1)')
   if c.class_names and isinstance(m.num_classes, int) and m.num_classes:
     need(len(c.class_names) == m.num_classes, 'class_names',
          f'{m.num_classes} names, one per class (config.model.num_classes)')
-  need(c.preprocessing in preprocessing.PRESETS, 'preprocessing',
-       f'one of {", ".join(sorted(preprocessing.PRESETS))}')
+
+
+def _check_inputs(c: ml_collections.ConfigDict, need) -> None:
+  """The preprocessing and the input modalities, against the arch's input channels."""
+  presets = ', '.join(sorted(preprocessing.PRESETS))
+  need(c.preprocessing in preprocessing.PRESETS, 'preprocessing', f'one of {presets}')
   modalities = tuple(c.get('modalities', ()) or ())
   known = ('color', 'hha', 'depth')
   well_formed = all(isinstance(m, (tuple, list)) and len(m) == 2 and m[0] in known
                     and m[1] in preprocessing.PRESETS for m in modalities)
   need(well_formed, 'modalities', f'() (the colour image) or ((name, preprocessing), ...) with '
-       f'names from {", ".join(known)} and presets from {", ".join(sorted(preprocessing.PRESETS))}')
+       f'names from {", ".join(known)} and presets from {presets}')
   if c.arch in models.ARCHS and well_formed:
     channels = sum(preprocessing.get(p).channels for _, p in modalities) if modalities else 3
     wanted = models.ARCHS[c.arch].input_channels
     need(channels == wanted, 'modalities', f'inputs with {wanted} channels in all for {c.arch} '
          f'(these give {channels}; e.g. colour + depth for fcn32s_early_fusion, colour + HHA for '
          f'the late-fusion nets)')
+
+
+def _check_loop(c: ml_collections.ConfigDict, need) -> None:
+  """Batch sizes, step counts, crops and scales of the training loop and the evaluation."""
   for field in ('batch_size', 'accumulate_steps', 'eval_batch_size', 'keep_checkpoints'):
     need(isinstance(c[field], int) and c[field] >= 1, field, 'an integer >= 1')
   for field in ('num_train_steps', 'log_every', 'eval_every', 'checkpoint_every', 'data_workers'):
@@ -67,24 +79,33 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
   need(isinstance(c.eval_pad_to, int) and c.eval_pad_to >= -1, 'eval_pad_to',
        '0 (native size), -1 (the evaluation images\' largest side) or a size S > 0')
   epochs = c.get('total_epochs') or 0
-  need(number(epochs) and epochs >= 0, 'total_epochs', 'a number >= 0')
-  if isinstance(c.num_train_steps, int) and number(epochs):
+  need(_number(epochs) and epochs >= 0, 'total_epochs', 'a number >= 0')
+  if isinstance(c.num_train_steps, int) and _number(epochs):
     need(c.num_train_steps > 0 or epochs > 0, 'num_train_steps',
          'an integer > 0, or 0 with config.total_epochs > 0')
   if isinstance(c.eval_batch_size, int) and c.eval_batch_size > 1:
-    need(bool(c.eval_pad_to), 'eval_pad_to', 'S > 0 when config.eval_batch_size > 1 (images differ '
-         'in size: batches are padded to S x S)')
+    need(bool(c.eval_pad_to), 'eval_pad_to', 'S > 0 when config.eval_batch_size > 1 (images '
+         'differ in size: batches are padded to S x S)')
   sr = tuple(c.scale_range or ())
-  need(sr == () or (len(sr) == 2 and all(number(v) and v > 0 for v in sr) and sr[0] <= sr[1]),
+  need(sr == () or (len(sr) == 2 and all(_number(v) and v > 0 for v in sr) and sr[0] <= sr[1]),
        'scale_range', '() or (low, high) with 0 < low <= high')
+
+
+def _check_optim(c: ml_collections.ConfigDict, need) -> None:
   o = c.optim
-  need(number(o.learning_rate) and o.learning_rate >= 0, 'optim.learning_rate', 'a number >= 0')
-  need(o.get('algorithm', 'sgd') in ALGORITHMS, 'optim.algorithm', f'one of {", ".join(ALGORITHMS)}')
+  need(_number(o.learning_rate) and o.learning_rate >= 0, 'optim.learning_rate',
+       'a number >= 0')
+  need(o.get('algorithm', 'sgd') in ALGORITHMS, 'optim.algorithm',
+       f'one of {", ".join(ALGORITHMS)}')
   need(o.schedule in SCHEDULES, 'optim.schedule', f'one of {", ".join(SCHEDULES)}')
+
+
+def _check_data(c: ml_collections.ConfigDict, need, out: list[str]) -> None:
+  """The dataset's splits (cheap: no data is prepared) and the checkpoint to start from."""
   d = c.dataset
   eval_name, eval_split = data_lib.eval_dataset(d.name, d.eval_name, d.eval_split)
-  root, fraction = d.get('root', ''), d.get('val_fraction', 0.1)
-  need(number(fraction) and 0 <= fraction < 1, 'dataset.val_fraction', 'a number in [0, 1)')
+  fraction = d.get('val_fraction', 0.1)
+  need(_number(fraction) and 0 <= fraction < 1, 'dataset.val_fraction', 'a number in [0, 1)')
   for field, name, split in (('dataset.train_split', d.name, d.train_split),
                              ('dataset.eval_split', eval_name, eval_split)):
     try:
@@ -93,7 +114,18 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
       out.append(f'config.{field}={split!r}: {e}')
   if c.init_from:
     need(os.path.exists(os.path.expanduser(c.init_from)), 'init_from',
-         'an existing checkpoint directory (a training run\'s checkpoints/ or fcn_jax.convert output)')
+         'an existing checkpoint directory (a training run\'s checkpoints/ or fcn_jax.convert '
+         'output)')
+
+
+def _problems(c: ml_collections.ConfigDict) -> list[str]:
+  out = []
+  need = _recorder(c, out)
+  _check_model(c, need)
+  _check_inputs(c, need)
+  _check_loop(c, need)
+  _check_optim(c, need)
+  _check_data(c, need, out)
   return sorted(set(out), key=out.index)
 
 

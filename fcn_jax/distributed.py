@@ -1,4 +1,5 @@
-"""Multi-host runs: `jax.distributed` set-up and the few cross-process helpers the training loop needs.
+"""Multi-host runs: `jax.distributed` set-up and the few cross-process helpers the training loop
+needs.
 
 Every process runs the same program. Once `initialize` has connected them, `jax.devices()` lists the
 devices of all processes: the training mesh spans them, each process feeds its share of every global
@@ -13,9 +14,10 @@ Where the parameters come from (first match wins, per parameter):
 3. jax's cluster detection: Cloud TPU VMs (pod slices, GCE or GKE), SLURM and Open MPI jobs fill in
    everything (on a TPU pod slice: `jax.distributed.initialize()` with no arguments).
 
-mode='auto' initialises when 1. or 2. name more than one process or a coordinator, or a multi-process
-cluster is detected; otherwise the run stays single-process (nothing to connect). 'on' always calls
-`jax.distributed.initialize` (so jax must find the missing values itself); 'off' never does.
+mode='auto' initialises when 1. or 2. name more than one process or a coordinator, or a
+multi-process cluster is detected; otherwise the run stays single-process (nothing to connect). 'on'
+always calls `jax.distributed.initialize` (so jax must find the missing values itself); 'off' never
+does.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Callable, Sequence, TypeVar
 import jax
 import numpy as np
 
-__all__ = ['initialize', 'is_main', 'main_process_first', 'barrier', 'allgather_bytes', 'sum_across_processes']
+__all__ = ['initialize', 'is_main', 'main_process_first', 'barrier', 'allgather_bytes',
+           'sum_across_processes']
 
 _log = logging.getLogger(__name__)
 T = TypeVar('T')
@@ -63,7 +66,8 @@ def _detected_cluster() -> str | None:
   try:
     from jax._src.clusters import cloud_tpu_cluster
     if cloud_tpu_cluster.running_in_cloud_tpu_vm:
-      if cloud_tpu_cluster.GkeTpuCluster.is_env_present() or cloud_tpu_cluster.GceTpuCluster.is_env_present():
+      if (cloud_tpu_cluster.GkeTpuCluster.is_env_present()
+          or cloud_tpu_cluster.GceTpuCluster.is_env_present()):
         return 'cloud_tpu'
   except Exception:  # private API: its absence only disables auto-detection
     _log.debug('Cloud TPU detection unavailable', exc_info=True)
@@ -71,7 +75,8 @@ def _detected_cluster() -> str | None:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids: str | int | Sequence[int] | None = None,
+               process_id: int | None = None,
+               local_device_ids: str | int | Sequence[int] | None = None,
                *, mode: str = 'auto', initialization_timeout: int = 300) -> bool:
   """Connects this process to the others (before any JAX computation); True if multi-process.
 
@@ -87,7 +92,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS') or None
   num_processes = num_processes if num_processes is not None else _env_int('JAX_NUM_PROCESSES')
   process_id = process_id if process_id is not None else _env_int('JAX_PROCESS_ID')
-  local_device_ids = _parse_ids(local_device_ids) or _parse_ids(os.environ.get('JAX_LOCAL_DEVICE_IDS'))
+  local_device_ids = (_parse_ids(local_device_ids)
+                      or _parse_ids(os.environ.get('JAX_LOCAL_DEVICE_IDS')))
   explicit = coordinator_address is not None or (num_processes or 1) > 1
   if mode == 'auto':
     if num_processes == 1:
@@ -96,12 +102,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if not explicit and cluster is None:
       return False
   if explicit and coordinator_address is None and _detected_cluster() is None:
-    raise ValueError('multi-process run without a coordinator: pass --coordinator_address=HOST:PORT '
-                     '(process 0\'s address) or set JAX_COORDINATOR_ADDRESS')
+    raise ValueError('multi-process run without a coordinator: pass '
+                     '--coordinator_address=HOST:PORT (process 0\'s address) or set '
+                     'JAX_COORDINATOR_ADDRESS')
   if coordinator_address is not None and (num_processes is None or process_id is None):
     if _detected_cluster() is None:
-      raise ValueError(f'coordinator {coordinator_address} given, but not num_processes and process_id '
-                       f'(--num_processes / --process_id, or JAX_NUM_PROCESSES / JAX_PROCESS_ID)')
+      raise ValueError(f'coordinator {coordinator_address} given, but not num_processes and '
+                       f'process_id (--num_processes / --process_id, or JAX_NUM_PROCESSES / '
+                       f'JAX_PROCESS_ID)')
   _use_gloo_on_cpu()
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id, local_device_ids=local_device_ids,
@@ -151,7 +159,8 @@ def allgather_bytes(data: bytes) -> list[bytes]:
   if jax.process_count() == 1:
     return [bytes(data)]
   from jax.experimental import multihost_utils
-  lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int64))).reshape(-1)
+  lengths = np.asarray(
+      multihost_utils.process_allgather(np.asarray([len(data)], np.int64))).reshape(-1)
   buf = np.zeros(int(lengths.max()), np.uint8)
   buf[:len(data)] = np.frombuffer(data, np.uint8)
   gathered = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(lengths), -1)
@@ -164,4 +173,12 @@ def sum_across_processes(x: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return x
   from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x)).reshape((jax.process_count(),) + x.shape).sum(0)
+  return np.asarray(multihost_utils.process_allgather(x)).reshape(
+      (jax.process_count(),) + x.shape).sum(0)
+
+
+def log(message: str) -> None:
+  """A line for the user, from process 0 only (written above a progress bar, if one is drawn)."""
+  if jax.process_index() == 0:
+    from tqdm.auto import tqdm
+    tqdm.write(message)

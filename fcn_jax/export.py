@@ -1,14 +1,16 @@
 """Export a checkpoint for inference outside the training code: serialized StableHLO (jax.export).
 
-  python -m fcn_jax.export --checkpoint runs/fcn8s --out fcn8s.fcnx [--sizes 512x384,384x512,512x512]
+  python -m fcn_jax.export --checkpoint runs/fcn8s --out fcn8s.fcnx \\
+      [--sizes 512x384,384x512,512x512]
 
 The artifact is a zip: `metadata.json` (arch, classes, class names, palette, preprocessing as data:
 channel order, scale, mean, std; the sizes) and one `model_<H>x<W>.stablehlo` per size, each a
-jax.export module with the weights inside, a symbolic batch dimension (1..--max_batch), input (B, H, W, 3) float32
-preprocessed images and output (B, H, W, C) float32 scores. Sizes are fixed: the FCN geometry (ceil
-pooling, crops derived from the input size) is computed in Python from static shapes, so images are
-padded at the bottom and right to the smallest listed size that holds them (`fcn_jax.exported`
-does it), as `fcn_jax.segmenter` does. Platforms: CPU, and CUDA where this jax can lower to it.
+jax.export module with the weights inside, a symbolic batch dimension (1..--max_batch), input
+(B, H, W, 3) float32 preprocessed images and output (B, H, W, C) float32 scores. Sizes are fixed:
+the FCN geometry (ceil pooling, crops derived from the input size) is computed in Python from static
+shapes, so images are padded at the bottom and right to the smallest listed size that holds them
+(`fcn_jax.exported` does it), as `fcn_jax.segmenter` does. Platforms: CPU, and CUDA where this jax
+can lower to it.
 
 Loading needs only jax and numpy: `fcn_jax.exported.load(FILE)` (it imports no model code).
 ONNX: no well-kept converter takes jax.export / StableHLO to ONNX today (jax2tf + tf2onnx needs
@@ -18,7 +20,6 @@ TensorFlow, which this project does not install); not provided.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import pathlib
@@ -26,8 +27,8 @@ import sys
 import tempfile
 import zipfile
 
-import numpy as np
 
+from fcn_jax import checkpoint, preprocessing
 from fcn_jax import cli as cli_lib
 from fcn_jax.errors import UserError, cli
 
@@ -55,7 +56,6 @@ def export_checkpoint(checkpoint_dir, out, *, sizes=DEFAULT_SIZES, which: str = 
   import jax
   import jax.numpy as jnp
   from jax import export as jax_export
-  from fcn_jax import checkpoint, preprocessing
   out = pathlib.Path(out).expanduser().resolve()
   if out.is_dir():
     raise UserError(f'--out {out} is a directory; give a file name (e.g. model.fcnx)')
@@ -64,9 +64,9 @@ def export_checkpoint(checkpoint_dir, out, *, sizes=DEFAULT_SIZES, which: str = 
   model, variables, meta = checkpoint.load_inference(checkpoint_dir, which=which)
   modalities = [m['name'] for m in preprocessing.modalities_of(meta)]
   if len(model.head_names) > 1 or modalities != ['color']:
-    raise UserError(f'fcn_jax.export handles single-headed colour nets for now; {checkpoint_dir} has '
-                    f'heads {", ".join(model.head_names)} and inputs {" + ".join(modalities)}. Use '
-                    f'python -m fcn_jax.predict (or fcn_jax.segmenter.Segmenter) instead')
+    raise UserError(f'fcn_jax.export handles single-headed colour nets for now; {checkpoint_dir} '
+                    f'has heads {", ".join(model.head_names)} and inputs {" + ".join(modalities)}. '
+                    'Use python -m fcn_jax.predict (or fcn_jax.segmenter.Segmenter) instead')
   p = preprocessing.get(meta['preprocessing'])
   prep = {'bgr': p.bgr, 'scale': p.scale, 'mean': list(p.mean), 'std': list(p.std)}
   if platforms is None:

@@ -24,8 +24,10 @@ class ExportedModel:
     from jax import export as jax_export
     with zipfile.ZipFile(path) as z:
       self.metadata = json.loads(z.read('metadata.json'))
-      self._modules = {tuple(size): jax_export.deserialize(bytearray(z.read(f'model_{size[0]}x{size[1]}.stablehlo')))
-                       for size in self.metadata['sizes']}
+      self._modules = {
+          tuple(size): jax_export.deserialize(
+              bytearray(z.read(f'model_{size[0]}x{size[1]}.stablehlo')))
+          for size in self.metadata['sizes']}
     self.class_names = list(self.metadata['class_names'])
     self.palette = self.metadata.get('palette')
 

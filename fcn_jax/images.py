@@ -92,7 +92,8 @@ def find_companion(directory: pathlib.Path, relative: pathlib.PurePath) -> pathl
   path and stem, any image suffix (PNG first)."""
   stem = directory / relative.with_suffix('')
   for suffix in ('.png',) + IMAGE_SUFFIXES:
-    for candidate in (stem.with_name(stem.name + suffix), stem.with_name(stem.name + suffix.upper())):
+    for candidate in (stem.with_name(stem.name + suffix),
+                      stem.with_name(stem.name + suffix.upper())):
       if candidate.is_file():
         return candidate
   return None

@@ -65,7 +65,8 @@ class CaffeSGDState(NamedTuple):
 
 def caffe_sgd(learning_rate: float | Schedule, momentum: float, *, lr_mult: float = 1.0,
               weight_decay: float = 0.0, decay_mult: float = 0.0) -> optax.GradientTransformation:
-  """Caffe's SGD for one parameter group: v = m v + lr_t lr_mult (g + wd decay_mult w); update -v."""
+  """Caffe's SGD for one parameter group: v = m v + lr_t lr_mult (g + wd decay_mult w);
+  update -v."""
   schedule = learning_rate if callable(learning_rate) else make_schedule(learning_rate)
   local_decay = float(weight_decay) * float(decay_mult)
 
@@ -97,7 +98,8 @@ def _l2_scaled(direction: optax.GradientTransformation, schedule: Schedule, *, l
                weight_decay: float, decay_mult: float) -> optax.GradientTransformation:
   """g += wd decay_mult w (plain L2 added to the gradient, not decoupled decay), then `direction`,
   then scale by -lr_t lr_mult (the rate applies after the momentum, like optax.sgd)."""
-  parts = [optax.add_decayed_weights(weight_decay * decay_mult)] if weight_decay * decay_mult else []
+  parts = ([optax.add_decayed_weights(weight_decay * decay_mult)] if weight_decay * decay_mult
+           else [])
   parts += [direction, optax.scale_by_learning_rate(lambda count: schedule(count) * lr_mult)]
   return optax.chain(*parts)
 

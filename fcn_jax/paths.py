@@ -1,8 +1,8 @@
 """Where fcn_jax keeps what is not a user's output: one documented cache directory.
 
-`cache_dir()` is $FCN_JAX_CACHE_DIR, else $XDG_CACHE_HOME/fcn_jax, else ~/.cache/fcn_jax. It holds the
-XLA compilation cache (xla/) and the demo's synthetic dataset with its prepared TFDS files
-(synthetic/); everything there can be deleted at any time and is rebuilt on demand.
+`cache_dir()` is $FCN_JAX_CACHE_DIR, else $XDG_CACHE_HOME/fcn_jax, else ~/.cache/fcn_jax. It
+holds the XLA compilation cache (xla/) and the demo's synthetic dataset with its prepared TFDS
+files (synthetic/); everything there can be deleted at any time and is rebuilt on demand.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Inference from a checkpoint alone: `python -m fcn_jax.predict --checkpoint DIR --out OUT IMAGE|DIR...`.
+"""Inference from a checkpoint alone:
+`python -m fcn_jax.predict --checkpoint DIR --out OUT IMAGE|DIR...`.
 
 For every input image it writes, under OUT and mirroring the inputs' folders below their common
 parent (a/img.jpg -> OUT/a/img.png):
@@ -31,12 +32,19 @@ import pathlib
 import sys
 from typing import Iterable, Iterator
 
+import jax
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
+from fcn_jax import checkpoint, distributed, preprocessing, viz
 from fcn_jax import cli as cli_lib
+from fcn_jax import data as data_lib
 from fcn_jax import images as images_lib
+from fcn_jax import segmenter as segmenter_lib
+from fcn_jax.data import identity, pipeline
 from fcn_jax.errors import UserError, cli
+
 
 class RecordInput:
   """One example of a TFDS split (its image bytes), named by the record's file_name."""
@@ -45,12 +53,10 @@ class RecordInput:
     self.source, self.index, self.name = source, index, name
 
   def read(self) -> np.ndarray:
-    from fcn_jax import data as data_lib
     return data_lib.decode_image(self.source[self.index]['image'])
 
   def read_modalities(self, names: list[str]) -> dict[str, np.ndarray]:
     """The record's input modalities by name (NYUDv2 records hold colour, HHA and depth)."""
-    from fcn_jax.data import pipeline
     try:
       inputs, _ = pipeline.decode_planes(self.source[self.index], names)
     except KeyError as e:
@@ -64,7 +70,6 @@ class RecordInput:
 
 def dataset_inputs(name: str, split: str, **kwargs) -> list[RecordInput]:
   """Every example of a dataset split (prepared through its builder if needed)."""
-  from fcn_jax import data as data_lib, distributed
   # Preparation (first use) by process 0 first: processes sharing a filesystem must not race.
   source = distributed.main_process_first(lambda: data_lib.get_data_source(name, split, **kwargs),
                                           'fcn_jax.predict_data')
@@ -124,8 +129,8 @@ def check_outputs(inputs: list[pathlib.Path], plan: list[dict[str, pathlib.Path]
   existing = [t for t in targets if os.path.lexists(t)]
   if existing and not overwrite:
     shown = '\n  '.join(map(str, existing[:5]))
-    raise UserError(f'{len(existing)} output files exist already, e.g.\n  {shown}\npass --overwrite '
-                    f'to replace them, or choose another --out')
+    raise UserError(f'{len(existing)} output files exist already, e.g.\n  {shown}\npass '
+                    f'--overwrite to replace them, or choose another --out')
 
 
 def companion_dirs(modalities: list[str], hha_dir: str | None, depth_dir: str | None,
@@ -189,7 +194,8 @@ def _decoded(inputs: list[pathlib.Path], max_size: int, workers: int,
                                       f'{decoded["image"].shape[1]}x{decoded["image"].shape[0]}')
       return decoded
     except (images_lib.ImageError, OSError, ValueError) as e:
-      return {'index': index, 'error': str(e) if isinstance(e, images_lib.ImageError) else f'{item}: {e}'}
+      message = str(e) if isinstance(e, images_lib.ImageError) else f'{item}: {e}'
+      return {'index': index, 'error': message}
 
   dataset = grain.MapDataset.source(list(range(len(inputs)))).map(decode)
   iterator = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
@@ -199,6 +205,72 @@ def _decoded(inputs: list[pathlib.Path], max_size: int, workers: int,
       flags.FLAGS(['fcn_jax.predict'], known_only=True)
     iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(iterator)
+
+
+def _find_inputs(images: Iterable[str | pathlib.Path], records: list[RecordInput] | None,
+                 glob: str | None) -> list:
+  """The image files (directories searched recursively), then the dataset records."""
+  inputs = images_lib.find_images(list(images), glob=glob) if images else []
+  inputs = inputs + list(records or [])
+  if not inputs:
+    raise UserError('no inputs: give image files or directories, or --dataset and --split')
+  return inputs
+
+
+def _todo(inputs: list, plan: list[dict], resume: bool) -> tuple[list, list[dict]]:
+  """This process's share of (inputs, plan); with `resume`, without those whose outputs all
+  exist."""
+  if jax.process_count() > 1:  # each process predicts its shard; outputs never collide
+    shard = slice(jax.process_index(), None, jax.process_count())
+    inputs, plan = inputs[shard], plan[shard]
+  if resume:
+    todo = [i for i, outputs in enumerate(plan) if not all(t.exists() for t in outputs.values())]
+    inputs, plan = [inputs[i] for i in todo], [plan[i] for i in todo]
+  return inputs, plan
+
+
+def _batches(items: Iterable[dict], chunk: int, failed: list[str], bar) -> Iterator[list[dict]]:
+  """The decoded items in lists of up to `chunk`; the messages of those that failed go to
+  `failed` (and count on the progress `bar`)."""
+  pending: list[dict] = []
+  for item in items:
+    if 'error' in item:
+      failed.append(item['error'])
+      if bar is not None:
+        bar.update(1)
+      continue
+    pending.append(item)
+    if len(pending) >= chunk:
+      yield pending
+      pending = []
+  if pending:
+    yield pending
+
+
+def _save_scores(path: pathlib.Path, scores: np.ndarray, scores_format: str) -> None:
+  if scores_format == 'npz':
+    np.savez_compressed(path, scores=scores.astype(np.float16))
+  else:
+    np.save(path, scores.astype(np.float32))
+
+
+def _write_outputs(seg: segmenter_lib.Segmenter, image: np.ndarray, label, scores,
+                   outputs: dict[str, pathlib.Path], scores_format: str) -> list[pathlib.Path]:
+  """Writes one image's label maps, overlays (and scores, unless None), per head; returns the
+  label maps written."""
+  written = []
+  by_head = label if isinstance(label, dict) else {None: label}
+  for head, head_label in by_head.items():
+    key = (lambda kind: kind) if head is None else (lambda kind: f'{kind}/{head}')
+    outputs[key('label')].parent.mkdir(parents=True, exist_ok=True)
+    names, palette = seg.class_names_of(head), seg.palette_of(head)
+    viz.label_png(head_label, palette).save(outputs[key('label')])
+    Image.fromarray(viz.overlay_with_legend(image, head_label, names, palette)).save(
+        outputs[key('overlay')], quality=92)
+    if scores is not None:
+      _save_scores(outputs[key('scores')], scores if head is None else scores[head], scores_format)
+    written.append(outputs[key('label')])
+  return written
 
 
 def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pathlib.Path],
@@ -222,84 +294,40 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
     raise UserError(f'--out {out_dir} is a file; give a directory')
   if scores_format not in ('npy', 'npz'):
     raise UserError(f'scores format {scores_format!r}: npy or npz')
-  inputs = images_lib.find_images(list(images), glob=glob) if images else []
-  inputs = inputs + list(records or [])
-  if not inputs:
-    raise UserError('no inputs: give image files or directories, or --dataset and --split')
-  from fcn_jax import checkpoint, preprocessing
+  inputs = _find_inputs(images, records, glob)
   metadata = checkpoint.read_metadata(checkpoint_dir, which)
   heads = list(metadata.get('head_names') or [])
   modalities = [m['name'] for m in preprocessing.modalities_of(metadata)]
   if records and len(inputs) > len(records) and len(modalities) > 1:
-    raise UserError(f'a {" + ".join(modalities)} net reads image files with --hha_dir / --depth_dir '
-                    f'or a --dataset, not both in one run')
+    raise UserError(f'a {" + ".join(modalities)} net reads image files with --hha_dir / '
+                    f'--depth_dir or a --dataset, not both in one run')
   companions = companion_dirs(modalities, hha_dir, depth_dir, bool(records))
   plan = output_paths(inputs, out_dir, save_scores, scores_format, heads=heads)
-  import jax
-  if jax.process_count() > 1:  # each process predicts its shard; outputs never collide
-    shard = slice(jax.process_index(), None, jax.process_count())
-    inputs, plan = inputs[shard], plan[shard]
-  if resume:
-    todo = [i for i, outputs in enumerate(plan) if not all(t.exists() for t in outputs.values())]
-    inputs, plan = [inputs[i] for i in todo], [plan[i] for i in todo]
+  inputs, plan = _todo(inputs, plan, resume)
   check_outputs(inputs, plan, overwrite or resume)
 
-  from fcn_jax import segmenter as segmenter_lib, viz
-  seg = segmenter_lib.Segmenter.load(checkpoint_dir, which=which, batch_size=batch_size, dtype=dtype)
+  seg = segmenter_lib.Segmenter.load(checkpoint_dir, which=which, batch_size=batch_size,
+                                     dtype=dtype)
   written, failed = [], []
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=len(inputs), desc='predict', unit='image')
-
-  def model_inputs(item: dict) -> dict:
+  bar = tqdm(total=len(inputs), desc='predict', unit='image') if progress else None
+  items = _decoded(inputs, max_size, workers, companions, modalities) if inputs else ()
+  for pending in _batches(items, chunk, failed, bar):
     # The inputs are the first modality (an HHA-only net reads HHA images), the others companions.
-    return {modalities[0]: item['image'], **{name: item[name] for name in modalities[1:]}}
-
-  def flush(pending: list[dict]) -> None:
-    results = seg([model_inputs(p) for p in pending], scores=save_scores, exact=exact)
+    results = seg([{modalities[0]: p['image'], **{name: p[name] for name in modalities[1:]}}
+                   for p in pending], scores=save_scores, exact=exact)
     labels = results['labels'] if save_scores else results
     for k, (item, label) in enumerate(zip(pending, labels)):
-      outputs = plan[item['index']]
-      by_head = label if isinstance(label, dict) else {None: label}
-      for head, head_label in by_head.items():
-        key = (lambda kind: kind) if head is None else (lambda kind: f'{kind}/{head}')
-        outputs[key('label')].parent.mkdir(parents=True, exist_ok=True)
-        names, palette = seg.class_names_of(head), seg.palette_of(head)
-        viz.label_png(head_label, palette).save(outputs[key('label')])
-        Image.fromarray(viz.overlay_with_legend(item['image'], head_label, names, palette)).save(
-            outputs[key('overlay')], quality=92)
-        if save_scores:
-          scores = results['scores'][k]
-          scores = scores if head is None else scores[head]
-          if scores_format == 'npz':
-            np.savez_compressed(outputs[key('scores')], scores=scores.astype(np.float16))
-          else:
-            np.save(outputs[key('scores')], scores.astype(np.float32))
-        written.append(outputs[key('label')])
+      scores = results['scores'][k] if save_scores else None
+      written += _write_outputs(seg, item['image'], label, scores, plan[item['index']],
+                                scores_format)
     if bar is not None:
       bar.update(len(pending))
-
-  pending: list[dict] = []
-  for item in (_decoded(inputs, max_size, workers, companions, modalities) if inputs else ()):
-    if 'error' in item:
-      failed.append(item['error'])
-      if bar is not None:
-        bar.update(1)
-      continue
-    pending.append(item)
-    if len(pending) >= chunk:
-      flush(pending)
-      pending = []
-  if pending:
-    flush(pending)
   if bar is not None:
     bar.close()
   return written, failed
 
 
-@cli
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
   parser = cli_lib.ArgumentParser(prog='python -m fcn_jax.predict', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--checkpoint', required=True,
@@ -333,9 +361,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--workers', type=int, default=0,
                       help='image-decoding worker processes (0: threads of this process)')
   parser.add_argument('--dataset', help='predict a dataset split instead of files: '
-                      'voc_segmentation/2012, sbd, folder, coco, voc_like, pairs, split_folders, ... '
-                      '(default with --split: the dataset the checkpoint was trained on)')
-  parser.add_argument('--split', help='the split of --dataset (default: the run\'s evaluation split)')
+                      'voc_segmentation/2012, sbd, folder, coco, voc_like, pairs, split_folders, '
+                      '... (default with --split: the dataset the checkpoint was trained on)')
+  parser.add_argument('--split',
+                      help='the split of --dataset (default: the run\'s evaluation split)')
   parser.add_argument('--data_dir', help='prepared TFDS data (default: where the run prepared it, '
                       'else ~/tensorflow_datasets)')
   parser.add_argument('--manual_dir', help='VOC / SBD archives or trees, if not prepared yet')
@@ -347,25 +376,33 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--process_id', type=int, help='this process\'s id')
   parser.add_argument('--distributed', choices=('auto', 'on', 'off'), default='auto',
                       help='as in training (fcn_jax.distributed)')
-  parser.add_argument('images', nargs='*', help='image files, or directories (searched recursively)')
+  parser.add_argument('images', nargs='*',
+                      help='image files, or directories (searched recursively)')
+  return parser
+
+
+def _dataset_records(args: argparse.Namespace) -> list[RecordInput]:
+  """The records of --dataset / --split (default: the checkpoint's dataset and evaluation
+  split)."""
+  directory = checkpoint.resolve_directory(args.checkpoint)
+  spec = identity.resolve(checkpoint.read_metadata(directory, args.which), args.dataset or '',
+                          args.split or '', root=args.root, data_dir=args.data_dir,
+                          manual_dir=args.manual_dir)
+  print(f'predicting {spec.describe()}')
+  return dataset_inputs(spec.name, spec.split, **spec.source_kwargs())
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+  parser = _parser()
   args = parser.parse_args(argv)
   if not args.images and not args.dataset and not args.split:
     parser.error('give image files or directories, or --dataset / --split')
   if args.images and (args.dataset or args.split):
     parser.error('give image files or directories, or --dataset / --split, not both')
-  from fcn_jax import distributed
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, None,
                          mode=args.distributed)
-  records = None
-  if args.dataset or args.split:
-    from fcn_jax import checkpoint
-    from fcn_jax.data import identity
-    directory = checkpoint.resolve_directory(args.checkpoint)
-    spec = identity.resolve(checkpoint.read_metadata(directory, args.which), args.dataset or '',
-                            args.split or '', root=args.root, data_dir=args.data_dir,
-                            manual_dir=args.manual_dir)
-    print(f'predicting {spec.describe()}')
-    records = dataset_inputs(spec.name, spec.split, **spec.source_kwargs())
+  records = _dataset_records(args) if args.dataset or args.split else None
   if args.max_size < 0:
     parser.error('--max_size must be >= 0')
   if args.batch_size < 1 or args.workers < 0:

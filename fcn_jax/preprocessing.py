@@ -1,7 +1,7 @@
 """Input conventions. The preprocessing belongs to the weights and travels with every checkpoint.
 
-- `caffe_bgr`: Caffe-trained weights (VGG_ILSVRC_16_layers, the released FCNs): BGR, 0..255, minus the
-  Caffe mean.
+- `caffe_bgr`: Caffe-trained weights (VGG_ILSVRC_16_layers, the released FCNs): BGR, 0..255, minus
+  the Caffe mean.
 - `torchvision_rgb`: torchvision ImageNet weights: RGB / 255, minus the ImageNet mean, over its std.
 - `inception_rgb`: torchvision GoogLeNet with transform_input=True: RGB / 255 mapped to [-1, 1].
 - The reference nets of the other datasets (their data layers, ZOO.md sec. 4): `pascal_context_bgr`,
@@ -44,20 +44,23 @@ class Preprocessing:
     if self.channels == 1 and (x.ndim == 2 or x.shape[-1] != 1):
       x = x[..., None]
     if x.shape[-1] != self.channels:
-      what = 'RGB images (..., H, W, 3)' if self.channels == 3 else f'{self.channels}-channel inputs'
+      what = ('RGB images (..., H, W, 3)' if self.channels == 3
+              else f'{self.channels}-channel inputs')
       raise ValueError(f'expected {what} for {self.name}, got shape {x.shape}')
     if self.bgr:
       x = x[..., ::-1]
     if self.log:
       x = np.log(np.maximum(x, 1.0))
     x = x * np.float32(self.scale)
-    return ((x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)).astype(np.float32)
+    return ((x - np.asarray(self.mean, np.float32))
+            / np.asarray(self.std, np.float32)).astype(np.float32)
 
   def invert(self, inputs: np.ndarray) -> np.ndarray:
     """Model input -> uint8 RGB (for figures)."""
     if self.channels != 3 or self.log:
       raise ValueError(f'{self.name} inputs are not images; nothing to invert')
-    x = np.asarray(inputs, np.float32) * np.asarray(self.std, np.float32) + np.asarray(self.mean, np.float32)
+    x = (np.asarray(inputs, np.float32) * np.asarray(self.std, np.float32)
+         + np.asarray(self.mean, np.float32))
     x = x / np.float32(self.scale)
     if self.bgr:
       x = x[..., ::-1]
@@ -66,10 +69,12 @@ class Preprocessing:
 
 PRESETS = {
     'caffe_bgr': Preprocessing('caffe_bgr', True, 1.0, CAFFE_BGR_MEAN, (1.0, 1.0, 1.0)),
-    'torchvision_rgb': Preprocessing('torchvision_rgb', False, 1 / 255, IMAGENET_MEAN, IMAGENET_STD),
-    'inception_rgb': Preprocessing('inception_rgb', False, 1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    'pascal_context_bgr': Preprocessing('pascal_context_bgr', True, 1.0, (104.007, 116.669, 122.679),
-                                        (1.0, 1.0, 1.0)),
+    'torchvision_rgb': Preprocessing('torchvision_rgb', False, 1 / 255, IMAGENET_MEAN,
+                                     IMAGENET_STD),
+    'inception_rgb': Preprocessing('inception_rgb', False, 1 / 255, (0.5, 0.5, 0.5),
+                                   (0.5, 0.5, 0.5)),
+    'pascal_context_bgr': Preprocessing('pascal_context_bgr', True, 1.0,
+                                        (104.007, 116.669, 122.679), (1.0, 1.0, 1.0)),
     'sift_flow_bgr': Preprocessing('sift_flow_bgr', True, 1.0, (114.578, 115.294, 108.353),
                                    (1.0, 1.0, 1.0)),
     'nyud_bgr': Preprocessing('nyud_bgr', True, 1.0, (116.190, 97.203, 92.318), (1.0, 1.0, 1.0)),

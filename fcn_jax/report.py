@@ -1,4 +1,5 @@
-"""Run outputs: metrics.jsonl + TensorBoard events, results.json and the paper's Table 2 in Markdown."""
+"""Run outputs: metrics.jsonl + TensorBoard events, results.json and the paper's Table 2 in
+Markdown."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ SCORE_COLUMNS = (('pixel_acc', 'pixel acc.'), ('mean_acc', 'mean acc.'), ('mean_
 class MetricWriter:
   """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
 
-  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, resume_step: int | None = None):
+  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True,
+               resume_step: int | None = None):
     """resume_step: the checkpoint step a resumed run restarts from; records after it (written by
     the interrupted run past its last checkpoint, and about to be written again) are dropped, so
     that every step appears once."""
@@ -175,7 +177,8 @@ def write_results(workdir: str | pathlib.Path, name: str, scores: Mapping[str, A
   text = table_markdown([(name, scores)] + paper_rows(name), class_names)
   for head, head_scores in list(heads.items())[1:]:
     text += (f'\n\n{head} head: pixel acc. {100 * head_scores["pixel_acc"]:.1f}'
-             + ''.join(f' (paper {v["geometric_pixel_acc"]:.1f})' for _, v in paper_rows(name, raw=True)
+             + ''.join(f' (paper {v["geometric_pixel_acc"]:.1f})'
+                       for _, v in paper_rows(name, raw=True)
                        if head == 'geometric' and 'geometric_pixel_acc' in v))
   absent = absent_classes(scores, class_names)
   if absent:
@@ -215,8 +218,10 @@ def table_markdown(rows: Sequence[tuple[str, Mapping[str, Any]]],
   lines = ['| net | ' + ' | '.join(title for _, title in SCORE_COLUMNS) + ' |',
            '|---|' + '---:|' * len(SCORE_COLUMNS)]
   for name, scores in rows:
-    lines.append(f'| {name} | ' + ' | '.join(f'{100 * scores[k]:.1f}' for k, _ in SCORE_COLUMNS) + ' |')
-  measured = [(name, scores) for name, scores in rows if 'per_class_iu' in scores]  # not the paper's
+    lines.append(f'| {name} | '
+                 + ' | '.join(f'{100 * scores[k]:.1f}' for k, _ in SCORE_COLUMNS) + ' |')
+  measured = [(name, scores) for name, scores in rows
+              if 'per_class_iu' in scores]  # not the paper's
   if class_names is not None:
     lines += ['', '| class | ' + ' | '.join(name for name, _ in measured) + ' |',
               '|---|' + '---:|' * len(measured)]
@@ -224,6 +229,7 @@ def table_markdown(rows: Sequence[tuple[str, Mapping[str, Any]]],
       cells = []
       for _, scores in measured:
         iu = scores['per_class_iu'][i]
-        cells.append('n/a' if iu is None or (isinstance(iu, float) and math.isnan(iu)) else f'{100 * iu:.1f}')
+        cells.append('n/a' if iu is None or (isinstance(iu, float) and math.isnan(iu))
+                     else f'{100 * iu:.1f}')
       lines.append(f'| {cls} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)

@@ -8,8 +8,8 @@ ceil-mode pools see other neighbours), so `exact=True` runs every image at its n
 compile per distinct size), the reference protocol.
 
     segmenter = Segmenter.load('runs/fcn8s')
-    labels = segmenter([image_a, image_b])                 # uint8 RGB (H, W, 3) each -> (H, W) uint8
-    out = segmenter(images, scores=True)                   # {'labels': [...], 'scores': [(H, W, C)]}
+    labels = segmenter([image_a, image_b])  # uint8 RGB (H, W, 3) each -> (H, W) uint8
+    out = segmenter(images, scores=True)    # {'labels': [...], 'scores': [(H, W, C)]}
 
 Nets with several input modalities (NYUD colour + HHA or depth) take one dict per image,
 {'color': RGB, 'hha': HHA, 'depth': depth}, with the modalities the checkpoint lists; nets with
@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fcn_jax import checkpoint, preprocessing
 from fcn_jax.errors import UserError
-from fcn_jax.models import cpu_forms
+from fcn_jax.models import forms as forms_lib
 
 DEFAULT_BUCKET_STEP = 64
 
@@ -40,7 +40,8 @@ def bucket_shape(height: int, width: int, step: int) -> tuple[int, int]:
 
 
 def is_single_image(images: Any) -> bool:
-  """One image rather than a sequence of them: an (H, W) / (H, W, C) array, a path or a PIL image."""
+  """One image rather than a sequence of them: an (H, W) / (H, W, C) array, a path or a PIL
+  image."""
   if isinstance(images, np.ndarray):
     return images.ndim in (2, 3) and images.dtype != object
   return isinstance(images, (str, os.PathLike)) or hasattr(images, 'getbands')
@@ -70,10 +71,10 @@ class Segmenter:
     self.modalities = preprocessing.modalities_of(self.metadata)
     self.head_names = list(model.head_names)
     self.channels = model.arch.input_channels
-    self._apply = cpu_forms.jit(lambda v, x: model.apply(v, x, train=False), forms=model.forms,
+    self._apply = forms_lib.jit(lambda v, x: model.apply(v, x, train=False), forms=model.forms,
                                 in_shardings=(self._replicated, self._batched),
                                 out_shardings=self._batched)
-    self._apply_one = cpu_forms.jit(lambda v, x: model.apply(v, x, train=False),
+    self._apply_one = forms_lib.jit(lambda v, x: model.apply(v, x, train=False),
                                     forms=model.forms)
     self.compiled_shapes: set[tuple[int, ...]] = set()  # what was compiled, for tests / logs
 
@@ -113,9 +114,10 @@ class Segmenter:
     """Raises UserError for a net with several heads or inputs besides colour (for the tools that
     do not handle them yet: export, serve)."""
     if len(self.head_names) > 1 or self.modality_names != ['color']:
-      raise UserError(f'{what} handles single-headed colour nets for now; this checkpoint has heads '
-                      f'{", ".join(self.head_names)} and inputs {" + ".join(self.modality_names)}. '
-                      f'Use python -m fcn_jax.predict (or fcn_jax.segmenter.Segmenter) instead')
+      raise UserError(f'{what} handles single-headed colour nets for now; this checkpoint has '
+                      f'heads {", ".join(self.head_names)} and inputs '
+                      f'{" + ".join(self.modality_names)}. Use python -m fcn_jax.predict (or '
+                      'fcn_jax.segmenter.Segmenter) instead')
 
   @property
   def modality_names(self) -> list[str]:
@@ -151,7 +153,8 @@ class Segmenter:
     if exact:
       for i, x in enumerate(inputs):
         self.compiled_shapes.add(x.shape)
-        out[i] = {k: v[0] for k, v in self._per_head(self._apply_one(self.variables, x[None])).items()}
+        per_head = self._per_head(self._apply_one(self.variables, x[None]))
+        out[i] = {k: v[0] for k, v in per_head.items()}
     else:
       groups = collections.defaultdict(list)
       for i, x in enumerate(inputs):

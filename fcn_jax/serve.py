@@ -1,4 +1,5 @@
-"""A local segmentation service: `python -m fcn_jax.serve --checkpoint DIR [--host 127.0.0.1 --port 8000]`.
+"""A local segmentation service:
+`python -m fcn_jax.serve --checkpoint DIR [--host 127.0.0.1 --port 8000]`.
 
 HTTP JSON API (one model, loaded once; requests run one at a time):
   GET  /            a page: drop an image, see the overlay with a class legend and an opacity slider
@@ -23,11 +24,12 @@ import threading
 import urllib.parse
 
 import numpy as np
-from PIL import Image
 
 from fcn_jax import cli as cli_lib
 from fcn_jax import images as images_lib
+from fcn_jax import viz
 from fcn_jax.errors import UserError, cli
+from fcn_jax.segmenter import Segmenter
 
 DEFAULT_MAX_BYTES = 20 * 2**20
 
@@ -39,15 +41,17 @@ PAGE = r'''<!doctype html>
  #drop.over { background: #eef; }
  #view { position: relative; display: inline-block; margin-top: 1em; }
  #view img { display: block; max-width: 640px; }
- #mask { position: absolute; left: 0; top: 0; width: 100%; height: 100%; image-rendering: pixelated; }
- .swatch { display: inline-block; width: 1em; height: 1em; margin-right: .4em; vertical-align: middle;
-           border: 1px solid #000; }
+ #mask { position: absolute; left: 0; top: 0; width: 100%; height: 100%;
+         image-rendering: pixelated; }
+ .swatch { display: inline-block; width: 1em; height: 1em; margin-right: .4em;
+           vertical-align: middle; border: 1px solid #000; }
  #error { color: #b00; }
 </style></head>
 <body>
 <h1>fcn_jax <span id="arch"></span></h1>
 <div id="drop">Drop an image here, or <input type="file" id="file" accept="image/*"></div>
-<p>Opacity <input type="range" id="opacity" min="0" max="100" value="60"> <span id="opacity_value">60%</span></p>
+<p>Opacity <input type="range" id="opacity" min="0" max="100" value="60">
+<span id="opacity_value">60%</span></p>
 <p id="error"></p>
 <div id="view"><img id="photo"><img id="mask"></div>
 <ul id="legend"></ul>
@@ -83,7 +87,9 @@ document.getElementById('file').onchange = e => send(e.target.files[0]);
 const drop = document.getElementById('drop');
 drop.ondragover = e => { e.preventDefault(); drop.classList.add('over'); };
 drop.ondragleave = () => drop.classList.remove('over');
-drop.ondrop = e => { e.preventDefault(); drop.classList.remove('over'); send(e.dataTransfer.files[0]); };
+drop.ondrop = e => {
+  e.preventDefault(); drop.classList.remove('over'); send(e.dataTransfer.files[0]);
+};
 const wanted = new URLSearchParams(location.search).get('image');  // ?image=URL: load it at once
 if (wanted) fetch(wanted).then(r => r.blob()).then(send);
 </script>
@@ -124,7 +130,6 @@ class Service:
       raise HttpError(status, str(e).replace('--max_size', 'the service\'s --max_size')) from None
 
   def predict(self, body: bytes, scores: bool = False) -> dict:
-    from fcn_jax import viz
     image = self.decode(body)
     with self._lock:
       result = self.segmenter([image], scores=True)
@@ -184,7 +189,8 @@ def make_handler(service: Service):
         self._json(400, {'error': 'bad Content-Length'})
         return
       if length > service.max_bytes:
-        self._json(413, {'error': f'image of {length} bytes is over the limit of {service.max_bytes}'})
+        self._json(413, {'error': f'image of {length} bytes is over the limit of '
+                                  f'{service.max_bytes}'})
         return
       body = self.rfile.read(length)
       query = urllib.parse.parse_qs(url.query)
@@ -201,7 +207,8 @@ def make_handler(service: Service):
   return Handler
 
 
-def make_server(service: Service, host: str = '127.0.0.1', port: int = 8000) -> http.server.ThreadingHTTPServer:
+def make_server(service: Service, host: str = '127.0.0.1',
+                port: int = 8000) -> http.server.ThreadingHTTPServer:
   return http.server.ThreadingHTTPServer((host, port), make_handler(service))
 
 
@@ -218,14 +225,14 @@ def main(argv: list[str] | None = None) -> int:
                  help='largest image side in pixels (default %(default)s)')
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), help='compute dtype')
   a = p.parse_args(argv)
-  from fcn_jax.segmenter import Segmenter
   segmenter = Segmenter.load(a.checkpoint, which=a.which, batch_size=1, dtype=a.dtype)
   segmenter.require_single_colour_net('fcn_jax.serve')
   service = Service(segmenter, max_bytes=a.max_bytes, max_size=a.max_size)
   try:
     server = make_server(service, a.host, a.port)
   except OSError as e:
-    raise UserError(f'cannot listen on {a.host}:{a.port}: {e.strerror}; pass another --port') from None
+    raise UserError(f'cannot listen on {a.host}:{a.port}: {e.strerror}; pass another '
+                    '--port') from None
   print(f'serving {a.checkpoint} on http://{server.server_address[0]}:{server.server_address[1]}/',
         flush=True)
   try:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from fcn_jax import preprocessing as prep_lib
 from fcn_jax.data.classes import full_palette, voc_palette
+from fcn_jax.models import forms as forms_lib
 
 
 PALETTE = voc_palette()
@@ -38,8 +39,8 @@ def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5,
   return np.where(tint, (1 - alpha) * img + alpha * color, img).astype(np.uint8)
 
 
-def legend_strip(label: np.ndarray, class_names: Sequence[str], palette=None, width: int | None = None,
-                 min_fraction: float = 0.0) -> np.ndarray:
+def legend_strip(label: np.ndarray, class_names: Sequence[str], palette=None,
+                 width: int | None = None, min_fraction: float = 0.0) -> np.ndarray:
   """(h, width, 3) uint8 strip naming the classes present in `label` beside their colours."""
   from PIL import ImageDraw
   label = np.asarray(label)
@@ -61,7 +62,8 @@ def legend_strip(label: np.ndarray, class_names: Sequence[str], palette=None, wi
   for r, row in enumerate(rows):
     y = 2 + r * row_h
     for x, c, text in row:
-      draw.rectangle([x, y + 1, x + 11, y + 11], fill=tuple(int(v) for v in colors[c]), outline=(0, 0, 0))
+      draw.rectangle([x, y + 1, x + 11, y + 11], fill=tuple(int(v) for v in colors[c]),
+                     outline=(0, 0, 0))
       draw.text((x + 15, y), text, fill=(0, 0, 0))
   return np.asarray(strip)
 
@@ -70,7 +72,8 @@ def overlay_with_legend(image: np.ndarray, label: np.ndarray, class_names: Seque
                         palette=None) -> np.ndarray:
   """`overlay` with the legend of the classes present below it."""
   top = overlay(image, label, palette=palette)
-  return np.concatenate([top, legend_strip(label, class_names, palette, width=top.shape[1])], axis=0)
+  legend = legend_strip(label, class_names, palette, width=top.shape[1])
+  return np.concatenate([top, legend], axis=0)
 
 
 def _legend(ax, labels: Sequence[np.ndarray], class_names: Sequence[str], palette=None) -> None:
@@ -98,7 +101,8 @@ def _save(fig, path: str | pathlib.Path) -> pathlib.Path:
   return path
 
 
-def training_curves(records: Sequence[dict], path: str | pathlib.Path, title: str = '') -> pathlib.Path:
+def training_curves(records: Sequence[dict], path: str | pathlib.Path,
+                    title: str = '') -> pathlib.Path:
   """Training loss and evaluation scores against steps, from metrics.jsonl records."""
   plt = _plt()
   train = [r for r in records if r.get('kind') == 'train' and r.get('loss') is not None]
@@ -122,9 +126,8 @@ def training_curves(records: Sequence[dict], path: str | pathlib.Path, title: st
 
 def predict_scores(model, variables: dict, image: np.ndarray, preprocessing: str) -> np.ndarray:
   """uint8 RGB (H, W, 3) -> float32 class scores (H, W, C) at the input size."""
-  from fcn_jax.models import cpu_forms
   x = prep_lib.get(preprocessing)(image)[None]
-  return np.asarray(cpu_forms.jit(lambda v, x: model.apply(v, x, train=False),
+  return np.asarray(forms_lib.jit(lambda v, x: model.apply(v, x, train=False),
                                   forms=getattr(model, 'forms', None))(variables, x))[0]
 
 

@@ -23,7 +23,7 @@ LOCK_NAME = '.fcn_jax.lock'
 # Checkpoint metadata fields a resumed run must match: they fix the shapes and the tree structure of
 # what is restored (model variables, optimiser state) or what the inputs mean.
 COMPATIBILITY_FIELDS = ('arch', 'num_classes', 'width', 'learnable_upsampling', 'skip_scaling',
-                        'preprocessing', 'class_names', 'optimizer', 'accumulate_steps')
+                        'preprocessing', 'class_names', 'optimizer', 'accumulate_steps', 'backbone')
 
 
 class WorkdirBusyError(UserError):
@@ -35,7 +35,8 @@ class IncompatibleResumeError(UserError):
 
 
 def _process_start(pid: int) -> str | None:
-  """The kernel's start time of `pid` (clock ticks since boot; Linux), to tell a reused pid apart."""
+  """The kernel's start time of `pid` (clock ticks since boot; Linux), to tell a reused pid
+  apart."""
   try:
     stat = pathlib.Path(f'/proc/{pid}/stat').read_text()
   except OSError:
@@ -95,13 +96,14 @@ class WorkdirLock:
       if pid > 0 and _alive(pid, holder.get('start')):
         raise WorkdirBusyError(
             f'{workdir} is in use by another run (pid {pid} on this host, since '
-            f'{holder.get("since", "?")}). Wait for it to finish, stop it, or use another --workdir.')
+            f'{holder.get("since", "?")}). Wait for it to finish, stop it, or use another '
+            f'--workdir.')
       self._log(f'{workdir}: taking over the lock of a run that is no longer running (pid {pid})')
     elif holder.get('host'):
       raise WorkdirBusyError(
           f'{workdir} is in use by a run on host {holder["host"]} (pid {holder.get("pid")}, since '
-          f'{holder.get("since", "?")}), which cannot be checked from here. If that run is no longer '
-          f'running, delete {self.path} and start again; otherwise use another --workdir.')
+          f'{holder.get("since", "?")}), which cannot be checked from here. If that run is no '
+          f'longer running, delete {self.path} and start again; otherwise use another --workdir.')
     else:
       self._log(f'{workdir}: replacing an unreadable lock file {self.path}')
     try:

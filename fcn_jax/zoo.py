@@ -1,5 +1,5 @@
-"""The fifteen nets of the Caffe reference (fcn.berkeleyvision.org), as data: which of our archs each
-is, its classes, heads and input modalities, and the released file.
+"""The fifteen nets of the Caffe reference (fcn.berkeleyvision.org), as data: which of our archs
+each is, its classes, heads and input modalities, and the released file.
 
 `fcn_jax.convert` recognises a file as one of these from its layer names and blob shapes
 (`recognise`) and writes the net's metadata (`ZooNet.metadata`) into the checkpoint, so predict and
@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fcn_jax import checkpoint
 from fcn_jax.data import classes as classes_lib
 from fcn_jax.errors import UserError
 
@@ -44,11 +45,11 @@ class ZooNet:
 
   def metadata(self, width: float = 1.0, learnable_upsampling: bool = False) -> dict[str, Any]:
     """The checkpoint metadata of this net: the model config and everything inference needs."""
-    from fcn_jax import checkpoint
     model = {'arch': self.arch, 'num_classes': self.num_classes, 'width': width,
              'learnable_upsampling': learnable_upsampling}
     heads = [{'name': name, 'num_classes': len(names), 'class_names': list(names),
-              'palette': classes_lib.voc_palette(len(names)).tolist()} for name, names in self.heads]
+              'palette': classes_lib.voc_palette(len(names)).tolist()}
+             for name, names in self.heads]
     return {
         **checkpoint.model_metadata(model),
         'zoo_name': self.name,
@@ -101,8 +102,8 @@ def _nets() -> dict[str, ZooNet]:
       ZooNet('nyud-fcn32s-color-d', None, 'fcn32s_early_fusion', 'NYUDv2', _NYUD,
              (('color', 'nyud_bgr'), ('depth', 'nyud_log_depth')),
              '30.5 mean IU, test (Table 4, RGB-D)'),
-      ZooNet('nyud-fcn32s-color-hha', 'nyud-fcn32s-color-hha-heavy.caffemodel', 'fcn32s_late_fusion',
-             'NYUDv2', _NYUD, (('color', 'nyud_bgr'), ('hha', 'nyud_hha')),
+      ZooNet('nyud-fcn32s-color-hha', 'nyud-fcn32s-color-hha-heavy.caffemodel',
+             'fcn32s_late_fusion', 'NYUDv2', _NYUD, (('color', 'nyud_bgr'), ('hha', 'nyud_hha')),
              '32.8 mean IU, test (Table 4, RGB-HHA)'),
   ]
   return {n.name: n for n in nets}
@@ -128,6 +129,43 @@ def _stride_of(has, head: str = '') -> str:
   return '32s'
 
 
+def _recognise_alexnet(state: dict, conv1) -> tuple[ZooNet, str]:
+  """An FCN-AlexNet file: the reference's (CaffeNet layout), or RecognitionError."""
+  # The CaffeNet layout's conv2 is grouped: each filter sees half of conv1's channels (48 of 96
+  # at full width); torchvision's AlexNet has no groups.
+  conv1_out = np.shape(conv1)[0]
+  conv2_inputs = np.shape(state.get('conv2.weight', np.zeros((0, 0))))[1]
+  if conv1_out % 2 == 0 and conv2_inputs == conv1_out // 2:
+    return ZOO['voc-fcn-alexnet'], ('conv1..conv5 + score_fr, conv2 in two groups '
+                                    f'({conv2_inputs} of {conv1_out} channels each): '
+                                    'FCN-AlexNet, CaffeNet layout')
+  raise RecognitionError(f'an FCN-AlexNet whose conv2 is not grouped ({conv2_inputs} inputs per '
+                         f'filter, {conv1_out} channels from conv1): not the reference CaffeNet '
+                         'layout; convert it with --arch fcn_alexnet (torchvision layout)')
+
+
+def _recognise_nyud(stride: str, base: str, modality: str | None) -> tuple[ZooNet, str]:
+  """A 40-class VGG16 FCN: the NYUD colour or HHA net, told apart by `modality` or the file name
+  `base`; or RecognitionError."""
+  if stride != '32s':
+    raise RecognitionError(f'a 40-class (NYUDv2) FCN-{stride}: the reference has only FCN-32s '
+                           'NYUD nets; convert it with --arch')
+  if modality is None:
+    found = [m for m in ('hha', 'color') if re.search(rf'(^|[-_.]){m}([-_.]|$)', base)]
+    if len(found) == 1:
+      return ZOO[f'nyud-fcn32s-{found[0]}'], (f'VGG16 FCN-32s, 40 classes: NYUDv2; {found[0]} '
+                                              f'input from the file name {base!r}')
+    raise RecognitionError(
+        'a 40-class VGG16 FCN-32s: NYUDv2, but its colour and HHA nets share one layout and the '
+        'same layer names, and the file name does not say which (the released ones are '
+        'nyud-fcn32s-color-heavy.caffemodel and nyud-fcn32s-hha-heavy.caffemodel); pass '
+        '--modality color or --modality hha')
+  if modality not in ('color', 'hha'):
+    raise RecognitionError(f'--modality {modality!r}: color or hha')
+  return (ZOO[f'nyud-fcn32s-{modality}'],
+          f'VGG16 FCN-32s, 40 classes: NYUDv2; {modality} from --modality')
+
+
 def recognise(state: dict[str, np.ndarray], filename: str = '',
               modality: str | None = None) -> tuple[ZooNet, str]:
   """The reference net a Caffe-named weights file holds, and why: (net, reason).
@@ -147,16 +185,7 @@ def recognise(state: dict[str, np.ndarray], filename: str = '',
     raise RecognitionError('an AlexNet backbone without FCN layers (no score_fr): an ImageNet '
                            'classifier; convert it with --arch fcn_alexnet_caffe or fcn_alexnet')
   if conv1 is not None:
-    # The CaffeNet layout's conv2 is grouped: each filter sees half of conv1's channels (48 of 96
-    # at full width); torchvision's AlexNet has no groups.
-    conv1_out = np.shape(conv1)[0]
-    conv2_inputs = np.shape(state.get('conv2.weight', np.zeros((0, 0))))[1]
-    if conv1_out % 2 == 0 and conv2_inputs == conv1_out // 2:
-      return ZOO['voc-fcn-alexnet'], (f'conv1..conv5 + score_fr, conv2 in two groups ({conv2_inputs} '
-                                      f'of {conv1_out} channels each): FCN-AlexNet, CaffeNet layout')
-    raise RecognitionError(f'an FCN-AlexNet whose conv2 is not grouped ({conv2_inputs} inputs per '
-                           f'filter, {conv1_out} channels from conv1): not the reference CaffeNet '
-                           'layout; convert it with --arch fcn_alexnet (torchvision layout)')
+    return _recognise_alexnet(state, conv1)
   if has('conv1_1color') or has('conv1_1hha'):
     if not (has('conv1_1color') and has('conv1_1hha')):
       raise RecognitionError('a late-fusion file with only one of the colour / HHA streams')
@@ -166,11 +195,12 @@ def recognise(state: dict[str, np.ndarray], filename: str = '',
                              'FCN-32s; convert it with --arch fcn16s_late_fusion')
     return ZOO['nyud-fcn32s-color-hha'], 'two VGG16 streams (conv1_1color, conv1_1hha): late fusion'
   if has('conv1_1_bgrd'):
-    return ZOO['nyud-fcn32s-color-d'], 'conv1_1_bgrd with 4 input channels: colour + depth, early fusion'
+    return (ZOO['nyud-fcn32s-color-d'],
+            'conv1_1_bgrd with 4 input channels: colour + depth, early fusion')
   if has('score_fr_sem') or has('score_fr_geo'):
     stride = _stride_of(has, '_sem')
-    return ZOO[f'siftflow-fcn{stride}'], (f'semantic and geometric heads (score_fr_sem, score_fr_geo) '
-                                          f'with FCN-{stride} skips: SIFT Flow')
+    return ZOO[f'siftflow-fcn{stride}'], ('semantic and geometric heads (score_fr_sem, '
+                                          f'score_fr_geo) with FCN-{stride} skips: SIFT Flow')
   if not has('conv5_3'):
     raise RecognitionError('not a Caffe-named VGG16, CaffeNet or fusion net (no conv5_3 or conv1); '
                            f'layers like {sorted(state)[:8]}')
@@ -185,24 +215,10 @@ def recognise(state: dict[str, np.ndarray], filename: str = '',
     why = 'Scale layers before the skips (at-once)' if atonce else f'FCN-{stride} skips'
     return ZOO[name], f'VGG16, 21 classes, {why}: PASCAL VOC'
   if classes == 60:
-    return ZOO[f'pascalcontext-fcn{stride}'], f'VGG16, 60 classes, FCN-{stride} skips: PASCAL-Context'
+    return (ZOO[f'pascalcontext-fcn{stride}'],
+            f'VGG16, 60 classes, FCN-{stride} skips: PASCAL-Context')
   if classes == 40:
-    if stride != '32s':
-      raise RecognitionError(f'a 40-class (NYUDv2) FCN-{stride}: the reference has only FCN-32s '
-                             'NYUD nets; convert it with --arch')
-    if modality is None:
-      found = [m for m in ('hha', 'color') if re.search(rf'(^|[-_.]){m}([-_.]|$)', base)]
-      if len(found) == 1:
-        return ZOO[f'nyud-fcn32s-{found[0]}'], (f'VGG16 FCN-32s, 40 classes: NYUDv2; {found[0]} '
-                                                f'input from the file name {base!r}')
-      raise RecognitionError(
-          'a 40-class VGG16 FCN-32s: NYUDv2, but its colour and HHA nets share one layout and the '
-          'same layer names, and the file name does not say which (the released ones are '
-          'nyud-fcn32s-color-heavy.caffemodel and nyud-fcn32s-hha-heavy.caffemodel); pass '
-          '--modality color or --modality hha')
-    if modality not in ('color', 'hha'):
-      raise RecognitionError(f'--modality {modality!r}: color or hha')
-    return ZOO[f'nyud-fcn32s-{modality}'], f'VGG16 FCN-32s, 40 classes: NYUDv2; {modality} from --modality'
+    return _recognise_nyud(stride, base, modality)
   raise RecognitionError(
       f'a VGG16 FCN-{stride} with {classes} classes: no reference net has that many (VOC 21, '
       'PASCAL-Context 60, NYUDv2 40, SIFT Flow 33 + 3); convert it with --arch and --class_names')

@@ -1,4 +1,4 @@
-"""The CPU matrix-product forms of cpu_forms.conv_general_dilated equal lax.conv_general_dilated:
+"""The CPU matrix-product forms of cpu_kernels.conv_general_dilated equal lax.conv_general_dilated:
 forward, input gradient and kernel gradient, for every branch (im2col, shifted-row kernel gradient
 on either operand), batches, odd and asymmetric padding, non-square maps and kernels."""
 
@@ -7,16 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fcn_jax.models import cpu_forms
+from fcn_jax.models import forms as forms_lib
+from fcn_jax.models import cpu_kernels
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 
 
 @pytest.fixture(autouse=True)
 def every_form_on():
-  # Whatever this machine chose (cpu_forms.for_this_machine), these tests take every form, the
+  # Whatever this machine chose (fcn_jax.tune.for_this_machine), these tests take every form, the
   # shifted kernel gradient at every map size.
-  with cpu_forms.use(cpu_forms.Forms(shifted_dw_min_pixels=1)):
+  with forms_lib.use(forms_lib.Forms(shifted_dw_min_pixels=1)):
     yield
 
 
@@ -26,7 +27,7 @@ def _reference(x, w, padding, strides=(1, 1)):
 
 
 def _ours(x, w, padding, strides=(1, 1)):
-  return cpu_forms.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN,
+  return cpu_kernels.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN,
                                      precision=jax.lax.Precision.HIGHEST)
 
 
@@ -49,7 +50,7 @@ CASES = [  # (x shape, kernel shape, padding, strides): which branch the case ta
 
 def _branch(x_shape, k_shape, strides):
   k_h, k_w = k_shape[:2]
-  if min(k_h, k_w) >= cpu_forms.IM2COL_MIN_KERNEL or (k_h == k_w == 1 and strides == (1, 1)):
+  if min(k_h, k_w) >= forms_lib.IM2COL_MIN_KERNEL or (k_h == k_w == 1 and strides == (1, 1)):
     return 'im2col'
   if strides != (1, 1):
     return 'lax'
@@ -97,11 +98,11 @@ def test_shifted_form_is_used_only_above_the_pixel_threshold():
   jaxpr = lambda: str(jax.make_jaxpr(lambda w_: _ours(x, w_, pad))(w))
   if jax.default_backend() != 'cpu':
     pytest.skip('the CPU forms apply on the CPU backend only')
-  with cpu_forms.use(cpu_forms.Forms()):
+  with forms_lib.use(forms_lib.Forms()):
     assert 'custom_vjp_call' not in jaxpr()  # 400 output pixels < the default 2^15
-  with cpu_forms.use(cpu_forms.Forms(shifted_dw_min_pixels=400)):
+  with forms_lib.use(forms_lib.Forms(shifted_dw_min_pixels=400)):
     assert 'custom_vjp_call' in jaxpr()
-  with cpu_forms.use(cpu_forms.Forms(shifted_dw=False, shifted_dw_min_pixels=400)):
+  with forms_lib.use(forms_lib.Forms(shifted_dw=False, shifted_dw_min_pixels=400)):
     assert 'custom_vjp_call' not in jaxpr()  # the switch turns the form off
 
 
@@ -112,7 +113,7 @@ def test_first_layer_takes_the_shifted_form_at_any_size():
   x, w, pad = jnp.zeros((1, 20, 20, 3)), jnp.zeros((3, 3, 3, 16)), ((1, 1), (1, 1))
   jaxpr = lambda: str(jax.make_jaxpr(lambda w_: _ours(x, w_, pad))(w))
   assert 'custom_vjp_call' in jaxpr()
-  with cpu_forms.use(cpu_forms.Forms(shifted_dw_input=False)):
+  with forms_lib.use(forms_lib.Forms(shifted_dw_input=False)):
     assert 'custom_vjp_call' not in jaxpr()
-  with cpu_forms.use(cpu_forms.Forms(shifted_dw=False)):
+  with forms_lib.use(forms_lib.Forms(shifted_dw=False)):
     assert 'custom_vjp_call' in jaxpr()

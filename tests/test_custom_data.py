@@ -3,7 +3,6 @@ error, class weights, fine-tuning across class counts, and the README walk-throu
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pathlib

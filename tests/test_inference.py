@@ -10,12 +10,11 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from fcn_jax import checkpoint, models, predict, train
+from fcn_jax import predict, train
 from fcn_jax.data import synthetic
 from fcn_jax.segmenter import Segmenter
 

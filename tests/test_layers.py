@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fcn_jax.models import cpu_forms, layers
+from fcn_jax.models import layers
+from fcn_jax.models import forms as forms_lib
 
 # (kernel, stride) pairs of every deconvolution in the model family, plus odd/awkward ones.
 DECONV_CASES = [(4, 2), (16, 8), (32, 16), (64, 32), (63, 32), (3, 2), (5, 3), (2, 2), (1, 1), (7, 2)]
@@ -115,9 +116,9 @@ def test_max_pool_ceil_gradient_equals_select_and_scatter(window, stride, pad):
                                             dtype=np.float32))
     # No jit: the switch is read at trace time, and jit would reuse the first trace.
     grad = lambda x_: jax.grad(lambda v: jnp.sum(layers.max_pool_ceil(v, window, stride, pad) * g_out))(x_)
-    with cpu_forms.use(cpu_forms.Forms(pool_grad=True)):
+    with forms_lib.use(forms_lib.Forms(pool_grad=True)):
       ours = np.asarray(grad(x))
-    with cpu_forms.use(cpu_forms.Forms(pool_grad=False)):
+    with forms_lib.use(forms_lib.Forms(pool_grad=False)):
       ref = np.asarray(grad(x))
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6, err_msg=f'{h}x{w}')
     assert np.count_nonzero(ref) > 0

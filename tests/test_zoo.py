@@ -5,7 +5,6 @@ fcn_jax.predict, equals an independent PyTorch executor of the reference layer l
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import numpy as np
@@ -231,7 +230,6 @@ def _png(array: np.ndarray) -> bytes:
 def test_training_transform_crops_every_modality_and_label_alike(scale_range):
   from fcn_jax import preprocessing
   from fcn_jax.data import pipeline
-  rng = np.random.default_rng(0)
   h, w = 57, 83
   # Every plane encodes its own pixel position, so a plane cropped elsewhere shows.
   rows, cols = np.mgrid[0:h, 0:w]

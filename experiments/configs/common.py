@@ -19,7 +19,9 @@ from fcn_jax.errors import UserError
 # Default persistent XLA compilation cache (see fcn_jax.paths).
 COMPILATION_CACHE_DIR = str(paths.cache_dir() / 'xla')
 
-PRESETS = ('paper', 'heavy', 'demo')
+PRESETS = ('paper', 'heavy', 'demo', 'scratch')
+# The nets the scratch preset trains (single-stage, VGG16: its backbone becomes vgg16_bn).
+SCRATCH_ARCHS = ('fcn8s_atonce', 'fcn32s')
 # The stage each staged net is initialised from (FCN-16s from FCN-32s, FCN-8s from FCN-16s).
 PREDECESSOR = {'fcn16s': 'fcn32s', 'fcn8s': 'fcn16s'}
 
@@ -55,8 +57,15 @@ RECIPE_PREDECESSOR = {'pascalcontext_fcn16s': 'pascalcontext_fcn32s',
                       'pascalcontext_fcn8s': 'pascalcontext_fcn16s',
                       'siftflow_fcn16s': 'siftflow_fcn32s', 'siftflow_fcn8s': 'siftflow_fcn16s',
                       'nyud_fcn16s_color_hha': 'nyud_fcn32s_color_hha'}
-# The reference "heavy" solvers (ZOO.md sec. 3): fixed lr by stride; the late-fusion net 1e-12.
-_RECIPE_HEAVY_LR = {'32s': 1e-10, '16s': 1e-12, '8s': 1e-14}
+# Fixed learning rates (paper, heavy) of the recipes, by stride: the paper's staged rates and the
+# reference "heavy" solvers (ZOO.md sec. 3); the colour + HHA late-fusion nets take the 16s rates.
+_LR_32S, _LR_16S, _LR_8S = (1e-4, 1e-10), (1e-6, 1e-12), (1e-8, 1e-14)
+RECIPE_LR = {
+    'pascalcontext_fcn32s': _LR_32S, 'pascalcontext_fcn16s': _LR_16S, 'pascalcontext_fcn8s': _LR_8S,
+    'siftflow_fcn32s': _LR_32S, 'siftflow_fcn16s': _LR_16S, 'siftflow_fcn8s': _LR_8S,
+    'nyud_fcn32s_color': _LR_32S, 'nyud_fcn32s_hha': _LR_32S, 'nyud_fcn32s_color_d': _LR_32S,
+    'nyud_fcn32s_color_hha': _LR_16S, 'nyud_fcn16s_color_hha': _LR_16S,
+}
 
 
 def predecessor(name: str) -> str | None:
@@ -65,13 +74,21 @@ def predecessor(name: str) -> str | None:
 
 
 def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
-  """The config of an arch (PASCAL VOC) or of a reference recipe of another dataset (RECIPES)."""
+  """The config of an arch (PASCAL VOC) or of a reference recipe of another dataset (RECIPES):
+  every default (`base_config`, the paper's recipe), then the preset's changes."""
   if arch in RECIPES:
     return _recipe_config(arch, preset)
   preset = preset or 'paper'
   if preset not in PRESETS:
     raise UserError(f'unknown preset {preset!r} for {arch}; choose one of {", ".join(PRESETS)} '
-                     f'(e.g. --config experiments/configs/{arch}.py:demo)')
+                    f'(e.g. --config experiments/configs/{arch}.py:demo)')
+  c = base_config(arch, preset)
+  PRESET_CHANGES[preset](c, arch)
+  return c
+
+
+def base_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
+  """Every field with its default: the paper's recipe (SBD train -> seg11valid)."""
   c = ml_collections.ConfigDict()
   c.arch = arch
   c.name = arch  # the experiment (experiments/<name>.py)
@@ -90,24 +107,7 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.model.dropout_rate = ml_collections.config_dict.placeholder(float)  # None: 0.5 after fc6/fc7
   c.model.skip_scaling = True  # FCN-8s at-once's fixed skip scales (False: from scratch)
 
-  c.dataset = ml_collections.ConfigDict()
-  # sbd | voc_segmentation/2012 | voc_segmentation/2011, or your own data: folder | coco |
-  # voc_like | pairs | split_folders with dataset.root (see fcn_jax.data.layouts).
-  c.dataset.name = 'sbd'
-  c.dataset.root = ''            # the user dataset's directory
-  c.dataset.classes_file = ''    # '' = ROOT/classes.txt (a file elsewhere keeps ROOT untouched)
-  c.dataset.val_fraction = 0.1   # folder format without splits/: the share of images in 'val'
-  c.dataset.ignore_label = 255   # the mask value to ignore in a user dataset's index masks
-  c.dataset.image_suffix = ''    # split_folders: image files <id><image_suffix> ('' = any image)
-  c.dataset.mask_suffix = ''     # split_folders: mask files <id><mask_suffix> ('' = <id>.png)
-  c.dataset.train_split = 'train'  # the split to train on
-  # '' = the dataset's default evaluation: VOC2011 seg11valid for sbd (the paper), else 'val' of
-  # the training dataset.
-  c.dataset.eval_name = ''
-  c.dataset.eval_split = ''  # '' = the dataset's default evaluation split
-  c.dataset.data_dir = '~/tensorflow_datasets'  # where datasets are prepared (array_record)
-  c.dataset.manual_dir = ''  # folder with the archives or their extracted trees
-  c.dataset.download = False  # fetch the official archives when not prepared
+  _dataset_defaults(c)
 
   # Caffe-trained VGG16 weights expect BGR minus the mean; converted checkpoints record their own.
   c.preprocessing = 'caffe_bgr'
@@ -116,7 +116,8 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
 
   c.batch_size = 20            # images per jit step (global, across devices and hosts)
   c.accumulate_steps = 1       # micro-steps per optimiser update (Caffe iter_size)
-  c.crop_size = 500            # VOC images are at most 500x500: padding to 500 loses nothing; 0 = from the data
+  # VOC images are at most 500x500: padding to 500 loses nothing; 0 = from the data.
+  c.crop_size = 500
   c.scale_range = ()           # e.g. (0.5, 1.5) for random scaling
   c.flip = False               # the paper found no gain from mirroring
   c.data_workers = 0  # grain worker processes decoding images (0: in this process)
@@ -141,7 +142,8 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.eval_every = 4000  # evaluation on the eval split (and at the end)
   c.checkpoint_every = 1000  # also at every evaluation and at the end
   c.keep_checkpoints = 2  # the latest N (the best one is kept besides)
-  c.eval_batch_size = 1        # with eval_pad_to 0: native size, one image at a time (reference protocol)
+  # With eval_pad_to 0: native size, one image at a time (the reference protocol).
+  c.eval_batch_size = 1
   # >0: fixed (eval_batch_size, S, S) padded batches (faster, approximate borders); -1: S from the
   # data (the evaluation images' largest side, rounded up to 32), checked before the first step.
   c.eval_pad_to = 0
@@ -149,47 +151,125 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   # Persistent XLA compilation cache shared by all runs ('' = off): native-size evaluation compiles
   # once per distinct image size, and a rerun or the next stage reuses every compiled program.
   c.compilation_cache_dir = COMPILATION_CACHE_DIR
-
-  if preset == 'heavy':
-    c.batch_size = 1
-    c.loss_normalize = False
-    c.optim.momentum = 0.99
-    c.optim.learning_rate = HEAVY_LR.get(arch, HEAVY_LR['fcn32s'])
-    c.num_train_steps = 300_000 if arch == 'fcn8s_atonce' else 100_000
-    if arch in ALEXNETS:  # Caffe voc-fcn-alexnet: normalised loss, lr 1e-4, iter_size 20
-      c.loss_normalize, c.optim.learning_rate, c.optim.momentum, c.accumulate_steps = True, 1e-4, 0.9, 20
-  elif preset == 'demo':
-    # From scratch (no ImageNet weights can be assumed), 1/16 width, on a 2-core CPU in minutes:
-    # Adam and no dropout get there in ~1000 steps where the paper's SGD would need far more.
-    c.model.width = 0.0625
-    c.model.dropout_rate = 0.0
-    # From scratch, at-once's fixed skip scales (0.01, 0.0001, sized for ImageNet features under
-    # SGD) mute the pool3 / pool4 skips: FCN-8s at-once then learns no better than FCN-32s.
-    c.model.skip_scaling = False
-    c.preprocessing = 'torchvision_rgb'  # unit-scale inputs suit a from-scratch init
-    c.dataset.name = 'voc_segmentation/2012'  # the synthetic set, unless a dataset is named
-    # Empty: the synthetic set and its prepared TFDS files, in the cache (see fcn_jax.paths); a
-    # manual_dir (and data_dir) of your own trains the demo recipe on that data instead.
-    c.dataset.data_dir = ''
-    c.dataset.manual_dir = ''
-    c.synthetic = ml_collections.ConfigDict({'num_train': 240, 'num_val': 64, 'min_size': 128,
-                                             'max_size': 160, 'seed': 0})
-    c.batch_size = 4
-    c.crop_size = 128
-    c.flip = True
-    # FCN-32s learns the classes; the skip stages then fine-tune from it (new score layers at zero).
-    single_stage = ('fcn32s', 'fcn8s_atonce', 'fcn_googlenet') + ALEXNETS
-    c.num_train_steps = 1000 if arch in single_stage else 300
-    c.optim.algorithm = 'adam'
-    c.optim.learning_rate = 1e-3
-    c.optim.momentum = 0.9
-    c.log_every = 25
-    c.eval_every = 250 if arch == 'fcn32s' else 150
-    c.checkpoint_every = 150
-    c.eval_batch_size = 8
-    c.eval_pad_to = -1  # from the data: 160 on the synthetic set, 480 on 480x360 photos
-    c.num_figure_examples = 4
   return c
+
+
+def _dataset_defaults(c: ml_collections.ConfigDict) -> None:
+  """config.dataset: which data, where, and how a user dataset is read."""
+  c.dataset = ml_collections.ConfigDict()
+  # sbd | voc_segmentation/2012 | voc_segmentation/2011, or your own data: folder | coco |
+  # voc_like | pairs | split_folders with dataset.root (see fcn_jax.data.layouts).
+  c.dataset.name = 'sbd'
+  c.dataset.root = ''            # the user dataset's directory
+  c.dataset.classes_file = ''    # '' = ROOT/classes.txt (a file elsewhere keeps ROOT untouched)
+  c.dataset.val_fraction = 0.1   # folder format without splits/: the share of images in 'val'
+  c.dataset.ignore_label = 255   # the mask value to ignore in a user dataset's index masks
+  c.dataset.image_suffix = ''    # split_folders: image files <id><image_suffix> ('' = any image)
+  c.dataset.mask_suffix = ''     # split_folders: mask files <id><mask_suffix> ('' = <id>.png)
+  c.dataset.train_split = 'train'  # the split to train on
+  # '' = the dataset's default evaluation: VOC2011 seg11valid for sbd (the paper), else 'val' of
+  # the training dataset.
+  c.dataset.eval_name = ''
+  c.dataset.eval_split = ''  # '' = the dataset's default evaluation split
+  c.dataset.data_dir = '~/tensorflow_datasets'  # where datasets are prepared (array_record)
+  c.dataset.manual_dir = ''  # folder with the archives or their extracted trees
+  c.dataset.download = False  # fetch the official archives when not prepared
+
+
+def _paper(c: ml_collections.ConfigDict, arch: str) -> None:
+  """The paper's recipe is the base."""
+  del c, arch
+
+
+def _heavy(c: ml_collections.ConfigDict, arch: str) -> None:
+  """Caffe's "heavy" reference models: batch 1, summed loss, momentum 0.99."""
+  c.batch_size = 1
+  c.loss_normalize = False
+  c.optim.momentum = 0.99
+  c.optim.learning_rate = HEAVY_LR.get(arch, HEAVY_LR['fcn32s'])
+  c.num_train_steps = 300_000 if arch == 'fcn8s_atonce' else 100_000
+  if arch in ALEXNETS:  # Caffe voc-fcn-alexnet: normalised loss, lr 1e-4, iter_size 20
+    c.loss_normalize, c.optim.learning_rate, c.optim.momentum = True, 1e-4, 0.9
+    c.accumulate_steps = 20
+
+
+def _demo(c: ml_collections.ConfigDict, arch: str) -> None:
+  """The synthetic VOC-format set (or your own data) from scratch at 1/16 width on a CPU."""
+  # From scratch (no ImageNet weights can be assumed), 1/16 width, on a 2-core CPU in minutes:
+  # Adam and no dropout get there in ~1000 steps where the paper's SGD would need far more.
+  c.model.width = 0.0625
+  c.model.dropout_rate = 0.0
+  # From scratch, at-once's fixed skip scales (0.01, 0.0001, sized for ImageNet features under
+  # SGD) mute the pool3 / pool4 skips: FCN-8s at-once then learns no better than FCN-32s.
+  c.model.skip_scaling = False
+  c.preprocessing = 'torchvision_rgb'  # unit-scale inputs suit a from-scratch init
+  c.dataset.name = 'voc_segmentation/2012'  # the synthetic set, unless a dataset is named
+  # Empty: the synthetic set and its prepared TFDS files, in the cache (see fcn_jax.paths); a
+  # manual_dir (and data_dir) of your own trains the demo recipe on that data instead.
+  c.dataset.data_dir = ''
+  c.dataset.manual_dir = ''
+  c.synthetic = ml_collections.ConfigDict({'num_train': 240, 'num_val': 64, 'min_size': 128,
+                                           'max_size': 160, 'seed': 0})
+  c.batch_size = 4
+  c.crop_size = 128
+  c.flip = True
+  # FCN-32s learns the classes; the skip stages then fine-tune from it (new score layers at zero).
+  single_stage = ('fcn32s', 'fcn8s_atonce', 'fcn_googlenet') + ALEXNETS
+  c.num_train_steps = 1000 if arch in single_stage else 300
+  c.optim.algorithm = 'adam'
+  c.optim.learning_rate = 1e-3
+  c.optim.momentum = 0.9
+  c.log_every = 25
+  c.eval_every = 250 if arch == 'fcn32s' else 150
+  c.checkpoint_every = 150
+  c.eval_batch_size = 8
+  c.eval_pad_to = -1  # from the data: 160 on the synthetic set, 480 on 480x360 photos
+  c.num_figure_examples = 4
+
+
+def _scratch(c: ml_collections.ConfigDict, arch: str) -> None:
+  """From scratch (no ImageNet weights) on real photographs, on a 2-core CPU in ~15 minutes
+  (CamVid: benchmarks/real_data.py). Name the data: --config.dataset.name=LAYOUT
+  --config.dataset.root=ROOT."""
+  if arch not in SCRATCH_ARCHS:
+    raise UserError(f'the scratch preset trains {", ".join(SCRATCH_ARCHS)} (single-stage VGG16 '
+                    f'nets); {arch} has no scratch recipe')
+  # VGG16 with BatchNorm that trains (conv -> BN -> ReLU, torchvision vgg16_bn's layout) and
+  # 'same' padding instead of the pad of 100: BN lets Adam take large steps from a random init,
+  # and without the 100-pixel border a 256 crop costs half the work (models.build(backbone=)).
+  c.model.backbone = 'vgg16_bn'
+  # Capacity per FLOP: 1/8 width (8..64 channels, fc6/fc7 512, 2.1M parameters) takes 0.50 s per
+  # step (batch 8, crop 256, AMD EPYC, 2 cores, idle) against 1.33 s at 1/4 and 2.10 s at 3/8:
+  # ~2.7x the updates of 1/4 in the same minutes; 700 steps reached 44.7 mean IU on CamVid val.
+  c.model.width = 0.125
+  c.model.dropout_rate = 0.0
+  c.model.skip_scaling = False  # the demo's reason: the fixed scales mute from-scratch skips
+  c.preprocessing = 'torchvision_rgb'
+  c.dataset.name = 'folder'
+  c.batch_size = 8
+  c.crop_size = 256
+  c.scale_range = (0.75, 1.5)
+  c.flip = True
+  # ~0.8 s per step with the input pipeline (10 img/s on the 2-core EPYC at load ~3): ~13 minutes,
+  # ~1 more for the native-size evaluation of CamVid test (233 images).
+  c.num_train_steps = 1000
+  # Mean IU weighs every class alike: median-frequency balancing (SegNet) lifts the rare ones.
+  c.loss_class_weights = 'median_frequency'
+  c.optim.algorithm = 'adam'
+  c.optim.learning_rate = 2e-3
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4
+  c.optim.bias_lr_mult = 1.0
+  c.optim.schedule = 'poly'
+  c.log_every = 50
+  c.eval_every = 0  # evaluate once, at the end (each evaluation costs minutes of the budget)
+  c.checkpoint_every = 500
+  c.eval_batch_size = 1
+  c.eval_pad_to = 0  # native size (CamVid 480x360)
+  c.num_figure_examples = 4
+
+
+PRESET_CHANGES = {'paper': _paper, 'heavy': _heavy, 'demo': _demo, 'scratch': _scratch}
 
 
 def _recipe_config(name: str, preset: str) -> ml_collections.ConfigDict:
@@ -201,13 +281,11 @@ def _recipe_config(name: str, preset: str) -> ml_collections.ConfigDict:
   c.modalities = tuple(modalities)
   c.preprocessing = modalities[0][1]
   c.crop_size = crop_size
-  stride = next(s for s in ('32s', '16s', '8s') if f'fcn{s}' in arch)
-  if len(modalities) == 2 and modalities[1][0] == 'hha':  # late fusion: 1e-12 for the 32s net too
-    stride = '16s' if stride == '32s' else stride
+  paper_lr, heavy_lr = RECIPE_LR[name]
   if c.preset == 'paper':
-    c.optim.learning_rate = PAPER_LR.get(f'fcn{stride}', PAPER_LR['fcn32s'])
+    c.optim.learning_rate = paper_lr
   elif c.preset == 'heavy':
-    c.optim.learning_rate = _RECIPE_HEAVY_LR[stride]
+    c.optim.learning_rate = heavy_lr
     c.num_train_steps = 300_000
   elif c.preset == 'demo':
     c.dataset.data_dir = '~/tensorflow_datasets'

@@ -1,4 +1,5 @@
-"""fcn16s config: `--config experiments/configs/fcn16s.py[:paper|heavy|demo]` (see configs/common.py)."""
+"""fcn16s config: `--config experiments/configs/fcn16s.py[:paper|heavy|demo]`
+(see configs/common.py)."""
 
 from experiments.configs import common
 

@@ -1,4 +1,5 @@
-"""fcn32s config: `--config experiments/configs/fcn32s.py[:paper|heavy|demo]` (see configs/common.py)."""
+"""fcn32s config: `--config experiments/configs/fcn32s.py[:paper|heavy|demo]`
+(see configs/common.py)."""
 
 from experiments.configs import common
 

@@ -1,4 +1,5 @@
-"""fcn8s_atonce config: `--config experiments/configs/fcn8s_atonce.py[:paper|heavy|demo]` (see configs/common.py)."""
+"""fcn8s_atonce config: `--config experiments/configs/fcn8s_atonce.py[:paper|heavy|demo]`
+(see configs/common.py)."""
 
 from experiments.configs import common
 

@@ -1,4 +1,5 @@
-"""fcn_alexnet config: `--config experiments/configs/fcn_alexnet.py[:paper|heavy|demo]` (see configs/common.py)."""
+"""fcn_alexnet config: `--config experiments/configs/fcn_alexnet.py[:paper|heavy|demo]`
+(see configs/common.py)."""
 
 from experiments.configs import common
 

@@ -1,4 +1,5 @@
-"""fcn_googlenet config: `--config experiments/configs/fcn_googlenet.py[:paper|heavy|demo]` (see configs/common.py)."""
+"""fcn_googlenet config: `--config experiments/configs/fcn_googlenet.py[:paper|heavy|demo]`
+(see configs/common.py)."""
 
 from experiments.configs import common
 

@@ -1,8 +1,9 @@
 """Data: TFDS builders for VOC / SBD and for a user's own data (folder, coco, voc_like; see
 fcn_jax.data.custom), synthetic trees, and the grain pipeline.
 
-    source = get_data_source('sbd', 'train', data_dir='~/tensorflow_datasets', manual_dir='/data/manual')
-    image, label = decode_example(source[0])      # uint8 (H, W, 3) RGB, uint8 (H, W) with 255 = void
+    source = get_data_source('sbd', 'train', data_dir='~/tensorflow_datasets',
+                             manual_dir='/data/manual')
+    image, label = decode_example(source[0])  # uint8 (H, W, 3) RGB, uint8 (H, W) with 255 = void
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from fcn_jax.data.builders import (CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES, DataError, MissingDataError, Sbd,
-                                   VocSegmentation)
+from fcn_jax.data.builders import (CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES, DataError,
+                                   MissingDataError, Sbd, VocSegmentation)
 
 from fcn_jax.data import custom, reference
 from fcn_jax.data.classes import VOC, ClassInfo
@@ -50,8 +51,11 @@ SPLITS = {'voc_segmentation/2012': ('train', 'val', 'trainval'),
           'voc_segmentation/2011': ('train', 'val', 'trainval', 'seg11valid'),
           'sbd': ('train', 'val'), **reference.SPLITS}
 
-__all__ = ['CLASS_NAMES', 'CUSTOM_FORMATS', 'ClassInfo', 'DATASETS', 'REFERENCE_DATASETS', 'class_info', 'head_classes', 'eval_dataset', 'DataError', 'IGNORE_LABEL', 'MissingDataError', 'NUM_CLASSES',
-           'SPLITS', 'SOURCE_OPTIONS', 'check_split', 'image_sizes', 'source_options', 'decode_example', 'get_builder', 'get_data_source', 'decode_image', 'decode_mask']
+__all__ = ['CLASS_NAMES', 'CUSTOM_FORMATS', 'ClassInfo', 'DATASETS', 'REFERENCE_DATASETS',
+           'class_info', 'head_classes', 'eval_dataset', 'DataError', 'IGNORE_LABEL',
+           'MissingDataError', 'NUM_CLASSES', 'SPLITS', 'SOURCE_OPTIONS', 'check_split',
+           'image_sizes', 'source_options', 'decode_example', 'get_builder', 'get_data_source',
+           'decode_image', 'decode_mask']
 
 
 def eval_dataset(name: str, eval_name: str = '', eval_split: str = '') -> tuple[str, str]:
@@ -72,7 +76,8 @@ def source_options(dataset_config) -> dict:
   get = dataset_config.get
   return {'root': get('root', '') or '', 'val_fraction': get('val_fraction', 0.1),
           'ignore_label': get('ignore_label', IGNORE_LABEL),
-          'classes_file': get('classes_file', '') or '', 'image_suffix': get('image_suffix', '') or '',
+          'classes_file': get('classes_file', '') or '',
+          'image_suffix': get('image_suffix', '') or '',
           'mask_suffix': get('mask_suffix', '') or ''}
 
 
@@ -101,7 +106,8 @@ def check_split(name: str, split: str, *, root: str = '', val_fraction: float = 
   dataset's splits are listed from its root: no image is read)."""
   if name in CUSTOM_FORMATS:
     if not root:
-      raise DataError(f'dataset {name!r} needs its root directory: config.dataset.root=DIR (--root DIR)')
+      raise DataError(f'dataset {name!r} needs its root directory: config.dataset.root=DIR (--root '
+                      'DIR)')
     if not os.path.isdir(os.path.expanduser(root)):
       raise MissingDataError(f'dataset root {root} does not exist (config.dataset.root / --root)')
     names = custom.source_split_names(name, root, val_fraction)
@@ -110,18 +116,21 @@ def check_split(name: str, split: str, *, root: str = '', val_fraction: float = 
   else:
     raise DataError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')
   if split not in names:
-    raise DataError(f'{name} has no split {split!r}; choose one of {", ".join(names) or "(none found)"}')
+    raise DataError(f'{name} has no split {split!r}; choose one of '
+                    f'{", ".join(names) or "(none found)"}')
 
 
 def get_data_source(name: str, split: str, *, data_dir: str, manual_dir: str | None = None,
                     download: bool = False, root: str = '', val_fraction: float = 0.1,
                     ignore_label: int = IGNORE_LABEL, **options):
-  """Prepares `name` to array_record under data_dir if not yet prepared, then returns its random-access source.
+  """Prepares `name` to array_record under data_dir if not yet prepared, then returns its
+  random-access source.
 
-  Sources: `manual_dir` (official archives or extracted trees; see the builder's MANUAL_DOWNLOAD_INSTRUCTIONS), or
-  the official URLs when download=True; a user dataset reads its `root`. Records hold the undecoded image / PNG
-  bytes (decoding is done by `decode_example`, in the grain worker processes), so `source[i]` is cheap and the
-  image bytes are the original. The source's `.dataset_info` is the builder's DatasetInfo (see `class_info`).
+  Sources: `manual_dir` (official archives or extracted trees; see the builder's
+  MANUAL_DOWNLOAD_INSTRUCTIONS), or the official URLs when download=True; a user dataset reads its
+  `root`. Records hold the undecoded image / PNG bytes (decoding is done by `decode_example`, in the
+  grain worker processes), so `source[i]` is cheap and the image bytes are the original. The
+  source's `.dataset_info` is the builder's DatasetInfo (see `class_info`).
   """
   import tensorflow_datasets as tfds
   check_split(name, split, root=root, val_fraction=val_fraction)

@@ -1,7 +1,8 @@
-"""TFDS builders for PASCAL VOC segmentation (2011, 2012) and SBD, prepared to array_record without TensorFlow.
+"""TFDS builders for PASCAL VOC segmentation (2011, 2012) and SBD, prepared to array_record
+without TensorFlow.
 
-TFDS ships neither; these are ours. Registered as `voc_segmentation/2012`, `voc_segmentation/2011` and `sbd` when
-this module is imported (`import fcn_jax.data` does that).
+TFDS ships neither; these are ours. Registered as `voc_segmentation/2012`, `voc_segmentation/2011`
+and `sbd` when this module is imported (`import fcn_jax.data` does that).
 
 Features of every example:
   image:             the original JPEG bytes (never re-encoded); decoded to uint8 RGB (H, W, 3)
@@ -12,15 +13,14 @@ Sources, in this order: `manual_dir` holding the official archives or their extr
 MANUAL_DOWNLOAD_INSTRUCTIONS of each builder), or -- only when the builder is constructed with
 `allow_download=True` -- the official URLs, whose MD5 is checked before extraction.
 
-Every example is validated while preparing (readable JPEG, readable index PNG / .mat, equal sizes, mask values in
-{0..20, 255}, every listed id present). Any failure raises `DataError` naming the file; TFDS writes into an
-`incomplete.*` directory and only renames it into place after every split has been written, so a failed
-preparation never leaves a dataset that looks complete.
+Every example is validated while preparing (readable JPEG, readable index PNG / .mat, equal sizes,
+mask values in {0..20, 255}, every listed id present). Any failure raises `DataError` naming the
+file; TFDS writes into an `incomplete.*` directory and only renames it into place after every split
+has been written, so a failed preparation never leaves a dataset that looks complete.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tarfile
@@ -32,8 +32,10 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from fcn_jax.data.archives import (DataError, MissingDataError, download_checked,  # noqa: F401
+                                   download_file, extract_archive, extract_manual, manual_dir,
+                                   md5sum)
 from fcn_jax.data.classes import IGNORE_LABEL, VOC_CLASS_NAMES
-from fcn_jax.errors import UserError
 
 CLASS_NAMES = VOC_CLASS_NAMES
 NUM_CLASSES = len(CLASS_NAMES)
@@ -46,23 +48,17 @@ VOC_ARCHIVES = {
                  filename='VOCtrainval_25-May-2011.tar', md5='6c3384ef61512963050cb5d687e5bf1e'),
 }
 SBD_ARCHIVE = dict(
-    url='http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz',
+    url=('http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/'
+         'benchmark.tgz'),
     filename='benchmark.tgz', md5='82b4d87ceb2ed10f6038a1cba92111cb')
 # Reference list (derived here, not downloaded): VOC2011 segmentation val minus SBD train.
-SEG11VALID_URL = 'https://github.com/shelhamer/fcn.berkeleyvision.org/blob/master/data/pascal/seg11valid.txt'
+SEG11VALID_URL = ('https://github.com/shelhamer/fcn.berkeleyvision.org/blob/master/data/pascal/'
+                  'seg11valid.txt')
 
 
-class DataError(UserError, ValueError):
-  """Bad or missing input data found while preparing a dataset."""
-
-
-class MissingDataError(DataError, FileNotFoundError):
-  """The source data is not where the instructions say it should be."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Validation / encoding helpers (shared by the builders and the tests).
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def _read_bytes(path: epath.Path) -> bytes:
   try:
@@ -90,8 +86,8 @@ def read_index_png(data: bytes, path) -> np.ndarray:
   try:
     with Image.open(io.BytesIO(data)) as im:
       if im.mode not in ('P', 'L'):
-        raise DataError(f'{path}: segmentation PNG must be a palette (P) or grayscale (L) image of class ids, '
-                        f'got mode {im.mode}')
+        raise DataError(f'{path}: segmentation PNG must be a palette (P) or grayscale (L) image of '
+                        f'class ids, got mode {im.mode}')
       return np.asarray(im, dtype=np.uint8).copy()
   except DataError:
     raise
@@ -107,9 +103,11 @@ def read_sbd_mat(path: epath.Path) -> np.ndarray:
       mat = scipy.io.loadmat(f, squeeze_me=True, struct_as_record=False)
     seg = np.asarray(mat['GTcls'].Segmentation)
   except Exception as e:
-    raise DataError(f'unreadable SBD annotation {path} (need struct GTcls with field Segmentation): {e}') from e
+    raise DataError(f'unreadable SBD annotation {path} (need struct GTcls with field '
+                    f'Segmentation): {e}') from e
   if seg.ndim != 2 or not np.issubdtype(seg.dtype, np.integer):
-    raise DataError(f'{path}: GTcls.Segmentation must be a 2-D integer array, got {seg.dtype} {seg.shape}')
+    raise DataError(f'{path}: GTcls.Segmentation must be a 2-D integer array, got {seg.dtype} '
+                    f'{seg.shape}')
   check_mask_values(seg, path)
   return seg.astype(np.uint8)
 
@@ -118,7 +116,8 @@ def check_mask_values(mask: np.ndarray, path) -> None:
   values = np.unique(mask)
   bad = values[(values >= NUM_CLASSES) & (values != IGNORE_LABEL) | (values < 0)]
   if bad.size:
-    raise DataError(f'{path}: mask values {bad.tolist()[:10]} outside {{0..{NUM_CLASSES - 1}, {IGNORE_LABEL}}}')
+    raise DataError(f'{path}: mask values {bad.tolist()[:10]} outside {{0..{NUM_CLASSES - 1}, '
+                    f'{IGNORE_LABEL}}}')
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
@@ -129,19 +128,22 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
 
 def make_example(image_id: str, jpeg_path: epath.Path, mask: np.ndarray | None = None,
                  mask_path: epath.Path | None = None) -> dict[str, Any]:
-  """Reads + validates one (image, mask) pair. `mask` given (SBD) or read from `mask_path` (VOC PNG)."""
+  """Reads + validates one (image, mask) pair. `mask` given (SBD) or read from `mask_path` (VOC
+  PNG)."""
   if not jpeg_path.exists():
-    raise DataError(f'id {image_id!r} is listed in the split but its image {jpeg_path} does not exist')
+    raise DataError(f'id {image_id!r} is listed in the split but its image {jpeg_path} does not '
+                    'exist')
   if mask is None:
     if not mask_path.exists():
-      raise DataError(f'id {image_id!r} is listed in the split but its mask {mask_path} does not exist')
+      raise DataError(f'id {image_id!r} is listed in the split but its mask {mask_path} does not '
+                      'exist')
     mask = read_index_png(_read_bytes(mask_path), mask_path)
     check_mask_values(mask, mask_path)
   jpeg = _read_bytes(jpeg_path)
   hw = check_jpeg(jpeg, jpeg_path)
   if tuple(mask.shape[:2]) != hw:
-    raise DataError(f'size mismatch for {image_id!r}: image {jpeg_path} is {hw[0]}x{hw[1]} (HxW) but mask '
-                    f'{mask_path} is {mask.shape[0]}x{mask.shape[1]}')
+    raise DataError(f'size mismatch for {image_id!r}: image {jpeg_path} is {hw[0]}x{hw[1]} (HxW) '
+                    f'but mask {mask_path} is {mask.shape[0]}x{mask.shape[1]}')
   return {'image': jpeg, 'segmentation_mask': encode_mask_png(mask), 'file_name': image_id}
 
 
@@ -154,114 +156,12 @@ def read_id_list(path: epath.Path) -> list[str]:
   return ids
 
 
-def md5sum(path, chunk: int = 1 << 22) -> str:
-  h = hashlib.md5()
-  with epath.Path(path).open('rb') as f:
-    while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()
-
-
 def _features():
   return tfds.features.FeaturesDict({
       'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
       'segmentation_mask': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
       'file_name': tfds.features.Text(),
   })
-
-
-def _manual_dir(dl_manager) -> epath.Path | None:
-  """The manual dir if the user provided a non-empty one, else None (without TFDS's AssertionError)."""
-  path = getattr(dl_manager, '_manual_dir', None)
-  if path is None:
-    return None
-  path = epath.Path(path)
-  if path.exists() and any(path.iterdir()):
-    return path
-  return None
-
-
-def _dl_dirs(dl_manager) -> tuple[epath.Path, epath.Path]:
-  """(download_dir, extract_dir) of the TFDS download manager (default <data_dir>/downloads[/extracted])."""
-  download_dir = epath.Path(getattr(dl_manager, '_download_dir'))
-  extract_dir = epath.Path(getattr(dl_manager, '_extract_dir', download_dir / 'extracted'))
-  return download_dir, extract_dir
-
-
-def extract_archive(archive: epath.Path, extract_dir: epath.Path) -> epath.Path:
-  """Extracts a .tar / .tgz / .zip once into extract_dir/<archive name> (TF-free; TFDS's
-  extractor needs TensorFlow).
-
-  Extraction goes to a temporary sibling that is renamed into place at the end, so an interrupted extraction is
-  redone rather than trusted.
-  """
-  import shutil
-  import tempfile
-  dest = epath.Path(extract_dir) / archive.name
-  if dest.exists():
-    return dest
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  tmp = epath.Path(tempfile.mkdtemp(prefix=f'.{archive.name}.', dir=os.fspath(dest.parent)))
-  import zipfile
-  try:
-    from tqdm.auto import tqdm
-    if zipfile.is_zipfile(os.fspath(archive)):  # SIFT Flow's SiftFlowDataset.zip
-      with zipfile.ZipFile(os.fspath(archive)) as z:
-        for member in tqdm(z.infolist(), desc=f'extracting {archive.name}', unit=' files',
-                           mininterval=2.0, leave=False):
-          z.extract(member, os.fspath(tmp))
-    else:
-      with tarfile.open(os.fspath(archive), 'r:*') as tar:
-        kwargs = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
-        for member in tqdm(tar, desc=f'extracting {archive.name}', unit=' files', mininterval=2.0,
-                           leave=False):
-          tar.extract(member, os.fspath(tmp), **kwargs)
-    os.replace(os.fspath(tmp), os.fspath(dest))
-  except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as e:
-    shutil.rmtree(os.fspath(tmp), ignore_errors=True)
-    raise DataError(f'cannot extract {archive}: {e}') from e
-  except BaseException:
-    shutil.rmtree(os.fspath(tmp), ignore_errors=True)
-    raise
-  return dest
-
-
-def download_file(url: str, dest: epath.Path, md5: str | None) -> epath.Path:
-  """Downloads url to dest (via a .part file) unless dest exists with the right MD5; checks the MD5."""
-  import urllib.request
-  from tqdm.auto import tqdm
-  dest = epath.Path(dest)
-  if dest.exists() and (md5 is None or md5sum(dest) == md5):
-    return dest
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  part = dest.parent / (dest.name + '.part')
-  try:
-    with urllib.request.urlopen(url) as response, part.open('wb') as f:
-      total = int(response.headers.get('Content-Length') or 0) or None
-      with tqdm(total=total, unit='B', unit_scale=True, desc=f'downloading {dest.name}') as bar:
-        while block := response.read(1 << 20):
-          f.write(block)
-          bar.update(len(block))
-  except OSError as e:
-    raise MissingDataError(f'cannot download {url}: {e}. Download it by hand into the manual directory '
-                           '(see the instructions) and pass manual_dir.') from e
-  got = md5sum(part)
-  if md5 is not None and got != md5:
-    part.unlink()
-    raise DataError(f'{url} downloaded with MD5 {got}, expected {md5}; try again')
-  os.replace(os.fspath(part), os.fspath(dest))
-  return dest
-
-
-def _download_checked(dl_manager, archive: dict) -> epath.Path:
-  """Downloads an official archive, checks its MD5, extracts it, returns the extraction root."""
-  download_dir, extract_dir = _dl_dirs(dl_manager)
-  path = download_file(archive['url'], download_dir / archive['filename'], archive['md5'])
-  return extract_archive(path, extract_dir)
-
-
-def _extract_manual(dl_manager, archive: epath.Path) -> epath.Path:
-  return extract_archive(archive, _dl_dirs(dl_manager)[1])
 
 
 class _Base(tfds.core.GeneratorBasedBuilder):
@@ -272,17 +172,18 @@ class _Base(tfds.core.GeneratorBasedBuilder):
     self._allow_download = allow_download
     super().__init__(**kwargs)
 
-  def _find_root(self, dl_manager, archive: dict, find: Callable[[epath.Path], epath.Path | None], *,
+  def _find_root(self, dl_manager, archive: dict,
+                 find: Callable[[epath.Path], epath.Path | None], *,
                  what: str, contents: str, tree: str) -> epath.Path:
     """The data root: an extracted tree in the manual dir, else its archive there (extracted once),
     else the download (if allowed); otherwise MissingDataError with the instructions."""
-    manual = _manual_dir(dl_manager)
+    manual = manual_dir(dl_manager)
     if manual is not None:
       root = find(manual)
       if root is not None:
         return root
       if (manual / archive['filename']).exists():
-        root = find(_extract_manual(dl_manager, manual / archive['filename']))
+        root = find(extract_manual(dl_manager, manual / archive['filename']))
         if root is None:
           raise MissingDataError(f'{manual / archive["filename"]} does not contain {contents}')
         return root
@@ -290,13 +191,13 @@ class _Base(tfds.core.GeneratorBasedBuilder):
           f'{what} not found in manual dir {manual}: expected {manual / archive["filename"]} or '
           f'{manual}/{tree}.\n\n' + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
     if self._allow_download:
-      root = find(_download_checked(dl_manager, archive))
+      root = find(download_checked(dl_manager, archive))
       if root is None:
         raise MissingDataError(f'downloaded {archive["url"]} does not contain {contents}')
       return root
     raise MissingDataError(
-        f'no {what} data: give a manual_dir (default {getattr(dl_manager, "_manual_dir", None)} is missing or '
-        'empty) or download=True.\n\n' + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+        f'no {what} data: give a manual_dir (default {getattr(dl_manager, "_manual_dir", None)} is '
+        'missing or empty) or download=True.\n\n' + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
 
   def _files(self, root: epath.Path, image_id: str) -> tuple[epath.Path, epath.Path]:
     """(image, annotation) paths of one id."""
@@ -314,39 +215,45 @@ class _Base(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, root: epath.Path, ids: list[str], split: str = ''):
     yield from self._generate_examples_checked([(i, *self._files(root, i)) for i in ids], split)
 
-  def _generate_examples_checked(self, items: list[tuple[str, epath.Path, Any]], split: str) -> Iterator:
+  def _generate_examples_checked(self, items: list[tuple[str, epath.Path, Any]],
+                                 split: str) -> Iterator:
     from tqdm.auto import tqdm
     for image_id, jpeg_path, mask_source in tqdm(items, desc=f'{self.name}/{split}', unit='img',
                                                   mininterval=2.0, leave=False):
       if isinstance(mask_source, epath.Path) and mask_source.suffix == '.mat':
         if not mask_source.exists():
-          raise DataError(f'id {image_id!r} is listed in the split but its annotation {mask_source} does not exist')
-        yield image_id, make_example(image_id, jpeg_path, mask=read_sbd_mat(mask_source), mask_path=mask_source)
+          raise DataError(f'id {image_id!r} is listed in the split but its annotation '
+                          f'{mask_source} does not exist')
+        yield image_id, make_example(image_id, jpeg_path, mask=read_sbd_mat(mask_source),
+                                     mask_path=mask_source)
       else:
         yield image_id, make_example(image_id, jpeg_path, mask_path=mask_source)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # VOC
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 VOC_MANUAL_INSTRUCTIONS = """\
 Put ONE of these into the manual directory (`manual_dir`):
 
   VOC2012 (config voc_segmentation/2012):
-    <manual_dir>/VOCtrainval_11-May-2012.tar                       (the official archive, as downloaded), or
-    <manual_dir>/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}   (its extracted tree)
+    <manual_dir>/VOCtrainval_11-May-2012.tar   (the official archive, as downloaded), or
+    <manual_dir>/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}
+                                               (its extracted tree)
   VOC2011 (config voc_segmentation/2011):
     <manual_dir>/VOCtrainval_25-May-2011.tar, or
     <manual_dir>/TrainVal/VOCdevkit/VOC2011/...  or  <manual_dir>/VOCdevkit/VOC2011/...
-  plus, for the VOC2011 `seg11valid` split (VOC2011 seg val minus SBD train), the SBD train list, one of:
+  plus, for the VOC2011 `seg11valid` split (VOC2011 seg val minus SBD train), the SBD train list,
+  one of:
     <manual_dir>/benchmark_RELEASE/dataset/train.txt   (extracted SBD),
     <manual_dir>/benchmark.tgz                         (the SBD archive; only train.txt is read), or
-    <manual_dir>/sbd_train.txt                         (a copy of benchmark_RELEASE/dataset/train.txt)
+    <manual_dir>/sbd_train.txt              (a copy of benchmark_RELEASE/dataset/train.txt)
 
-Archives: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar
-          http://host.robots.ox.ac.uk/pascal/VOC/voc2011/VOCtrainval_25-May-2011.tar
-          http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz
+Archives:
+  http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar
+  http://host.robots.ox.ac.uk/pascal/VOC/voc2011/VOCtrainval_25-May-2011.tar
+  http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz
 Or pass download=True to fetch them (MD5-checked).
 """
 
@@ -376,7 +283,8 @@ def _sbd_train_ids_from_manual(manual: epath.Path | None) -> list[str] | None:
   if tgz.exists():
     with tarfile.open(os.fspath(tgz), 'r:*') as tar:
       for member in tar:
-        if member.isfile() and member.name.rstrip('/').endswith('benchmark_RELEASE/dataset/train.txt'):
+        name = member.name.rstrip('/')
+        if member.isfile() and name.endswith('benchmark_RELEASE/dataset/train.txt'):
           text = tar.extractfile(member).read().decode()
           return [line.split()[0] for line in text.splitlines() if line.strip()]
     raise MissingDataError(f'{tgz} holds no benchmark_RELEASE/dataset/train.txt')
@@ -387,11 +295,14 @@ class VocSegmentation(_Base):
   """PASCAL VOC semantic segmentation (SegmentationClass), 2012 and 2011."""
 
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Original JPEG bytes; index-PNG masks with 255 borders; seg11valid for 2011.'}
+  RELEASE_NOTES = {'1.0.0': 'Original JPEG bytes; index-PNG masks with 255 borders; seg11valid '
+                            'for 2011.'}
   BUILDER_CONFIGS = [
-      VocSegmentationConfig(year='2012', description='VOC2012 segmentation: train 1464, val 1449, trainval 2913.'),
-      VocSegmentationConfig(year='2011', description='VOC2011 segmentation: train 1112, val 1111, trainval, and '
-                                                     'seg11valid (val minus SBD train, 736).'),
+      VocSegmentationConfig(year='2012', description='VOC2012 segmentation: train 1464, val 1449, '
+                                                     'trainval 2913.'),
+      VocSegmentationConfig(year='2011', description='VOC2011 segmentation: train 1112, val 1111, '
+                                                     'trainval, and seg11valid (val minus SBD '
+                                                     'train, 736).'),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = VOC_MANUAL_INSTRUCTIONS
 
@@ -406,19 +317,21 @@ class VocSegmentation(_Base):
     return self._find_root(
         dl_manager, VOC_ARCHIVES[year], lambda base: _find_voc_root(base, year),
         what=f'VOC{year}', contents=f'VOCdevkit/VOC{year}',
-        tree='VOCdevkit/VOC{year}/ImageSets/Segmentation (+ JPEGImages, SegmentationClass)'.format(year=year))
+        tree='VOCdevkit/VOC{year}/ImageSets/Segmentation (+ JPEGImages, '
+             'SegmentationClass)'.format(year=year))
 
   def _sbd_train_ids(self, dl_manager) -> list[str]:
-    ids = _sbd_train_ids_from_manual(_manual_dir(dl_manager))
+    ids = _sbd_train_ids_from_manual(manual_dir(dl_manager))
     if ids is not None:
       return ids
     if self._allow_download:
-      root = _download_checked(dl_manager, SBD_ARCHIVE)
+      root = download_checked(dl_manager, SBD_ARCHIVE)
       return read_id_list(root / 'benchmark_RELEASE' / 'dataset' / 'train.txt')
-    manual = _manual_dir(dl_manager) or getattr(dl_manager, '_manual_dir', None)
+    manual = manual_dir(dl_manager) or getattr(dl_manager, '_manual_dir', None)
     raise MissingDataError(
-        'voc_segmentation/2011 split seg11valid (VOC2011 seg val minus SBD train) needs the SBD train list, which '
-        f'was not found: put one of {manual}/benchmark_RELEASE/dataset/train.txt, {manual}/benchmark.tgz or '
+        'voc_segmentation/2011 split seg11valid (VOC2011 seg val minus SBD train) needs the SBD '
+        'train list, which was not found: put one of '
+        f'{manual}/benchmark_RELEASE/dataset/train.txt, {manual}/benchmark.tgz or '
         f'{manual}/sbd_train.txt in place (or pass download=True).')
 
   def _split_generators(self, dl_manager):
@@ -426,7 +339,8 @@ class VocSegmentation(_Base):
     root = self._voc_root(dl_manager)
     lists = root / 'ImageSets' / 'Segmentation'
     train, val = read_id_list(lists / 'train.txt'), read_id_list(lists / 'val.txt')
-    trainval = read_id_list(lists / 'trainval.txt') if (lists / 'trainval.txt').exists() else train + val
+    has_trainval = (lists / 'trainval.txt').exists()
+    trainval = read_id_list(lists / 'trainval.txt') if has_trainval else train + val
     splits = {'train': train, 'val': val, 'trainval': trainval}
     if year == '2011':
       sbd_train = set(self._sbd_train_ids(dl_manager))
@@ -437,15 +351,17 @@ class VocSegmentation(_Base):
     return root / 'JPEGImages' / f'{image_id}.jpg', root / 'SegmentationClass' / f'{image_id}.png'
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # SBD
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 SBD_MANUAL_INSTRUCTIONS = """\
 Put ONE of these into the manual directory (`manual_dir`):
     <manual_dir>/benchmark.tgz          (the official SBD archive, as downloaded), or
-    <manual_dir>/benchmark_RELEASE/dataset/{img/*.jpg, cls/*.mat, train.txt, val.txt}   (its extracted tree)
-Archive: http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz
+    <manual_dir>/benchmark_RELEASE/dataset/{img/*.jpg, cls/*.mat, train.txt, val.txt}
+                                        (its extracted tree)
+Archive:
+  http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz
 Or pass download=True to fetch it (MD5-checked).
 """
 
@@ -459,10 +375,12 @@ def _find_sbd_root(base: epath.Path) -> epath.Path | None:
 
 
 class Sbd(_Base):
-  """Semantic Boundaries Dataset (Hariharan et al. 2011), class segmentation (cls/*.mat GTcls.Segmentation)."""
+  """Semantic Boundaries Dataset (Hariharan et al. 2011), class segmentation (cls/*.mat
+  GTcls.Segmentation)."""
 
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Original JPEG bytes; GTcls.Segmentation as index PNG (no void borders in SBD).'}
+  RELEASE_NOTES = {'1.0.0': 'Original JPEG bytes; GTcls.Segmentation as index PNG (no void '
+                            'borders in SBD).'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = SBD_MANUAL_INSTRUCTIONS
 
   def _info(self):

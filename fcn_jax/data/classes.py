@@ -56,7 +56,8 @@ class ClassInfo:
   has_colors: bool = False            # classes.txt gave every class a colour (colour masks allowed)
   ignore_colors: tuple = ()           # colours mapped to the ignore label
   ignore_values: tuple = ()           # index-mask values ignored besides ignore_label (`ignore 11`)
-  remap: tuple = ()                   # (source value, class id) pairs: binary 0/255 masks read 255 as 1
+  # (source value, class id) pairs: binary 0/255 masks read 255 as 1
+  remap: tuple = ()
 
   @property
   def num_classes(self) -> int:

@@ -33,7 +33,7 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -55,7 +55,8 @@ class MaskValuesError(DataError):
     self.path, self.values, self.counts = path, values, counts
     n = len(classes.names)
     super().__init__(f'{path}: mask values not in classes.txt (ids 0..{n - 1}, ignored '
-                     f'{", ".join(map(str, classes.ignored))}): ' + _counts_text(values, counts, int))
+                     f'{", ".join(map(str, classes.ignored))}): ' +
+                     _counts_text(values, counts, int))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,8 +90,8 @@ def read_classes_txt(path: pathlib.Path, *, ignore_label: int = IGNORE_LABEL) ->
       elif len(parts) == 2 and int(parts[1]) <= 255:
         ignore_values.append(int(parts[1]))
       else:
-        raise DataError(f'{path}:{number}: `ignore` needs a colour (`ignore R G B`) or an index-mask '
-                        f'value 0..255 (`ignore 11`), got {raw.strip()!r}')
+        raise DataError(f'{path}:{number}: `ignore` needs a colour (`ignore R G B`) or an '
+                        f'index-mask value 0..255 (`ignore 11`), got {raw.strip()!r}')
       continue
     if name in names:
       raise DataError(f'{path}:{number}: class {name!r} is listed twice')
@@ -147,7 +148,8 @@ def mask_to_ids(mask: Image.Image, classes: ClassInfo, path) -> np.ndarray:
                       f'`name R G B` lines (or save the masks as index PNGs)')
     rgb = np.asarray(mask.convert('RGB')).astype(np.int64)
     code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-    table = {(int(r) << 16) | (int(g) << 8) | int(b): i for i, (r, g, b) in enumerate(classes.palette)}
+    table = {(int(r) << 16) | (int(g) << 8) | int(b): i
+             for i, (r, g, b) in enumerate(classes.palette)}
     for r, g, b in classes.ignore_colors:
       table[(r << 16) | (g << 8) | b] = IGNORE_LABEL
     values, inverse = np.unique(code, return_inverse=True)
@@ -158,12 +160,14 @@ def mask_to_ids(mask: Image.Image, classes: ClassInfo, path) -> np.ndarray:
       raise DataError(f'{path}: mask colours not in classes.txt: ' + _counts_text(
           values[bad], counts[bad], lambda v: f'({v >> 16}, {(v >> 8) & 255}, {v & 255})'))
     return mapped[inverse].reshape(code.shape).astype(np.uint8)
-  raise DataError(f'{path}: mask mode {mask.mode} is neither an index (L / P) nor an RGB colour mask')
+  raise DataError(f'{path}: mask mode {mask.mode} is neither an index (L / P) nor an RGB colour '
+                  'mask')
 
 
 def coco_semantic_mask(annotations: list[dict], height: int, width: int,
                        category_ids: dict[int, int], path) -> np.ndarray:
-  """uint8 (H, W) class ids from one image's COCO instances (see the module docstring for overlaps)."""
+  """uint8 (H, W) class ids from one image's COCO instances (see the module docstring for
+  overlaps)."""
   from pycocotools import mask as mask_utils
   out = np.zeros((height, width), np.uint8)
 
@@ -177,7 +181,8 @@ def coco_semantic_mask(annotations: list[dict], height: int, width: int,
     elif isinstance(seg, dict) and isinstance(seg.get('counts'), list):  # uncompressed RLE
       rle = mask_utils.frPyObjects(seg, height, width)
     elif isinstance(seg, dict):
-      rle = dict(seg, counts=seg['counts'].encode() if isinstance(seg['counts'], str) else seg['counts'])
+      counts = seg['counts']
+      rle = dict(seg, counts=counts.encode() if isinstance(counts, str) else counts)
     else:
       raise DataError(f'{path}: annotation {ann.get("id")} has no polygon or RLE segmentation')
     m = mask_utils.decode(rle)
@@ -228,8 +233,9 @@ def read_example(example: Example, classes: ClassInfo,
   if example.coco is not None:
     path, record, annotations = example.coco
     if (record.get('height'), record.get('width')) not in ((height, width), (None, None)):
-      raise DataError(f'size mismatch for {example.id!r}: image {example.image} is {height}x{width} '
-                      f'(HxW) but {path} says {record.get("height")}x{record.get("width")}')
+      raise DataError(f'size mismatch for {example.id!r}: image {example.image} is '
+                      f'{height}x{width} (HxW) but {path} says '
+                      f'{record.get("height")}x{record.get("width")}')
     return data, coco_semantic_mask(annotations, height, width, category_ids, path)
   if not example.mask.is_file():
     raise DataError(f'id {example.id!r}: mask {example.mask} does not exist')
@@ -323,7 +329,8 @@ def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str,
       except DataError as e:
         problems.append(str(e))
         continue
-      hist += np.bincount(ids_map[ids_map != IGNORE_LABEL].ravel(), minlength=len(classes.names))[:len(hist)]
+      labelled = ids_map[ids_map != IGNORE_LABEL].ravel()
+      hist += np.bincount(labelled, minlength=len(classes.names))[:len(hist)]
       rows.append((example, encode_mask_png(ids_map)))
       shapes.append(ids_map.shape)
     out[split], counts[split] = rows, hist.tolist()
@@ -383,8 +390,9 @@ class CustomSegmentationConfig(tfds.core.BuilderConfig):
     root = os.path.abspath(os.path.expanduser(root))
     classes = classes_path(root, classes_file)
     classes_text = classes.read_text() if classes.is_file() else ''
-    key = json.dumps([fmt, root, options.val_fraction, ignore_label, fingerprint(pathlib.Path(root)),
-                      options.image_suffix, options.mask_suffix, classes_text])
+    key = json.dumps([fmt, root, options.val_fraction, ignore_label,
+                      fingerprint(pathlib.Path(root)), options.image_suffix, options.mask_suffix,
+                      classes_text])
     slug = re.sub(r'[^a-zA-Z0-9]+', '_', os.path.basename(root.rstrip('/')))[:40] or 'root'
     super().__init__(name=f'{fmt}_{slug}_{hashlib.md5(key.encode()).hexdigest()[:10]}',
                      description=f'{fmt} dataset at {root}')
@@ -393,10 +401,12 @@ class CustomSegmentationConfig(tfds.core.BuilderConfig):
 
 
 class CustomSegmentation(tfds.core.GeneratorBasedBuilder):
-  """A user's dataset in one of FORMATS; one builder config per (format, root, options, contents)."""
+  """A user's dataset in one of FORMATS; one builder config per (format, root, options,
+  contents)."""
 
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Original image bytes; class-id PNG masks (255 = ignore); class metadata.'}
+  RELEASE_NOTES = {'1.0.0': 'Original image bytes; class-id PNG masks (255 = ignore); class '
+                            'metadata.'}
 
   def __init__(self, *, config: CustomSegmentationConfig, **kwargs):
     kwargs.setdefault('file_format', 'array_record')
@@ -454,7 +464,8 @@ def get_builder(fmt: str, *, root: str, data_dir: str, val_fraction: float = 0.1
   if fmt not in FORMATS:
     raise DataError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}')
   if not root:
-    raise DataError(f'dataset {fmt!r} needs its root directory: config.dataset.root=DIR (--root DIR)')
+    raise DataError(f'dataset {fmt!r} needs its root directory: config.dataset.root=DIR (--root '
+                    'DIR)')
   if not os.path.isdir(os.path.expanduser(root)):
     raise MissingDataError(f'dataset root {root} does not exist (config.dataset.root / --root)')
   options = Options(val_fraction=val_fraction, image_suffix=image_suffix, mask_suffix=mask_suffix)

@@ -33,8 +33,8 @@ class DataSpec:
     return f'{self.name}{where}, split {self.split!r}{told}'
 
 
-def resolve(metadata: dict, name: str = '', split: str = '', fallback: str = 'voc_segmentation/2011',
-            **given) -> DataSpec:
+def resolve(metadata: dict, name: str = '', split: str = '',
+            fallback: str = 'voc_segmentation/2011', **given) -> DataSpec:
   """The dataset a checkpoint is evaluated or run on: `name` / `split` / `given` where set (not
   None or ''), the rest from metadata['data'] when it is the dataset the run was trained on, else
   the defaults (`fallback` when no dataset is named or recorded)."""

@@ -10,12 +10,15 @@ Exit status 1 when a problem is found (each is listed with its file).
 from __future__ import annotations
 
 import argparse
+import io
 import pathlib
 import sys
 
 import numpy as np
+from PIL import Image
 
 from fcn_jax import cli as cli_lib
+from fcn_jax import viz
 from fcn_jax.data import custom, layouts
 from fcn_jax.errors import UserError, cli
 
@@ -56,15 +59,13 @@ def summary(fmt: str, root: pathlib.Path, val_fraction: float = 0.1, ignore_labe
     share = total[i] / max(total.sum(), 1)
     per_split = '   '.join(f'{counts[s][i]:>8}' for s in counts)
     warn = '  <- no pixels' if total[i] == 0 else ''
-    lines.append(f'  {name[:20]:<20} {i:>3}   {int(total[i]):>19}   {100 * share:5.1f}%   {per_split}{warn}')
+    lines.append(f'  {name[:20]:<20} {i:>3}   {int(total[i]):>19}   {100 * share:5.1f}%   '
+                 f'{per_split}{warn}')
   return '\n'.join(lines), {'classes': classes, 'rows': rows, 'counts': counts}
 
 
 def examples_figure(data: dict, path: pathlib.Path, count: int = 4) -> pathlib.Path:
   """Image | mask (class colours, ignore in the VOC void colour) rows with the class legend."""
-  import io
-  from PIL import Image
-  from fcn_jax import viz
   classes = data['classes']
   items = [item for rows in data['rows'].values() for item in rows][:count]
   rows = []

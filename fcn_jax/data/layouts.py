@@ -106,7 +106,8 @@ def folder_source(root: pathlib.Path, options: Options) -> dict[str, list[Exampl
     split_ids = _read_split_lists(root / 'splits')
   else:
     split_ids = _split_by_fraction(sorted(images), options.val_fraction)
-  return {s: [Example(i, images.get(i, images_dir / f'{i}.jpg'), masks.get(i, masks_dir / f'{i}.png'))
+  return {s: [Example(i, images.get(i, images_dir / f'{i}.jpg'),
+                      masks.get(i, masks_dir / f'{i}.png'))
               for i in ids] for s, ids in split_ids.items()}
 
 
@@ -115,9 +116,9 @@ def voc_like_source(root: pathlib.Path, options: Options) -> dict[str, list[Exam
   lists = root / 'ImageSets' / 'Segmentation'
   for d in (root / 'JPEGImages', root / 'SegmentationClass', lists):
     if not d.is_dir():
-      raise MissingDataError(f'{d} does not exist: the voc_like format is ROOT/JPEGImages/<id>.jpg, '
-                             f'ROOT/SegmentationClass/<id>.png, ROOT/ImageSets/Segmentation/'
-                             f'<split>.txt and ROOT/classes.txt')
+      raise MissingDataError(f'{d} does not exist: the voc_like format is '
+                             'ROOT/JPEGImages/<id>.jpg, ROOT/SegmentationClass/<id>.png, '
+                             'ROOT/ImageSets/Segmentation/<split>.txt and ROOT/classes.txt')
   images = _files_by_stem(root / 'JPEGImages', IMAGE_SUFFIXES, 'images')
   return {s: [Example(i, images.get(i, root / 'JPEGImages' / f'{i}.jpg'),
                       root / 'SegmentationClass' / f'{i}.png') for i in ids]
@@ -128,7 +129,8 @@ def coco_files(root: pathlib.Path) -> list[pathlib.Path]:
   files = sorted((root / 'annotations').glob('instances_*.json'))
   if not files:
     raise MissingDataError(f'no {root}/annotations/instances_<split>.json: the coco format is '
-                           f'ROOT/annotations/instances_<split>.json with the images in ROOT/images/')
+                           'ROOT/annotations/instances_<split>.json with the images in '
+                           'ROOT/images/')
   return files
 
 
@@ -172,7 +174,8 @@ def coco_source(root: pathlib.Path, options: Options) -> dict[str, list[Example]
       image = next((c for c in candidates if c.is_file()), candidates[0])
       image_id = pathlib.Path(name).with_suffix('').as_posix()
       if image_id in seen:
-        raise DataError(f'{path}: duplicate image {name!r} (ids {seen[image_id]} and {record["id"]})')
+        raise DataError(f'{path}: duplicate image {name!r} (ids {seen[image_id]} and '
+                        f'{record["id"]})')
       seen[image_id] = record['id']
       examples.append(Example(image_id, image, coco=(path, record, by_image.get(record['id'], []))))
     splits[split] = examples
@@ -189,7 +192,8 @@ def _is_pairs_list(path: pathlib.Path) -> bool:
   for line in path.read_text(errors='replace').splitlines():
     if line.strip() and not line.lstrip().startswith('#'):
       parts = line.split()
-      return len(parts) == 2 and all(pathlib.Path(p).suffix.lower() in IMAGE_SUFFIXES for p in parts)
+      return len(parts) == 2 and all(pathlib.Path(p).suffix.lower() in IMAGE_SUFFIXES
+                                     for p in parts)
   return False
 
 
@@ -278,15 +282,16 @@ def split_folders_source(root: pathlib.Path, options: Options) -> dict[str, list
   if not pairs:
     raise MissingDataError(
         f'{root}: no image and mask folders per split: the split_folders format is ROOT/<split>/ '
-        f'with ROOT/<split>annot/ (or <split>_labels, <split>_masks), or ROOT/img_dir/<split>/ with '
-        f'ROOT/ann_dir/<split>/')
+        'with ROOT/<split>annot/ (or <split>_labels, <split>_masks), or ROOT/img_dir/<split>/ '
+        'with ROOT/ann_dir/<split>/')
   splits = {}
   for split, (image_dir, mask_dir) in pairs.items():
     suffixes = (options.image_suffix,) if options.image_suffix else IMAGE_SUFFIXES
     images: dict[str, pathlib.Path] = {}
     for path in sorted(image_dir.iterdir()):
       stem = _strip(path.name, options.image_suffix)
-      if path.is_file() and stem is not None and any(path.name.lower().endswith(s.lower()) for s in suffixes):
+      matches = any(path.name.lower().endswith(s.lower()) for s in suffixes)
+      if path.is_file() and stem is not None and matches:
         if stem in images:
           raise DataError(f'duplicate id {stem!r}: {images[stem]} and {path} are both images')
         images[stem] = path
@@ -299,7 +304,8 @@ SOURCES = {'folder': folder_source, 'voc_like': voc_like_source, 'coco': coco_so
            'pairs': pairs_source, 'split_folders': split_folders_source}
 
 
-def source_splits(fmt: str, root: pathlib.Path, options: Options = Options()) -> dict[str, list[Example]]:
+def source_splits(fmt: str, root: pathlib.Path,
+                  options: Options = Options()) -> dict[str, list[Example]]:
   """{split: [Example]} of a user dataset (lists files; reads no image)."""
   root = pathlib.Path(root).expanduser()
   if not root.is_dir():

@@ -1,23 +1,26 @@
 """grain input pipelines: fixed-shape training batches and deterministic evaluation.
 
-Train (`train_loader`): grain.DataLoader over the random-access TFDS source. IndexSampler gives a seeded shuffle
-that differs per epoch and per-process sharding; a RandomMapTransform (per-record RNG derived by grain from the seed
-and the record's position, so results do not depend on worker_count) decodes the JPEG/PNG, optionally rescales,
-random-crops or pads to crop_size (image padded with 0 in preprocessed space = the mean colour, label with 255),
-flips, and applies the weights' preprocessing; Batch stacks fixed shapes. The iterator's get_state()/set_state()
-are grain's (a small JSON-able bytes blob) and resume exactly.
+Train (`train_loader`): grain.DataLoader over the random-access TFDS source. IndexSampler gives a
+seeded shuffle that differs per epoch and per-process sharding; a RandomMapTransform (per-record RNG
+derived by grain from the seed and the record's position, so results do not depend on worker_count)
+decodes the JPEG/PNG, optionally rescales, random-crops or pads to crop_size (image padded with 0 in
+preprocessed space = the mean colour, label with 255), flips, and applies the weights'
+preprocessing; Batch stacks fixed shapes. The iterator's get_state()/set_state() are grain's (a
+small JSON-able bytes blob) and resume exactly.
 
-Eval (`eval_batches`): a plain deterministic generator over every example exactly once, either native size one at a
-time (the reference protocol) or padded to a fixed (B, S, S) with dummy all-255 examples filling the last batch.
+Eval (`eval_batches`): a plain deterministic generator over every example exactly once, either
+native size one at a time (the reference protocol) or padded to a fixed (B, S, S) with dummy all-255
+examples filling the last batch.
 
 Throughput: `python -m fcn_jax.data.pipeline --benchmark`.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
+import pathlib
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -27,8 +30,9 @@ from PIL import Image
 
 from fcn_jax import cli as cli_lib
 from fcn_jax import preprocessing as preprocessing_lib
-from fcn_jax.data import (IGNORE_LABEL, DataError, decode_example, decode_image, decode_mask,
-                          file_name as _file_name)
+from fcn_jax.data import (IGNORE_LABEL, DataError, decode_image, decode_mask,
+                          file_name as _file_name, get_data_source)
+from fcn_jax.data import synthetic_voc
 
 
 def rescale(image: np.ndarray, label: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -42,12 +46,13 @@ def rescale(image: np.ndarray, label: np.ndarray, scale: float) -> tuple[np.ndar
   return image, label
 
 
-def crop_or_pad(image: np.ndarray, label: np.ndarray, crop_size: int, rng: np.random.Generator | None,
-                preprocess) -> tuple[np.ndarray, np.ndarray]:
+def crop_or_pad(image: np.ndarray, label: np.ndarray, crop_size: int,
+                rng: np.random.Generator | None, preprocess) -> tuple[np.ndarray, np.ndarray]:
   """Crop (random offset; centre if rng is None) or pad to (crop_size, crop_size).
 
-  The image is preprocessed and placed on a zero canvas (0 = the mean after preprocessing); the label canvas is
-  255. Where the image is smaller than crop_size it is placed at a random offset (top-left if rng is None).
+  The image is preprocessed and placed on a zero canvas (0 = the mean after preprocessing); the
+  label canvas is 255. Where the image is smaller than crop_size it is placed at a random offset
+  (top-left if rng is None).
   """
   (out_image,), (out_label,) = crop_or_pad_planes([(image, preprocess)], [label], crop_size, rng)
   return out_image, out_label
@@ -95,7 +100,8 @@ def crop_or_pad_planes(inputs: list, labels: list, crop_size: int,
 
 
 def _ensure_absl_flags_parsed():
-  """grain's worker processes read absl flags; outside absl.app.run they are unparsed (-> defaults)."""
+  """grain's worker processes read absl flags; outside absl.app.run they are unparsed (->
+  defaults)."""
   from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
@@ -157,8 +163,8 @@ class TrainTransform(grain.RandomMapTransform):
                          f'differ in size')
     scale = float(rng.uniform(*self.scale_range)) if self.scale_range is not None else 1.0
     planes = [(inputs[m], p) for (m, _), p in zip(self.modalities, self._preprocess)]
-    out_inputs, out_labels = scaled_crop_or_pad_planes(planes, list(labels.values()), self.crop_size,
-                                                       scale, rng)
+    out_inputs, out_labels = scaled_crop_or_pad_planes(planes, list(labels.values()),
+                                                       self.crop_size, scale, rng)
     if self.flip and rng.random() < 0.5:
       out_inputs = [x[:, ::-1] for x in out_inputs]
       out_labels = [l[:, ::-1] for l in out_labels]
@@ -171,8 +177,9 @@ class TrainTransform(grain.RandomMapTransform):
 
 def scaled_crop_or_pad(image: np.ndarray, label: np.ndarray, crop_size: int, scale: float,
                        rng: np.random.Generator, preprocess) -> tuple[np.ndarray, np.ndarray]:
-  """Equivalent to rescale() then crop_or_pad() (up to resampling rounding), but only the cropped window is resampled (PIL resize with a
-  source box), so scales > 1 cost no more than the crop itself."""
+  """Equivalent to rescale() then crop_or_pad() (up to resampling rounding), but only the cropped
+  window is resampled (PIL resize with a source box), so scales > 1 cost no more than the crop
+  itself."""
   (out_image,), (out_label,) = scaled_crop_or_pad_planes([(image, preprocess)], [label], crop_size,
                                                          scale, rng)
   return out_image, out_label
@@ -182,7 +189,8 @@ def _resize(array: np.ndarray, size, box, resample) -> np.ndarray:
   """PIL resize of a window; 8-bit images as they are, other arrays (16-bit depth) as float32."""
   if array.dtype == np.uint8:
     return np.asarray(Image.fromarray(array).resize(size, resample, box=box))
-  return np.asarray(Image.fromarray(np.asarray(array, np.float32), mode='F').resize(size, resample, box=box))
+  as_float = Image.fromarray(np.asarray(array, np.float32), mode='F')
+  return np.asarray(as_float.resize(size, resample, box=box))
 
 
 def scaled_crop_or_pad_planes(inputs: list, labels: list, crop_size: int, scale: float,
@@ -203,16 +211,19 @@ def scaled_crop_or_pad_planes(inputs: list, labels: list, crop_size: int, scale:
 
 
 def train_loader(source, *, batch_size: int, crop_size: int, preprocessing: str, seed: int,
-                 scale_range: tuple[float, float] | None = None, flip: bool = True, worker_count: int = 0,
+                 scale_range: tuple[float, float] | None = None, flip: bool = True,
+                 worker_count: int = 0,
                  shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
                  modalities: list[tuple[str, str]] | None = None,
                  heads: list[str] | None = None) -> grain.DataLoader:
-  """Training batches {'image': float32 (B, crop, crop, 3), 'label': int32 (B, crop, crop), 255 = ignore}.
+  """Training batches {'image': float32 (B, crop, crop, 3), 'label': int32 (B, crop, crop),
+  255 = ignore}.
 
-  batch_size is per process; shard_index / shard_count split the examples between processes (each process sees a
-  disjoint, equally sized part; the remainder is dropped). Every epoch is reshuffled from `seed`; the last partial
-  batch of the (finite) stream is dropped so shapes stay fixed. num_epochs=None repeats forever.
-  iter(loader) gives a grain iterator with get_state() / set_state() for checkpointing.
+  batch_size is per process; shard_index / shard_count split the examples between processes (each
+  process sees a disjoint, equally sized part; the remainder is dropped). Every epoch is reshuffled
+  from `seed`; the last partial batch of the (finite) stream is dropped so shapes stay fixed.
+  num_epochs=None repeats forever. iter(loader) gives a grain iterator with get_state() /
+  set_state() for checkpointing.
   `modalities` and `heads`: see TrainTransform (several inputs concatenated into 'image', several
   heads' labels as 'label_<head>').
   """
@@ -228,11 +239,11 @@ def train_loader(source, *, batch_size: int, crop_size: int, preprocessing: str,
   shard = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
   sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True,
                                num_epochs=num_epochs, seed=seed)
-  ops = [TrainTransform(crop_size=crop_size, preprocessing=preprocessing, scale_range=scale_range, flip=flip,
-                        modalities=modalities, heads=heads),
+  ops = [TrainTransform(crop_size=crop_size, preprocessing=preprocessing, scale_range=scale_range,
+                        flip=flip, modalities=modalities, heads=heads),
          grain.Batch(batch_size=batch_size, drop_remainder=True)]
-  return grain.DataLoader(data_source=source, sampler=sampler, operations=ops, worker_count=worker_count,
-                          worker_buffer_size=2,
+  return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
+                          worker_count=worker_count, worker_buffer_size=2,
                           read_options=grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
 
 
@@ -243,8 +254,9 @@ def eval_batches(source, *, preprocessing: str, batch_size: int = 1, pad_to: int
   """Deterministic evaluation batches; each example exactly once (over all shards), in source order.
 
   pad_to=None (requires batch_size=1): native size, {'image': (1, H, W, C), 'label': (1, H, W)}.
-  pad_to=S: {'image': (B, S, S, C), 'label': (B, S, S)}: top-left aligned, image padded with 0 (the mean after
-  preprocessing), label with 255; the last batch is filled with all-255 dummy examples (file_name '') and every
+  pad_to=S: {'image': (B, S, S, C), 'label': (B, S, S)}: top-left aligned, image padded with 0 (the
+  mean after preprocessing), label with 255; the last batch is filled with all-255 dummy examples
+  (file_name '') and every
   shard yields the same number of batches (what multi-host evaluation needs). Labels are int32.
   `modalities` / `heads` as in train_loader ('image' concatenates the modalities; 'label_<head>').
   """
@@ -288,8 +300,8 @@ def _eval_iter(source, preprocess, heads, batch_size, pad_to, shard_index, shard
       h, w = image.shape[:2]
       if h > pad_to or w > pad_to:
         raise DataError(f'{_file_name(record)} is {h}x{w}, larger than pad_to={pad_to}: set pad_to '
-                        f'(evaluate --pad_to, config.eval_pad_to) to at least {max(h, w)}, or 0 for '
-                        f'native-size evaluation')
+                        f'(evaluate --pad_to, config.eval_pad_to) to at least {max(h, w)}, or 0 '
+                        'for native-size evaluation')
       images[j, :h, :w] = image
       for head, label in example_labels.items():
         labels[batch_label_key(head)][j, :h, :w] = label
@@ -297,33 +309,31 @@ def _eval_iter(source, preprocess, heads, batch_size, pad_to, shard_index, shard
     yield {'image': images, **labels, 'file_name': names}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Throughput benchmark: 500x375 JPEG -> random scale -> crop, images/s per worker process.
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
-def benchmark(num_images: int = 64, crop_size: int = 320, batch_size: int = 8, seconds: float = 10.0,
-              worker_counts=(0, 1, 2), workdir: str | None = None) -> dict:
-  import pathlib
-  import tempfile
-
-  from fcn_jax.data import get_data_source
-  from fcn_jax.data import synthetic
-
+def benchmark(num_images: int = 64, crop_size: int = 320, batch_size: int = 8,
+              seconds: float = 10.0, worker_counts=(0, 1, 2),
+              workdir: str | None = None) -> dict:
   tmp = tempfile.TemporaryDirectory() if workdir is None else None
   root = pathlib.Path(workdir or tmp.name)
   manual = root / 'manual'
   if not (root / 'data').exists():
-    devkit = synthetic.write_voc_tree(manual, num_train=num_images, num_val=1, seed=0, min_size=375, max_size=375)
+    devkit = synthetic_voc.write_voc_tree(manual, num_train=num_images, num_val=1, seed=0,
+                                          min_size=375, max_size=375)
     # Make every image exactly 500x375 (W x H), like a typical VOC image.
     for path in (devkit / 'VOC2012' / 'JPEGImages').glob('*.jpg'):
       Image.open(path).resize((500, 375), Image.BILINEAR).save(path, quality=95)
     for path in (devkit / 'VOC2012' / 'SegmentationClass').glob('*.png'):
       Image.open(path).resize((500, 375), Image.NEAREST).save(path)
-  source = get_data_source('voc_segmentation/2012', 'train', data_dir=str(root / 'data'), manual_dir=str(manual))
+  source = get_data_source('voc_segmentation/2012', 'train', data_dir=str(root / 'data'),
+                           manual_dir=str(manual))
   results = {}
   for workers in worker_counts:
-    loader = train_loader(source, batch_size=batch_size, crop_size=crop_size, preprocessing='caffe_bgr', seed=0,
-                          scale_range=(0.5, 2.0), worker_count=workers)
+    loader = train_loader(source, batch_size=batch_size, crop_size=crop_size,
+                          preprocessing='caffe_bgr', seed=0, scale_range=(0.5, 2.0),
+                          worker_count=workers)
     it = iter(loader)
     next(it)  # warm-up (worker start-up)
     count, start = 0, time.perf_counter()
@@ -333,7 +343,9 @@ def benchmark(num_images: int = 64, crop_size: int = 320, batch_size: int = 8, s
     rate = count / (time.perf_counter() - start)
     results[workers] = rate
     print(f'worker_count={workers}: {rate:.1f} images/s total'
-          + (f', {rate / workers:.1f} images/s per worker process' if workers else ' (decoding in the main process)'),
+          + (f', {rate / workers:.1f} images/s per worker process' if workers else ' (decoding in '
+                                                                                   'the main '
+                                                                                   'process)'),
           flush=True)
     del it
   # Pure per-example cost in this process (no grain machinery): the "per worker" figure.
@@ -347,9 +359,9 @@ def benchmark(num_images: int = 64, crop_size: int = 320, batch_size: int = 8, s
   cpu_rate = count / max(time.process_time() - cpu_start, 1e-9)
   results['single_process_transform'] = rate
   results['per_cpu_second'] = cpu_rate
-  print(f'single process, transform only: {rate:.1f} images/s wall, {cpu_rate:.1f} images per CPU-second '
-        f'(500x375 JPEG -> scale [0.5, 2] -> {crop_size} crop -> flip -> caffe_bgr; the CPU figure is what one '
-        'worker process reaches on an otherwise idle core)', flush=True)
+  print(f'single process, transform only: {rate:.1f} images/s wall, {cpu_rate:.1f} images per '
+        f'CPU-second (500x375 JPEG -> scale [0.5, 2] -> {crop_size} crop -> flip -> caffe_bgr; the '
+        'CPU figure is what one worker process reaches on an otherwise idle core)', flush=True)
   if tmp is not None:
     tmp.cleanup()
   return results
@@ -362,15 +374,18 @@ def main(argv=None):
       'preprocess, batch) on synthetic 500x375 JPEGs, in the main process and with grain workers; '
       'writes nothing.')
   p.add_argument('--benchmark', action='store_true', required=True,
-                 help='run the benchmark (the only mode; required so that a bare call explains itself)')
-  p.add_argument('--crop_size', type=int, default=320, help='training crop, pixels (default %(default)s)')
+                 help='run the benchmark (the only mode; required so that a bare call explains '
+                      'itself)')
+  p.add_argument('--crop_size', type=int, default=320, help='training crop, pixels (default '
+                                                            '%(default)s)')
   p.add_argument('--batch_size', type=int, default=8, help='images per batch (default %(default)s)')
   p.add_argument('--seconds', type=float, default=10.0,
                  help='time per measured configuration (default %(default)s)')
   p.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2],
                  help='grain worker counts to measure (0 = main process; default %(default)s)')
   a = p.parse_args(argv)
-  benchmark(crop_size=a.crop_size, batch_size=a.batch_size, seconds=a.seconds, worker_counts=a.workers)
+  benchmark(crop_size=a.crop_size, batch_size=a.batch_size, seconds=a.seconds,
+            worker_counts=a.workers)
 
 
 if __name__ == '__main__':

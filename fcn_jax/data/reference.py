@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from fcn_jax.data import builders
+from fcn_jax.data import archives, builders
 from fcn_jax.data.builders import DataError, MissingDataError
 from fcn_jax.data.classes import (IGNORE_LABEL, NYUD_CLASS_NAMES, PASCAL_CONTEXT_CLASS_NAMES,
                                   SIFT_FLOW_GEOMETRIC_CLASS_NAMES, SIFT_FLOW_SEMANTIC_CLASS_NAMES,
@@ -148,7 +148,7 @@ class _Reference(builders._Base):
 
   def _root(self, dl_manager, archive: dict, find, **kwargs) -> epath.Path:
     """_find_root, downloading only archives with a known checksum."""
-    if self._allow_download and archive['md5'] is None and builders._manual_dir(dl_manager) is None:
+    if self._allow_download and archive['md5'] is None and archives.manual_dir(dl_manager) is None:
       raise MissingDataError(f'{archive["url"]} has no published checksum, so fcn_jax does not '
                              f'download it: download it by hand into the manual directory.\n\n'
                              + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
@@ -168,7 +168,8 @@ class _Reference(builders._Base):
 # SIFT Flow
 
 SIFT_FLOW_ARCHIVE = dict(filename='SiftFlowDataset.zip', md5=None,
-                         url='http://www.cs.unc.edu/~jtighe/Papers/ECCV10/siftflow/SiftFlowDataset.zip')
+                         url=('http://www.cs.unc.edu/~jtighe/Papers/ECCV10/siftflow/'
+                              'SiftFlowDataset.zip'))
 _SIFT_FLOW_SUBDIR = 'spatial_envelope_256x256_static_8outdoorcategories'
 SIFT_FLOW_MANUAL_INSTRUCTIONS = f"""\
 Put ONE of these into the manual directory (`manual_dir`):
@@ -294,8 +295,10 @@ class NyudV2(_Reference):
 # ---------------------------------------------------------------------------------------------
 # PASCAL-Context
 
-VOC2010_ARCHIVE = dict(filename='VOCtrainval_03-May-2010.tar', md5='da459979d0c395079b5c75ee67908abb',
-                       url='http://host.robots.ox.ac.uk/pascal/VOC/voc2010/VOCtrainval_03-May-2010.tar')
+VOC2010_ARCHIVE = dict(filename='VOCtrainval_03-May-2010.tar',
+                       md5='da459979d0c395079b5c75ee67908abb',
+                       url=('http://host.robots.ox.ac.uk/pascal/VOC/voc2010/'
+                            'VOCtrainval_03-May-2010.tar'))
 CONTEXT_ARCHIVE = dict(filename='trainval.tar.gz', md5=None,
                        url='https://cs.stanford.edu/~roozbeh/pascal-context/trainval.tar.gz')
 PASCAL_CONTEXT_MANUAL_INSTRUCTIONS = f"""\
@@ -303,7 +306,8 @@ Put into the manual directory (`manual_dir`):
     the VOC2010 images: <manual_dir>/{VOC2010_ARCHIVE['filename']} or its extracted
         VOCdevkit/VOC2010/{{JPEGImages,ImageSets/Main/train.txt,val.txt}}
     the PASCAL-Context annotations: <manual_dir>/trainval.tar.gz or its extracted trainval/<id>.mat
-    and their label list: <manual_dir>/labels.txt ("id: name", 1-based; from the PASCAL-Context site)
+    and their label list: <manual_dir>/labels.txt ("id: name", 1-based; from the PASCAL-Context
+        site)
 Archives: {VOC2010_ARCHIVE['url']}
           {CONTEXT_ARCHIVE['url']}  (and labels.txt beside it)
 """
@@ -364,9 +368,10 @@ class PascalContext(_Reference):
               'segmentation_mask': _mask_feature()}
 
   def _split_generators(self, dl_manager):
-    manual = builders._manual_dir(dl_manager)
+    manual = archives.manual_dir(dl_manager)
     voc = self._find_root(dl_manager, VOC2010_ARCHIVE, _find_voc2010, what='VOC2010',
-                          contents='VOCdevkit/VOC2010', tree='VOCdevkit/VOC2010/{JPEGImages,ImageSets}')
+                          contents='VOCdevkit/VOC2010',
+                          tree='VOCdevkit/VOC2010/{JPEGImages,ImageSets}')
     context = self._root(dl_manager, CONTEXT_ARCHIVE, _find_context,
                               what='PASCAL-Context annotations', contents='trainval/<id>.mat',
                               tree='trainval/<id>.mat')

@@ -1,8 +1,8 @@
 """Convolutionalised classifiers (VGG16, AlexNet, GoogLeNet) described as data.
 
 A backbone is a tuple of layer specs. The same tuple drives the flax module (`Backbone`) and the
-geometry (`coord_map`, `receptive_field`, `conv_depth`), so the figures of the paper's Table 1 and the
-Caffe crop offsets are computed from the network definition, never typed in.
+geometry (`coord_map`, `receptive_field`, `conv_depth`), so the figures of the paper's Table 1 and
+the Caffe crop offsets are computed from the network definition, never typed in.
 
 Layer names follow Caffe for VGG16/AlexNet (conv1_1..conv5_3, fc6, fc7) and torchvision for
 GoogLeNet (conv1, conv2, conv3, inception3a..5b with branch1..branch4), so that weights from either
@@ -19,7 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_jax.models import cpu_forms, layers
+from fcn_jax.models import layers
+from fcn_jax.models import forms as forms_lib
+from fcn_jax.models import cpu_kernels
 
 # The FCN input padding: with 100 pixels on the first convolution the score map covers the input,
 # and the output is aligned to it, for ANY input size (Caffe voc-fcn*/net.py).
@@ -35,6 +37,9 @@ class Conv:
   padding: int = 0
   batch_norm: bool = False  # torchvision BasicConv2d: conv without bias, BatchNorm(eps=1e-3), ReLU
   groups: int = 1  # Caffe `group`: input and output channels split into this many halves
+  # vgg16_bn: conv without bias -> BatchNorm that trains (batch statistics in training, running
+  # averages in the `batch_stats` collection otherwise) -> ReLU.
+  trained_bn: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +67,8 @@ class LRN:
 
 @dataclasses.dataclass(frozen=True)
 class Inception:
-  """torchvision's Inception block (its "5x5" branch uses a 3x3 kernel, as in the released weights)."""
+  """torchvision's Inception block (its "5x5" branch uses a 3x3 kernel, as in the released
+  weights)."""
   name: str
   c1: int
   c3_reduce: int
@@ -136,7 +142,27 @@ def _googlenet() -> tuple[Layer, ...]:
   )
 
 
-BACKBONES = {'vgg16': _vgg16, 'alexnet': _alexnet, 'caffenet': _caffenet, 'googlenet': _googlenet}
+def _vgg16_bn() -> tuple[Layer, ...]:
+  """VGG16 with BatchNorm after every convolution (torchvision vgg16_bn's conv -> BN -> ReLU, here
+  also on fc6 / fc7, and without the conv bias BN makes redundant), for training from scratch.
+
+  'Same' padding throughout (1 on conv1_1, 3 on the 7x7 fc6) instead of the pad of 100: the score
+  maps are as large as the input / stride, not (input + 200) / stride, which halves the work on a
+  256 crop. The skips' crop offsets come out as -1 (the upsampled scores start one cell before the
+  tapped map): `geometry` then crops the upsampled scores to the tap instead (see FCN.__call__).
+  """
+  spec: list[Layer] = []
+  for block, (features, convs) in enumerate([(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)], 1):
+    for i in range(1, convs + 1):
+      spec.append(Conv(f'conv{block}_{i}', features, 3, padding=1, trained_bn=True))
+    spec.append(MaxPool(f'pool{block}', 2, 2))
+  spec += [Conv('fc6', 4096, 7, padding=3, trained_bn=True), Dropout(0.5),
+           Conv('fc7', 4096, 1, trained_bn=True), Dropout(0.5)]
+  return tuple(spec)
+
+
+BACKBONES = {'vgg16': _vgg16, 'vgg16_bn': _vgg16_bn, 'alexnet': _alexnet, 'caffenet': _caffenet,
+             'googlenet': _googlenet}
 
 
 def get_backbone(name: str) -> tuple[Layer, ...]:
@@ -156,7 +182,8 @@ def _kernel_stride_pad(layer: Layer) -> tuple[int, int, int] | None:
   if isinstance(layer, MaxPool):
     return layer.window, layer.stride, layer.padding
   if isinstance(layer, Inception):
-    return 3, 1, 1  # every branch is centred; the widest kernel is 3 (1x1 then 3x3, or pool then 1x1)
+    # Every branch is centred; the widest kernel is 3 (1x1 then 3x3, or pool then 1x1).
+    return 3, 1, 1
   return None
 
 
@@ -215,11 +242,16 @@ def scaled(features: int, width: float) -> int:
 
 
 def conv_relu(layer: Conv, width: float, dtype: jnp.dtype, name: str | None = None,
-              forms: cpu_forms.Forms | None = None):
-  """The flax module for one Conv spec: Conv + ReLU, or torchvision's BasicConv2d; `forms`: the
-  CPU forms of the convolution (None: cpu_forms.current() at trace time)."""
+              forms: forms_lib.Forms | None = None, train: bool = False):
+  """The flax module for one Conv spec: Conv + ReLU, torchvision's BasicConv2d, or conv -> BN ->
+  ReLU with trained statistics (`train`: batch statistics, updating the running averages);
+  `forms`: the CPU forms of the convolution (None: forms.active() at trace time)."""
   features = scaled(layer.features, width)
   name = name or layer.name
+  if layer.trained_bn:
+    block = ConvBN(features, layer.kernel, layer.stride, layer.padding, dtype=dtype, forms=forms,
+                   name=name)
+    return lambda x: block(x, train)
   if layer.batch_norm:
     return BasicConv(features, layer.kernel, layer.stride, layer.padding, dtype=dtype, forms=forms,
                      name=name)
@@ -229,28 +261,55 @@ def conv_relu(layer: Conv, width: float, dtype: jnp.dtype, name: str | None = No
   conv = nn.Conv(features, (layer.kernel, layer.kernel), strides=layer.stride,
                  padding=[(layer.padding, layer.padding)] * 2, dtype=dtype,
                  feature_group_count=layer.groups, kernel_init=nn.initializers.he_normal(),
-                 conv_general_dilated=cpu_forms.conv_with(forms), name=name)
+                 conv_general_dilated=cpu_kernels.conv_with(forms), name=name)
   return lambda x: nn.relu(conv(x))
 
 
 class BasicConv(nn.Module):
-  """torchvision BasicConv2d: conv without bias, BatchNorm(eps=1e-3) with frozen statistics, ReLU."""
+  """torchvision BasicConv2d: conv without bias, BatchNorm(eps=1e-3) with frozen statistics,
+  ReLU."""
 
   features: int
   kernel: int
   stride: int = 1
   padding: int = 0
   dtype: jnp.dtype = jnp.float32
-  forms: cpu_forms.Forms | None = None
+  forms: forms_lib.Forms | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
                 padding=[(self.padding, self.padding)] * 2, use_bias=False, dtype=self.dtype,
                 kernel_init=nn.initializers.he_normal(),
-                conv_general_dilated=cpu_forms.conv_with(self.forms), name='conv')(x)
+                conv_general_dilated=cpu_kernels.conv_with(self.forms), name='conv')(x)
     # Statistics stay frozen: the paper fine-tunes with small batches of variably sized crops.
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, dtype=self.dtype, name='bn')(x)
+    return nn.relu(x)
+
+
+class ConvBN(nn.Module):
+  """conv (no bias) -> BatchNorm(eps 1e-5, momentum 0.9) -> ReLU, statistics trained: batch
+  statistics when `train` (the running averages in `batch_stats` are updated, so the caller applies
+  with mutable=['batch_stats']), the running averages otherwise."""
+
+  features: int
+  kernel: int
+  stride: int = 1
+  padding: int = 0
+  dtype: jnp.dtype = jnp.float32
+  forms: forms_lib.Forms | None = None
+  # Running averages keep 10% of each step's batch statistics: a from-scratch run of a few
+  # thousand steps needs averages that follow its weights (flax's default 0.99 lags ~100 steps).
+  momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
+                padding=[(self.padding, self.padding)] * 2, use_bias=False, dtype=self.dtype,
+                kernel_init=nn.initializers.he_normal(),
+                conv_general_dilated=cpu_kernels.conv_with(self.forms), name='conv')(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=1e-5,
+                     dtype=self.dtype, name='bn')(x)
     return nn.relu(x)
 
 
@@ -258,7 +317,7 @@ class InceptionBlock(nn.Module):
   spec: Inception
   width: float
   dtype: jnp.dtype = jnp.float32
-  forms: cpu_forms.Forms | None = None
+  forms: forms_lib.Forms | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -275,7 +334,7 @@ class InceptionBlock(nn.Module):
 def apply_backbone(spec: tuple[Layer, ...], x: jax.Array, *, width: float, dtype: jnp.dtype,
                    train: bool, dropout_rate: float | None = None,
                    name_of=lambda name: name,
-                   forms: cpu_forms.Forms | None = None) -> dict[str, jax.Array]:
+                   forms: forms_lib.Forms | None = None) -> dict[str, jax.Array]:
   """Runs a layer spec inside the calling module's compact scope (so parameters are named
   conv1_1, fc6, ... at the top level, as in Caffe; `name_of` renames them, e.g. conv1_1color).
 
@@ -284,7 +343,7 @@ def apply_backbone(spec: tuple[Layer, ...], x: jax.Array, *, width: float, dtype
   taps = {}
   for layer in spec:
     if isinstance(layer, Conv):
-      x = conv_relu(layer, width, dtype, name=name_of(layer.name), forms=forms)(x)
+      x = conv_relu(layer, width, dtype, name=name_of(layer.name), forms=forms, train=train)(x)
     elif isinstance(layer, MaxPool):
       x = layers.max_pool_ceil(x, layer.window, layer.stride, layer.padding, forms=forms)
       taps[layer.name] = x

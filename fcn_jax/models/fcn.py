@@ -1,8 +1,8 @@
 """One FCN builder for every network of the paper: a backbone, a list of skips, bilinear upsampling.
 
 FCN-32s/16s/8s differ only in the skip list; FCN-8s at-once also scales the pooled features it taps
-(0.01 for pool4, 0.0001 for pool3). Crop offsets and the final upsampling kernel are derived from the
-backbone geometry (Caffe's coord_map), and tests check them against the reference values
+(0.01 for pool4, 0.0001 for pool3). Crop offsets and the final upsampling kernel are derived from
+the backbone geometry (Caffe's coord_map), and tests check them against the reference values
 19 / 5, 27 / 5, 9, 31 / AlexNet 18.
 """
 
@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fcn_jax.models import backbones
-from fcn_jax.models import cpu_forms, layers
+from fcn_jax.models import layers
+from fcn_jax.models import forms as forms_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +85,13 @@ ARCHS: dict[str, ArchSpec] = {
     'fcn8s_two_heads': ArchSpec('vgg16', _FCN8S_SKIPS, heads=_SIFT_FLOW_HEADS,
                                 default_classes=(33, 3)),
     # NYUDv2 colour + log depth, early fusion: a 4-channel first convolution.
-    'fcn32s_early_fusion': ArchSpec('vgg16', streams=(Stream(4, renames=(('conv1_1', 'conv1_1_bgrd'),)),),
-                                    default_classes=(40,)),
+    'fcn32s_early_fusion': ArchSpec(
+        'vgg16', streams=(Stream(4, renames=(('conv1_1', 'conv1_1_bgrd'),)),),
+        default_classes=(40,)),
     # NYUDv2 colour and HHA, late fusion: two complete streams, score maps averaged.
     'fcn32s_late_fusion': ArchSpec('vgg16', streams=_LATE_FUSION, default_classes=(40,)),
-    'fcn16s_late_fusion': ArchSpec('vgg16', _FCN16S_SKIPS, streams=_LATE_FUSION, default_classes=(40,)),
+    'fcn16s_late_fusion': ArchSpec('vgg16', _FCN16S_SKIPS, streams=_LATE_FUSION,
+                                   default_classes=(40,)),
 }
 
 SKIP_UPSAMPLE_KERNEL = 4  # upscore2 / upscore_pool4: k4 s2
@@ -106,7 +109,7 @@ class Upsample:
 class Geometry:
   """Derived layout: the upsampling layers in order, the crop of each skip and the final crop."""
   upsamples: tuple[Upsample, ...]
-  skip_crops: tuple[int, ...]
+  skip_crops: tuple[int, ...]  # < 0: the upsampled scores are cropped to the tap (vgg16_bn)
   final_crop: int
 
 
@@ -135,7 +138,16 @@ def geometry(arch: ArchSpec | str) -> Geometry:
     tap_a, tap_b = backbones.coord_map(spec, skip.tap)
     if tap_a != a:
       raise ValueError(f'skip {skip.tap} has stride {tap_a}, the upsampled scores {a}')
-    crops.append(_as_int((b - tap_b) / a, f'crop offset of score_{skip.tap}'))
+    crop = (b - tap_b) / a
+    if crop.denominator != 1:
+      raise ValueError(f'crop offset of score_{skip.tap} is {crop}: the architecture is not '
+                       f'aligned')
+    # Caffe's nets (pad 100): the tapped scores are cropped to the upsampled ones. 'Same'-padded
+    # backbones (vgg16_bn): the upsampled scores start before the tap (a negative offset) and are
+    # cropped to it instead; the sum then lies on the tap's grid.
+    crops.append(int(crop))
+    if crop < 0:
+      b = tap_b
     prev_name = skip.tap
   stride = _as_int(a, 'final stride')
   # Caffe uses 2s for VGG16 (half-pixel alignment) and 2s - 1 for AlexNet (integer alignment): the
@@ -163,9 +175,10 @@ class FCN(nn.Module):
   # False drops the skips' fixed scales (FCN-8s at-once's 0.01 / 0.0001): they fit ImageNet-trained
   # features under SGD, but from scratch they mute the skips (see experiments/configs: demo).
   skip_scaling: bool = True
-  # The CPU forms of the layers (fcn_jax.models.cpu_forms): chosen per machine when the model is
-  # built, not part of the model config (a checkpoint runs anywhere). None: chosen at trace time.
-  forms: cpu_forms.Forms | None = None
+  # The CPU forms of the layers (fcn_jax.models.forms, fcn_jax.tune): chosen per machine when the
+  # model is built, not part of the model config (a checkpoint runs anywhere). None: chosen at
+  # trace time.
+  forms: forms_lib.Forms | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array | dict[str, jax.Array]:
@@ -188,7 +201,10 @@ class FCN(nn.Module):
         score = self._upsample(head, num_classes, up, score)
         scale = skip.scale if self.skip_scaling else 1.0
         tapped = self._fused_score(head, num_classes, skip.tap, features, skip.tap, scale)
-        score = score + layers.crop_like(tapped, crop, score.shape)
+        if crop >= 0:
+          score = score + layers.crop_like(tapped, crop, score.shape)
+        else:  # a 'same'-padded backbone: the upsampled scores cover the tap (see geometry)
+          score = layers.crop_like(score, -crop, tapped.shape) + tapped
       score = self._upsample(head, num_classes, geo.upsamples[-1], score)
       outputs[head.name] = layers.crop_like(score, geo.final_crop, images.shape).astype(jnp.float32)
     return outputs if len(outputs) > 1 else outputs[self.arch.heads[0].name]
@@ -251,7 +267,7 @@ def head_classes(arch: str, num_classes: int | Sequence[int] | None) -> tuple[in
 
 def build(arch: str, num_classes: int | Sequence[int] | None = None, width: float = 1.0,
           dtype: Any = jnp.float32, learnable_upsampling: bool = True,
-          dropout_rate: float | None = None, skip_scaling: bool = True) -> FCN:
+          dropout_rate: float | None = None, skip_scaling: bool = True, backbone: str = '') -> FCN:
   """The FCN named `arch` (one of ARCHS). Its keyword arguments are the model config: what
   `train` reads from config.model and what every checkpoint stores as metadata['model'].
 
@@ -267,15 +283,33 @@ def build(arch: str, num_classes: int | Sequence[int] | None = None, width: floa
     dropout_rate: None keeps the classifier's dropout (0.5 after fc6 and fc7, as the paper); a
       number replaces it (0 disables it, e.g. for short from-scratch runs at reduced width).
     skip_scaling: False drops FCN-8s at-once's fixed skip scales (for training from scratch).
+    backbone: '' keeps the arch's own; 'vgg16_bn' replaces a VGG16 one by VGG16 with BatchNorm
+      that trains and 'same' padding (no pad of 100), for training from scratch (the `scratch`
+      preset). Its BatchNorm statistics live in the `batch_stats` collection: training applies
+      the net with train=True and mutable=['batch_stats'].
+
+  The model takes the default CPU forms (`forms.active()`); `fcn_jax.tune.tuned(model)` gives it
+  this machine's (the entry points do: training, checkpoint.load_inference, the benchmarks).
   """
   if arch not in ARCHS:
     raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
   if width <= 0:
     raise ValueError(f'width must be > 0, got {width}')
-  return FCN(ARCHS[arch], num_classes=head_classes(arch, num_classes), width=width,
+  spec = ARCHS[arch]
+  if backbone and backbone != spec.backbone:
+    if (spec.backbone, backbone) not in BACKBONE_VARIANTS:
+      variants = sorted(v for b, v in BACKBONE_VARIANTS if b == spec.backbone)
+      raise ValueError(f'{arch} has a {spec.backbone} backbone: backbone={backbone!r} cannot '
+                       f'replace it (choose one of {variants or "none"}, or leave it empty)')
+    spec = dataclasses.replace(spec, backbone=backbone)
+  return FCN(spec, num_classes=head_classes(arch, num_classes), width=width,
              dtype=jnp.dtype(dtype), learnable_upsampling=learnable_upsampling,
              dropout_rate=dropout_rate, skip_scaling=skip_scaling,
-             forms=cpu_forms.current(ARCHS[arch].backbone))
+             forms=forms_lib.active())
+
+
+# (the arch's backbone, a backbone that may replace it) for build(backbone=...): the same taps.
+BACKBONE_VARIANTS = {('vgg16', 'vgg16_bn')}
 
 
 MODEL_CONFIG_FIELDS = tuple(inspect.signature(build).parameters)
@@ -296,7 +330,8 @@ def frozen_mask(model: FCN, params: Any) -> Any:
 
 
 def init_variables(model: FCN, rng: jax.Array, image_size: int = 1) -> dict:
-  """Initial variables ({'params'} plus frozen BatchNorm statistics for GoogLeNet)."""
+  """Initial variables ({'params'} plus BatchNorm statistics: frozen for GoogLeNet, trained for
+  vgg16_bn)."""
   images = jnp.zeros((1, image_size, image_size, model.arch.input_channels), jnp.float32)
   # Jitted: bit-identical values, but one compiled program instead of one per op and parameter
   # shape (GoogLeNet at width 1/16 on a loaded 2-core CPU: 20 s instead of 50 s). What remains is

@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_jax.models import cpu_forms
+from fcn_jax.models import forms as forms_lib
+from fcn_jax.models import cpu_kernels
 
 
 def ceil_pool_size(size: int, window: int, stride: int, padding: int = 0) -> int:
-  """Output length of Caffe/PyTorch ceil-mode pooling (the last window must start inside the input)."""
+  """Output length of Caffe/PyTorch ceil-mode pooling (the last window must start inside the
+  input)."""
   out = math.ceil((size + 2 * padding - window) / stride) + 1
   if padding and (out - 1) * stride >= size + padding:
     out -= 1
@@ -27,9 +29,9 @@ def ceil_pool_size(size: int, window: int, stride: int, padding: int = 0) -> int
 
 
 def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int = 0,
-                  forms: cpu_forms.Forms | None = None) -> jax.Array:
+                  forms: forms_lib.Forms | None = None) -> jax.Array:
   """Max pooling with Caffe's ceil rounding: an odd size keeps its last row/column (its gradient
-  in the form `forms` picks, see cpu_forms).
+  in the form `forms` picks, see fcn_jax.models.cpu_kernels).
 
   Args:
     x: (N, H, W, C).
@@ -41,8 +43,8 @@ def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int = 0,
     out = ceil_pool_size(size, window, stride, padding)
     right = (out - 1) * stride + window - size - padding
     pads.append((padding, max(right, 0)))
-  return cpu_forms.max_pool(x, window, stride, tuple(pads), blocks=window == stride and not padding,
-                           forms=forms)
+  return cpu_kernels.max_pool(x, window, stride, tuple(pads),
+                              blocks=window == stride and not padding, forms=forms)
 
 
 def bilinear_kernel(size: int) -> np.ndarray:
@@ -55,7 +57,8 @@ def bilinear_kernel(size: int) -> np.ndarray:
 
 
 def bilinear_init(kernel_size: int) -> Callable:
-  """Deconvolution kernel initialiser: bilinear on the class diagonal (each class upsamples itself)."""
+  """Deconvolution kernel initialiser: bilinear on the class diagonal (each class upsamples
+  itself)."""
 
   def init(key, shape, dtype=jnp.float32):
     del key
@@ -72,7 +75,7 @@ def bilinear_init(kernel_size: int) -> Callable:
 
 
 def transposed_conv(x: jax.Array, kernel: jax.Array, stride: int,
-                    forms: cpu_forms.Forms | None = None) -> jax.Array:
+                    forms: forms_lib.Forms | None = None) -> jax.Array:
   """Caffe Deconvolution without padding or bias: out[i*s + a] += x[i] * kernel[a].
 
   Computed as a sub-pixel convolution (a small stride-1 convolution producing s*s phases, then
@@ -97,10 +100,11 @@ def transposed_conv(x: jax.Array, kernel: jax.Array, stride: int,
   # padded[j*s + t] -> sub[J-1-j, ..., t]: phase t of the output gets tap j from input row m - j.
   sub = padded.reshape(taps, stride, taps, stride, *kernel.shape[2:])
   sub = sub[::-1, :, ::-1]  # (J_u, t1, J_v, t2, C_in, C_out)
-  sub = sub.transpose(0, 2, 4, 1, 3, 5).reshape(taps, taps, kernel.shape[2], stride * stride * c_out)
+  sub = sub.transpose(0, 2, 4, 1, 3, 5).reshape(taps, taps, kernel.shape[2],
+                                                stride * stride * c_out)
   pads = ((taps - 1, taps - 1), (taps - 1, taps - 1))
   m_h, m_w = h + taps - 1, w + taps - 1
-  y = cpu_forms.subpixel_conv(x, sub.astype(x.dtype), pads, forms=forms)
+  y = cpu_kernels.subpixel_conv(x, sub.astype(x.dtype), pads, forms=forms)
   y = y.reshape(n, m_h, m_w, stride, stride, c_out).transpose(0, 1, 3, 2, 4, 5)
   y = y.reshape(n, m_h * stride, m_w * stride, c_out)
   return y[:, : stride * (h - 1) + k, : stride * (w - 1) + k]
@@ -117,7 +121,8 @@ def _per_class_sub_pixel(filters: jax.Array, stride: int) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _per_class_phases(x: jax.Array, filters: jax.Array, stride: int) -> jax.Array:
-  """(N, H, W, C) -> (N, M_h, s, M_w, s, C) phases, M = H + J - 1 (see transposed_conv_per_class)."""
+  """(N, H, W, C) -> (N, M_h, s, M_w, s, C) phases, M = H + J - 1 (see
+  transposed_conv_per_class)."""
   sub = _per_class_sub_pixel(filters, stride)
   taps = sub.shape[0]
   xp = jnp.pad(x, ((0, 0), (taps - 1, taps - 1), (taps - 1, taps - 1), (0, 0)))
@@ -201,7 +206,8 @@ def off_diagonal_max(kernel: np.ndarray) -> float:
 
 
 class Deconv(nn.Module):
-  """Learnable or fixed upsampling: a bias-free, unpadded transposed convolution (Caffe Deconvolution).
+  """Learnable or fixed upsampling: a bias-free, unpadded transposed convolution (Caffe
+  Deconvolution).
 
   per_class: the kernel is a frozen diagonal filter (the final upsampling): computed class by class
   from its diagonal, with no gradient to the kernel. The parameter keeps the (k, k, C, C) layout of
@@ -214,7 +220,7 @@ class Deconv(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   per_class: bool = False
-  forms: cpu_forms.Forms | None = None  # None: cpu_forms.current() at trace time
+  forms: forms_lib.Forms | None = None  # None: forms.active() at trace time
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -232,7 +238,8 @@ class Deconv(nn.Module):
                            forms=self.forms)
 
 
-def lrn_across_channels(x: jax.Array, size: int, alpha: float, beta: float, k: float = 1.0) -> jax.Array:
+def lrn_across_channels(x: jax.Array, size: int, alpha: float, beta: float,
+                        k: float = 1.0) -> jax.Array:
   """Caffe LRN (ACROSS_CHANNELS): x / (k + alpha / size * sum_{|c' - c| <= size // 2} x_c'^2)^beta.
 
   Channels beyond the edges count as zero (Caffe pads the squared input with zeros).
