@@ -53,6 +53,7 @@ REFERENCE = textwrap.dedent('''
     import jax
     import numpy as np
     from fcn_jax import train
+    from fcn_jax.train import loop
     shard_iterator = train.train_iterator
 
     class Concatenated:
@@ -71,7 +72,7 @@ REFERENCE = textwrap.dedent('''
       return Concatenated([shard_iterator(config, source, batch_size=batch_size // 2, shard_index=k,
                                           shard_count=2) for k in range(2)])
 
-    train.train_iterator = as_two_processes
+    loop.train_iterator = as_two_processes  # where the training loop looks it up
     assert jax.device_count() == 2 and jax.process_count() == 1, jax.devices()
     from experiments import common
     sys.argv = ['fcn32s'] + sys.argv[1:]
@@ -195,8 +196,8 @@ def test_two_processes_match_one_process_over_the_same_global_batches(prepared, 
   records = [json.loads(line) for line in (two / 'metrics.jsonl').read_text().splitlines()]
   assert sorted((r['kind'], r['step']) for r in records) == [('eval', 2), ('train', 1), ('train', 2)]
   assert (two / 'figures' / 'score_maps.png').exists() and (two / 'figures' / 'training_curves.png').exists()
-  assert logs[0].read_text().count(f'step {STEPS}: pixel_acc') == 1
-  assert logs[1].read_text().count(f'step {STEPS}: pixel_acc') == 0
+  assert logs[0].read_text().count(f'step {STEPS}: val: pixel_acc') == 1
+  assert logs[1].read_text().count(f'step {STEPS}: val: pixel_acc') == 0
 
   # The full training state restores in one process, with both processes' data-iterator states.
   config = _config(prepared)

@@ -399,7 +399,7 @@ def test_predict_reports_bad_and_huge_images_and_goes_on(tiny_checkpoint, tmp_pa
   assert f'{bad}: cannot read the image' in proc.stderr
   assert f'{huge}: image is 20000x10000, larger than --max_size 256' in proc.stderr
   assert f'{big}: image is 300x200' in proc.stderr
-  assert (out / 'good.png').exists() and 'wrote 1 label maps' in proc.stdout
+  assert (out / 'good.png').exists() and 'wrote 1 label map to' in proc.stdout
   assert images.read_rgb(big, max_size=0).shape == (200, 300, 3)
 
 

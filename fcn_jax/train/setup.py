@@ -233,6 +233,8 @@ def start_summary(config: ml_collections.ConfigDict, run: RunSpec, workdir: path
   def size(source) -> str:
     hw = data_lib.image_sizes(source)
     return f' (up to {hw[0]}x{hw[1]})' if hw else ''
+  cadence = (f'every {config.eval_every} steps and at the end' if config.eval_every > 0
+             else 'at the end')
   evaluation = ('native size, one image at a time' if not config.eval_pad_to else
                 f'padded to {config.eval_pad_to}, batches of {config.eval_batch_size}')
   lines = [
@@ -242,7 +244,7 @@ def start_summary(config: ml_collections.ConfigDict, run: RunSpec, workdir: path
       f'{config.crop_size}, batch {config.batch_size} -> {config.num_train_steps} steps '
       f'({epochs:.1f} epochs)',
       f'  eval {run.eval_name} {run.eval_split!r}: {plural(len(run.eval_source), "image")}'
-      f'{size(run.eval_source)}, every {config.eval_every} steps and at the end, {evaluation}',
+      f'{size(run.eval_source)}, {cadence}, {evaluation}',
       f'  outputs: {workdir} (metrics.jsonl, tensorboard/, checkpoints/, results.md, figures/)']
   info = getattr(run.train_source, 'dataset_info', None)
   remapped = (getattr(info, 'metadata', None) or {}).get('mask_remap')
