@@ -174,11 +174,29 @@ def _removing_new_empty_dirs(data_dir: str):
     raise
 
 
+# Splits up to this many images without recorded sizes have their image headers read instead.
+MAX_SIZE_SCAN = 20_000
+
+
 def image_sizes(source) -> tuple[int, int] | None:
-  """(largest height, largest width) of a split from its prepared metadata (None: not recorded)."""
+  """(largest height, largest width) of a split: from its prepared metadata (user datasets), else
+  from its images' headers (no pixel is decoded); None for a larger split without metadata."""
   metadata = getattr(getattr(source, 'dataset_info', None), 'metadata', None) or {}
   sizes = (metadata.get('image_sizes') or {}).get(str(getattr(source, 'split', '')))
-  return (int(sizes[1]), int(sizes[2])) if sizes else None
+  if sizes:
+    return int(sizes[1]), int(sizes[2])
+  if not len(source) or len(source) > MAX_SIZE_SCAN:
+    return None
+  height = width = 0
+  for i in range(len(source)):
+    data = source[i]['image']
+    if isinstance(data, np.ndarray) and data.dtype != object:
+      h, w = data.shape[:2]
+    else:
+      with Image.open(io.BytesIO(bytes(data))) as im:
+        w, h = im.size
+    height, width = max(height, h), max(width, w)
+  return height, width
 
 
 def class_info(source) -> tuple[ClassInfo, list[int] | None]:
