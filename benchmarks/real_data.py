@@ -24,7 +24,6 @@ import ast
 import json
 import os
 import pathlib
-import platform
 import shlex
 import subprocess
 import sys
@@ -32,22 +31,14 @@ import time
 
 import numpy as np
 
+from fcn_jax.tune import cpu_model  # the CPU model string every table records
+
 CAMVID_CLASSES = ('sky', 'building', 'pole', 'road', 'pavement', 'tree', 'sign_symbol', 'fence',
                   'car', 'pedestrian', 'bicyclist')
 CAMVID_VOID = 11
 MEMBRANE_CLASSES = ('membrane', 'cell')
 MEMBRANE_SPLITS = {'train': range(0, 20), 'val': range(20, 24), 'test': range(24, 30),
                    'trainval': range(0, 24)}
-
-
-def cpu_model() -> str:
-  try:
-    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('model name'):
-        return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown CPU'
 
 
 def load_average() -> str:
