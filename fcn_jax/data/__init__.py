@@ -178,14 +178,15 @@ def _removing_new_empty_dirs(data_dir: str):
 MAX_SIZE_SCAN = 20_000
 
 
-def image_sizes(source) -> tuple[int, int] | None:
+def image_sizes(source, scan: bool = True) -> tuple[int, int] | None:
   """(largest height, largest width) of a split: from its prepared metadata (user datasets), else
-  from its images' headers (no pixel is decoded); None for a larger split without metadata."""
+  (`scan`) from its images' headers (no pixel is decoded); None for a larger split without
+  metadata."""
   metadata = getattr(getattr(source, 'dataset_info', None), 'metadata', None) or {}
   sizes = (metadata.get('image_sizes') or {}).get(str(getattr(source, 'split', '')))
   if sizes:
     return int(sizes[1]), int(sizes[2])
-  if not len(source) or len(source) > MAX_SIZE_SCAN:
+  if not scan or not len(source) or len(source) > MAX_SIZE_SCAN:
     return None
   height = width = 0
   for i in range(len(source)):

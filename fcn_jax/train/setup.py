@@ -178,8 +178,9 @@ def check_against_data(config: ml_collections.ConfigDict, train_source, eval_sou
   """Resolves what the config leaves to the data (eval_pad_to=-1: the evaluation images' largest
   side; crop_size=0: the training images' largest side) and stops, before the first step, on
   what cannot work with it (padding smaller than the evaluation images)."""
-  eval_size = data_lib.image_sizes(eval_source)
-  train_size = data_lib.image_sizes(train_source)
+  # Read only where needed: without recorded sizes, a split's image headers are read.
+  eval_size = data_lib.image_sizes(eval_source) if config.eval_pad_to else None
+  train_size = data_lib.image_sizes(train_source) if config.crop_size <= 0 else None
   if config.eval_pad_to < 0:
     config.eval_pad_to = _round_up(max(eval_size)) if eval_size else 512
   elif config.eval_pad_to and eval_size and max(eval_size) > config.eval_pad_to:
@@ -231,7 +232,7 @@ def start_summary(config: ml_collections.ConfigDict, run: RunSpec, workdir: path
   epochs = config.num_train_steps * config.batch_size * config.accumulate_steps / max(images, 1)
 
   def size(source) -> str:
-    hw = data_lib.image_sizes(source)
+    hw = data_lib.image_sizes(source, scan=False)
     return f' (up to {hw[0]}x{hw[1]})' if hw else ''
   cadence = (f'every {config.eval_every} steps and at the end' if config.eval_every > 0
              else 'at the end')
