@@ -248,13 +248,11 @@ def conv_relu(layer: Conv, width: float, dtype: jnp.dtype, name: str | None = No
   `forms`: the CPU forms of the convolution (None: forms.active() at trace time)."""
   features = scaled(layer.features, width)
   name = name or layer.name
-  if layer.trained_bn:
+  if layer.trained_bn or layer.batch_norm:
     block = ConvBN(features, layer.kernel, layer.stride, layer.padding, dtype=dtype, forms=forms,
+                   trained=layer.trained_bn, epsilon=1e-5 if layer.trained_bn else 1e-3,
                    name=name)
     return lambda x: block(x, train)
-  if layer.batch_norm:
-    return BasicConv(features, layer.kernel, layer.stride, layer.padding, dtype=dtype, forms=forms,
-                     name=name)
   if features % layer.groups:
     raise ValueError(f'{layer.name}: {features} channels at width {width:g} do not split into '
                      f'{layer.groups} groups; choose a width that keeps them even')
@@ -265,32 +263,12 @@ def conv_relu(layer: Conv, width: float, dtype: jnp.dtype, name: str | None = No
   return lambda x: nn.relu(conv(x))
 
 
-class BasicConv(nn.Module):
-  """torchvision BasicConv2d: conv without bias, BatchNorm(eps=1e-3) with frozen statistics,
-  ReLU."""
-
-  features: int
-  kernel: int
-  stride: int = 1
-  padding: int = 0
-  dtype: jnp.dtype = jnp.float32
-  forms: forms_lib.Forms | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
-                padding=[(self.padding, self.padding)] * 2, use_bias=False, dtype=self.dtype,
-                kernel_init=nn.initializers.he_normal(),
-                conv_general_dilated=cpu_kernels.conv_with(self.forms), name='conv')(x)
-    # Statistics stay frozen: the paper fine-tunes with small batches of variably sized crops.
-    x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, dtype=self.dtype, name='bn')(x)
-    return nn.relu(x)
-
-
 class ConvBN(nn.Module):
-  """conv (no bias) -> BatchNorm(eps 1e-5, momentum 0.9) -> ReLU, statistics trained: batch
-  statistics when `train` (the running averages in `batch_stats` are updated, so the caller applies
-  with mutable=['batch_stats']), the running averages otherwise."""
+  """conv (no bias) -> BatchNorm -> ReLU. Frozen statistics (`trained=False`: torchvision's
+  BasicConv2d, eps 1e-3; the paper fine-tunes with small batches of variably sized crops), or
+  trained ones (vgg16_bn, eps 1e-5): batch statistics when `train` (the running averages in
+  `batch_stats` are updated, so the caller applies with mutable=['batch_stats']), the running
+  averages otherwise."""
 
   features: int
   kernel: int
@@ -298,6 +276,8 @@ class ConvBN(nn.Module):
   padding: int = 0
   dtype: jnp.dtype = jnp.float32
   forms: forms_lib.Forms | None = None
+  trained: bool = False
+  epsilon: float = 1e-3
   # Running averages keep 10% of each step's batch statistics: a from-scratch run of a few
   # thousand steps needs averages that follow its weights (flax's default 0.99 lags ~100 steps).
   momentum: float = 0.9
@@ -308,8 +288,8 @@ class ConvBN(nn.Module):
                 padding=[(self.padding, self.padding)] * 2, use_bias=False, dtype=self.dtype,
                 kernel_init=nn.initializers.he_normal(),
                 conv_general_dilated=cpu_kernels.conv_with(self.forms), name='conv')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=1e-5,
-                     dtype=self.dtype, name='bn')(x)
+    x = nn.BatchNorm(use_running_average=not (self.trained and train), momentum=self.momentum,
+                     epsilon=self.epsilon, dtype=self.dtype, name='bn')(x)
     return nn.relu(x)
 
 
@@ -322,8 +302,8 @@ class InceptionBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     s, w = self.spec, self.width
-    unit = lambda f, k, name: BasicConv(scaled(f, w), k, padding=k // 2, dtype=self.dtype,
-                                        forms=self.forms, name=name)
+    unit = lambda f, k, name: ConvBN(scaled(f, w), k, padding=k // 2, dtype=self.dtype,
+                                     forms=self.forms, name=name)
     b1 = unit(s.c1, 1, 'branch1')(x)
     b2 = unit(s.c3, 3, 'branch2_1')(unit(s.c3_reduce, 1, 'branch2_0')(x))
     b3 = unit(s.c5, 3, 'branch3_1')(unit(s.c5_reduce, 1, 'branch3_0')(x))
