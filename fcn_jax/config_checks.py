@@ -8,7 +8,7 @@ import os
 import ml_collections
 
 from fcn_jax import data as data_lib
-from fcn_jax import models, preprocessing
+from fcn_jax import models, preprocessing, pretrained
 from fcn_jax.errors import UserError
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -112,7 +112,12 @@ def _check_data(c: ml_collections.ConfigDict, need, out: list[str]) -> None:
       data_lib.check_split(name, split, **data_lib.source_options(d))
     except data_lib.DataError as e:
       out.append(f'config.{field}={split!r}: {e}')
-  if c.init_from:
+  if pretrained.is_reference(c.init_from):
+    try:
+      pretrained.lookup(c.init_from)
+    except UserError as e:
+      out.append(f'config.init_from={c.init_from!r}: {e}')
+  elif c.init_from:
     need(os.path.exists(os.path.expanduser(c.init_from)), 'init_from',
          'an existing checkpoint directory (a training run\'s checkpoints/ or fcn_jax.convert '
          'output)')

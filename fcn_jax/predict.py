@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fcn_jax import checkpoint, distributed, preprocessing, viz
+from fcn_jax import checkpoint, distributed, preprocessing, pretrained, viz
 from fcn_jax import cli as cli_lib
 from fcn_jax import data as data_lib
 from fcn_jax import images as images_lib
@@ -330,8 +330,13 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
 def _parser() -> argparse.ArgumentParser:
   parser = cli_lib.ArgumentParser(prog='python -m fcn_jax.predict', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--checkpoint', required=True,
-                      help='a training WORKDIR (or its checkpoints/), or fcn_jax.convert output')
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--checkpoint',
+                      help='a training WORKDIR (or its checkpoints/), fcn_jax.convert output, or '
+                      'pretrained:NAME')
+  source.add_argument('--model', help='pretrained weights by name (python -m fcn_jax.pretrained '
+                      'list): downloaded, verified and converted into the cache on first use')
+  parser.add_argument('--weights', help='with --model: a local copy of its file (no download)')
   parser.add_argument('--out', required=True, help='output directory (created if missing)')
   parser.add_argument('--save_scores', action='store_true', help='also write <stem>_scores.npy')
   parser.add_argument('--which', default='best',
@@ -400,6 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.error('give image files or directories, or --dataset / --split')
   if args.images and (args.dataset or args.split):
     parser.error('give image files or directories, or --dataset / --split, not both')
+  if args.weights and not args.model:
+    parser.error('--weights goes with --model NAME (the file of that pretrained net)')
+  if args.model:
+    args.checkpoint = str(pretrained.get(args.model, weights=args.weights))
+  else:
+    args.checkpoint = pretrained.resolve(args.checkpoint)
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, None,
                          mode=args.distributed)
   records = _dataset_records(args) if args.dataset or args.split else None

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fcn_jax import checkpoint, preprocessing
+from fcn_jax import checkpoint, preprocessing, pretrained
 from fcn_jax.errors import UserError
 from fcn_jax.models import forms as forms_lib
 
@@ -82,6 +82,14 @@ class Segmenter:
   def load(cls, checkpoint_dir, which: str = 'best', **kwargs) -> 'Segmenter':
     model, variables, metadata = checkpoint.load_inference(checkpoint_dir, which=which)
     return cls(model, variables, metadata, **kwargs)
+
+  @classmethod
+  def from_pretrained(cls, name: str, *, weights: str | os.PathLike | None = None,
+                      progress: bool = True, **kwargs) -> 'Segmenter':
+    """A reference net by name ('voc-fcn8s'; `python -m fcn_jax.pretrained list`): downloaded,
+    verified and converted into the cache on first use, then loaded from there. `weights`: a
+    local copy of the file instead of a download."""
+    return cls.load(pretrained.get(name, weights=weights, progress=progress), **kwargs)
 
   def _head_entry(self, head: str | None) -> dict:
     for entry in self.metadata.get('heads') or ():

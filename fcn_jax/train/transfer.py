@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from fcn_jax import checkpoint as ckpt_lib
-from fcn_jax import models
+from fcn_jax import models, pretrained
 from fcn_jax.errors import UserError
 
 
@@ -39,9 +39,9 @@ def initial_variables(model: nn.Module, config: ml_collections.ConfigDict, rng: 
   variables = jax.tree.map(np.asarray, variables)
   if not config.init_from:
     return variables
-  _, source, meta = ckpt_lib.load_inference(config.init_from)
+  _, source, meta = ckpt_lib.load_inference(pretrained.resolve(config.init_from, log=log))
   if meta.get('preprocessing') and meta['preprocessing'] != config.preprocessing:
-    raise ValueError(
+    raise UserError(
         f'{config.init_from} expects {meta["preprocessing"]!r} inputs but config.preprocessing is '
         f'{config.preprocessing!r}; set --config.preprocessing={meta["preprocessing"]}')
   params, copied, kept = transfer_params(variables['params'], source['params'])
