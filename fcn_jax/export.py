@@ -28,7 +28,7 @@ import tempfile
 import zipfile
 
 
-from fcn_jax import checkpoint, preprocessing
+from fcn_jax import checkpoint, preprocessing, pretrained
 from fcn_jax import cli as cli_lib
 from fcn_jax.errors import UserError, cli
 
@@ -121,7 +121,8 @@ def export_checkpoint(checkpoint_dir, out, *, sizes=DEFAULT_SIZES, which: str = 
 def main(argv: list[str] | None = None) -> int:
   p = cli_lib.ArgumentParser(prog='python -m fcn_jax.export', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--checkpoint', required=True, help='a training WORKDIR or a converted checkpoint')
+  p.add_argument('--checkpoint', required=True,
+                 help='a training WORKDIR, a converted checkpoint, or pretrained:NAME')
   p.add_argument('--out', required=True, help='the artifact file to write (e.g. fcn8s.fcnx)')
   p.add_argument('--sizes', default=','.join(f'{h}x{w}' for h, w in DEFAULT_SIZES),
                  help='padded input sizes HxW, comma-separated (default %(default)s)')
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--max_batch', type=int, default=8, help='largest batch the modules accept')
   p.add_argument('--overwrite', action='store_true', help='replace --out if it exists')
   a = p.parse_args(argv)
+  a.checkpoint = pretrained.resolve(a.checkpoint)
   out = export_checkpoint(a.checkpoint, a.out, sizes=parse_sizes(a.sizes), which=a.which,
                           overwrite=a.overwrite, max_batch=a.max_batch)
   print(f'wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)')

@@ -27,7 +27,7 @@ import numpy as np
 
 from fcn_jax import cli as cli_lib
 from fcn_jax import images as images_lib
-from fcn_jax import viz
+from fcn_jax import pretrained, viz
 from fcn_jax.errors import UserError, cli
 from fcn_jax.segmenter import Segmenter
 
@@ -216,7 +216,8 @@ def make_server(service: Service, host: str = '127.0.0.1',
 def main(argv: list[str] | None = None) -> int:
   p = cli_lib.ArgumentParser(prog='python -m fcn_jax.serve', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--checkpoint', required=True, help='a training WORKDIR or a converted checkpoint')
+  p.add_argument('--checkpoint', required=True,
+                 help='a training WORKDIR, a converted checkpoint, or pretrained:NAME')
   p.add_argument('--host', default='127.0.0.1', help='address to listen on (default %(default)s)')
   p.add_argument('--port', type=int, default=8000, help='port (default %(default)s; 0: any free)')
   p.add_argument('--which', default='best', help='best, latest or a step')
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                  help='largest image side in pixels (default %(default)s)')
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), help='compute dtype')
   a = p.parse_args(argv)
+  a.checkpoint = pretrained.resolve(a.checkpoint)
   segmenter = Segmenter.load(a.checkpoint, which=a.which, batch_size=1, dtype=a.dtype)
   segmenter.require_single_colour_net('fcn_jax.serve')
   service = Service(segmenter, max_bytes=a.max_bytes, max_size=a.max_size)
