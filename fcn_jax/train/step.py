@@ -76,10 +76,14 @@ def per_head(model: nn.Module, outputs) -> dict[str, jax.Array]:
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                tx: optax.GradientTransformation, normalize_loss: bool,
-               class_weights: tuple[float, ...] | None = None) -> tuple[TrainState, dict]:
+               class_weights: tuple[float, ...] | None = None,
+               loss: str | tuple[losses.LossTerm, ...] = 'ce') -> tuple[TrainState, dict]:
   """One pure SGD micro-step. batch: image (N, H, W, C) float32 (the modalities concatenated),
   label (N, H, W) int32 (several heads: label_<head> each). The loss sums the heads' losses (the
-  reference SIFT Flow nets: semantic + geometric); the pixel accuracy is the first head's."""
+  reference SIFT Flow nets: semantic + geometric), each the weighted sum of `loss`'s terms
+  (config.loss, fcn_jax.losses; 'ce' is the reference's cross-entropy); the class weights apply to
+  the first head. The pixel accuracy is the first head's."""
+  terms = losses.parse_loss_spec(loss) if isinstance(loss, str) else loss
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   first = model.head_names[0]
   # BatchNorm statistics: vgg16_bn's are trained (updated from each batch); GoogLeNet's frozen
@@ -92,9 +96,9 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
     outputs, new_vars = out if mutable else (out, {})
     logits = per_head(model, outputs)
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
-    total = sum(losses.cross_entropy(logits[h], batch[label_key(model, h)],
-                                     normalize=normalize_loss,
-                                     class_weights=weights if h == first else None)
+    total = sum(losses.segmentation_loss(logits[h], batch[label_key(model, h)], terms,
+                                         normalize=normalize_loss,
+                                         class_weights=weights if h == first else None)
                 for h in model.head_names)
     return total, (logits[first], new_vars.get('batch_stats', state.batch_stats))
 
@@ -129,11 +133,12 @@ def eval_step(variables: dict, batch: dict, confusion: dict, *,
   return out, first
 
 def compile_train_step(model, tx, mesh: Mesh, *, normalize_loss: bool,
-                       class_weights: tuple[float, ...] | None = None) -> Callable:
+                       class_weights: tuple[float, ...] | None = None,
+                       loss: str = 'ce') -> Callable:
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P('data'))
   fn = functools.partial(train_step, model=model, tx=tx, normalize_loss=normalize_loss,
-                         class_weights=class_weights)
+                         class_weights=class_weights, loss=losses.parse_loss_spec(loss))
   return forms_lib.jit(fn, forms=model.forms, in_shardings=(replicated, data),
                        out_shardings=(replicated, replicated), donate_argnums=(0,))
 
