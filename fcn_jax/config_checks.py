@@ -8,7 +8,7 @@ import os
 import ml_collections
 
 from fcn_jax import data as data_lib
-from fcn_jax import models, preprocessing, pretrained
+from fcn_jax import losses, models, preprocessing, pretrained
 from fcn_jax.errors import UserError
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -92,6 +92,8 @@ def _check_loop(c: ml_collections.ConfigDict, need) -> None:
 
 
 def _check_optim(c: ml_collections.ConfigDict, need) -> None:
+  problem = losses.loss_spec_problem(c.get('loss', 'ce'))
+  need(problem is None, 'loss', problem or '')
   o = c.optim
   need(_number(o.learning_rate) and o.learning_rate >= 0, 'optim.learning_rate',
        'a number >= 0')

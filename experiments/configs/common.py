@@ -111,7 +111,7 @@ def base_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
 
   # Caffe-trained VGG16 weights expect BGR minus the mean; converted checkpoints record their own.
   c.preprocessing = 'caffe_bgr'
-  c.init_from = ''  # checkpoint dir (converted ImageNet backbone, or the previous stage)
+  c.init_from = ''  # checkpoint dir (converted backbone, previous stage) or pretrained:NAME
   c.train_predecessor = False  # staged nets: train the previous stage first if init_from is empty
 
   c.batch_size = 20            # images per jit step (global, across devices and hosts)

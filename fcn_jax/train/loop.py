@@ -190,7 +190,7 @@ class Trainer:
       state = _restore(checkpointer, state, run.latest, train_iter, workdir)
     state = replicate(state, mesh)
     step_fn = compile_train_step(model, tx, mesh, normalize_loss=config.loss_normalize,
-                                 class_weights=run.class_weights)
+                                 loss=config.get('loss', 'ce'), class_weights=run.class_weights)
     writer = report.MetricWriter(workdir, enabled=is_main, resume_step=run.latest)
     start = int(jax.device_get(state.step)) // config.accumulate_steps
     progress = report.Progress(config.num_train_steps, start, desc=config.arch, enabled=is_main,
