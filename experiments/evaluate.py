@@ -3,27 +3,42 @@
   python -m experiments.evaluate --checkpoint runs/fcn8s \
       --dataset voc_segmentation/2011 --split seg11valid --manual_dir /data/voc
 
-Writes results.json / results.md (paper Table 2 format) into --out. Default: a directory of its own
-per checkpoint, dataset, split and step, beside the checkpoint (runs/fcn8s/eval/
-voc_segmentation-2011_seg11valid_step100000/; for converted weights WEIGHTS_eval/...), so that it
-never replaces a training run's own results or another checkpoint's. Existing results are not
-overwritten unless --overwrite.
+Writes into --out:
+  results.json / results.md  the paper's four scores (Table 2 format), per-class IU, precision,
+                             recall and F1 (= Dice); results.json also under mmsegmentation's names
+                             (aAcc, mIoU, mAcc, mDice, mFscore, mPrecision, mRecall; fractions)
+  confusion.csv              the split's confusion matrix: rows ground truth, columns prediction,
+                             pixel counts, class names as header (confusion_<head>.csv: other heads)
+  confusion.png              the same, normalised by rows
+  per_image.csv              each image's pixel accuracy and mean IU (over the classes in its
+                             ground truth or prediction), in split order
+  worst.png                  the --worst images of lowest mean IU: image | ground truth |
+                             prediction | errors (red wrong, grey ignored)
+Default --out: a directory of its own per checkpoint, dataset, split and step, beside the
+checkpoint (runs/fcn8s/eval/voc_segmentation-2011_seg11valid_step100000/; for converted weights
+WEIGHTS_eval/...), so that it never replaces a training run's own results or another checkpoint's.
+Existing outputs are not overwritten unless --overwrite (other files in --out are never touched).
 """
 
 from __future__ import annotations
 
+import csv
+import math
 import pathlib
+from typing import Any, Sequence
 
+import numpy as np
 from absl import app, flags
 
 from experiments import common
 from experiments.configs import common as configs
-from fcn_jax import checkpoint, report, train
+from fcn_jax import checkpoint, metrics, report, train, viz
 from fcn_jax import cli as cli_lib
 from fcn_jax import data as data_lib
 from fcn_jax import preprocessing as preprocessing_lib
 from fcn_jax.data import identity, pipeline
 from fcn_jax.errors import UserError, user_errors_as_exit
+from fcn_jax.train.evaluation import ImageAnalysis
 
 flags.DEFINE_string('checkpoint', None, 'A training WORKDIR (or its checkpoints/), or the output '
                     'directory of fcn_jax.convert.', required=True)
@@ -53,7 +68,9 @@ flags.DEFINE_integer('pad_to', 0, '0: native size one image at a time (the refer
 flags.DEFINE_integer('batch_size', 1, 'Images per batch (> 1 needs --pad_to).')
 flags.DEFINE_string('which', 'best', 'Which checkpoint of a training run: best, latest or a step.')
 flags.DEFINE_string('out', '', 'Output directory (default: see above).')
-flags.DEFINE_bool('overwrite', False, 'Replace results.json / results.md that exist in --out.')
+flags.DEFINE_bool('overwrite', False, 'Replace the outputs (results.json, results.md, '
+                  'confusion.csv / .png, per_image.csv, worst.png) that exist in --out.')
+flags.DEFINE_integer('worst', 8, 'Images in worst.png: those of lowest mean IU (0: no gallery).')
 flags.DEFINE_string('compilation_cache_dir', configs.COMPILATION_CACHE_DIR,
                     'Persistent XLA compilation cache (\'\' = off): each native image size '
                     'compiles once, and later evaluations reuse the compiled programs.')
@@ -68,7 +85,28 @@ def default_out(checkpoint_dir: str, dataset: str, split: str, step: int) -> pat
   return base / f'{dataset.replace("/", "-")}_{split}_step{step}'
 
 
+# What evaluate writes into --out (confusion_<head>.csv / .png besides, for a net's other heads).
+OUTPUTS = ('results.json', 'results.md', 'confusion.csv', 'confusion.png', 'per_image.csv',
+           'worst.png')
+
+
+def outputs(head_names: Sequence[str] = ()) -> list[str]:
+  """The file names evaluate writes, for a net with these heads (the first one's are OUTPUTS)."""
+  return list(OUTPUTS) + [f'confusion_{h}.{ext}' for h in list(head_names)[1:]
+                          for ext in ('csv', 'png')]
+
+
+def check_outputs(out: pathlib.Path, head_names: Sequence[str], overwrite: bool) -> None:
+  """Stops before any work if an output is there and --overwrite was not given."""
+  existing = [out / name for name in outputs(head_names) if (out / name).exists()]
+  if existing and not overwrite:
+    raise UserError(f'{existing[0]} exists; pass --overwrite to replace it, or choose another '
+                    f'--out')
+
+
 def check_flags(f, spec) -> None:
+  if getattr(f, 'worst', 8) < 0:
+    raise UserError(f'--worst {f.worst}: must be >= 0 (0 = no gallery)')
   if f.batch_size < 1:
     raise UserError(f'--batch_size {f.batch_size}: must be >= 1')
   if f.pad_to < 0:
@@ -95,19 +133,18 @@ def evaluate(f) -> None:
     raise UserError(f'--which {f.which!r}: best, latest or a step number')
   directory = checkpoint.resolve_directory(f.checkpoint)
   root, step = checkpoint.resolve_step(directory, f.which)
-  spec = identity.resolve(checkpoint.read_metadata(root, str(step)), f.dataset, f.split,
+  stored = checkpoint.read_metadata(root, str(step))
+  spec = identity.resolve(stored, f.dataset, f.split,
                           **{k: getattr(f, k, None) for k in identity.OVERRIDABLE})
   check_flags(f, spec)  # before the model is loaded or data prepared
   dataset, split = spec.name, spec.split
   print(f'evaluating step {step} of {root} on {spec.describe()}')
   out = (pathlib.Path(f.out).expanduser().resolve() if f.out
          else default_out(root, dataset, split, step))
-  existing = [out / name for name in ('results.json', 'results.md') if (out / name).exists()]
-  if existing and not f.overwrite:
-    raise UserError(f'{existing[0]} exists; pass --overwrite to replace it, or choose another '
-                    f'--out')
+  check_outputs(out, stored.get('head_names') or (), f.overwrite)
   common.enable_compilation_cache(f.compilation_cache_dir)
   model, variables, meta = checkpoint.load_inference(root, which=str(step))
+  check_outputs(out, model.head_names, f.overwrite)  # metadata without head names
   try:
     source = data_lib.get_data_source(dataset, split, download=f.download, **spec.source_kwargs())
   except data_lib.MissingDataError as e:
@@ -131,13 +168,23 @@ def evaluate(f) -> None:
   batches = pipeline.eval_batches(source, preprocessing=meta['preprocessing'],
                                   batch_size=f.batch_size, pad_to=f.pad_to or None,
                                   modalities=modalities, heads=net_heads)
-  scores, _ = train.evaluate(model, variables, batches, progress=True,
-                             exclude={h: dataset_heads[h][1] for h in net_heads})
+  exclude = {h: dataset_heads[h][1] for h in net_heads}
+  analysis = ImageAnalysis(worst=getattr(f, 'worst', 8))
+  scores, _ = train.evaluate(model, variables, batches, progress=True, exclude=exclude,
+                             analysis=analysis)
   class_names = meta.get('class_names') or [str(i) for i in range(model.num_classes[0])]
   name = meta.get('zoo_name') or meta.get('experiment') or meta['arch']
+  first = net_heads[0]
+  detailed = metrics.class_scores(analysis.confusion[first], exclude[first])
   report.write_results(out, name, scores, class_names,
                        extra={'checkpoint': str(root), 'step': step, 'dataset': dataset,
-                              'split': split, 'images': len(source)})
+                              'split': split, 'images': len(source),
+                              **class_records(detailed, class_names),
+                              'worst_images': worst_records(analysis)})
+  written = write_analysis(out, analysis, source, model, class_names,
+                           {h: dataset_heads[h][0] for h in net_heads}, meta.get('palette'))
+  with (out / 'results.md').open('a') as md:
+    md.write(f'\n{class_table(detailed, class_names)}\n\nAlso here: {", ".join(written)}.\n')
   print(report.table_markdown([(name, scores)] + report.paper_rows(name)))
   for head, head_scores in list((scores.get('heads') or {}).items())[1:]:
     print(f'{head} head: pixel acc. {100 * head_scores["pixel_acc"]:.1f}')
@@ -146,7 +193,119 @@ def evaluate(f) -> None:
     print(report.absent_note(absent))
   print(f'{split}: mean IU {100 * scores["mean_iu"]:.2f} over {len(source)} '
         f'image{"" if len(source) == 1 else "s"}')
-  print(f'wrote {out / "results.json"} and {out / "results.md"}')
+  print(f'wrote {", ".join(["results.json", "results.md"] + written)} into {out}')
+
+
+def _json_value(v: Any) -> Any:
+  """nan (an undefined score) as null, as report.write_results writes it: JSON has no NaN."""
+  return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def class_records(detailed: dict, class_names: Sequence[str]) -> dict:
+  """results.json's additions: per-class precision, recall, F1 and Dice by class name, their
+  means, and mmsegmentation's names for the scores."""
+  record: dict[str, Any] = {}
+  for key in ('precision', 'recall', 'f1', 'dice'):
+    record[f'mean_{key}'] = _json_value(detailed[f'mean_{key}'])
+  for key in ('precision', 'recall', 'f1', 'dice'):
+    record[f'per_class_{key}'] = {str(c): _json_value(v) for c, v in
+                                  zip(class_names, detailed[f'per_class_{key}'])}
+  record['per_class_gt_pixels'] = dict(zip(map(str, class_names), detailed['per_class_gt_pixels']))
+  record['mmseg_note'] = (f'{" ".join(metrics.MMSEG_NAMES)}: these scores under '
+                         f'mmsegmentation\'s names, as fractions (it prints percent)')
+  record.update({alias: _json_value(detailed[alias]) for alias in metrics.MMSEG_NAMES})
+  return record
+
+
+def worst_records(analysis: ImageAnalysis) -> list[dict]:
+  """results.json's list of the images in worst.png, in its order (lowest mean IU first)."""
+  return [{'image': r['file_name'], 'index': r['index'], 'mean_iu': _json_value(r['mean_iu']),
+           'pixel_acc': _json_value(r['pixel_acc'])} for r in analysis.worst_images]
+
+
+def class_table(detailed: dict, class_names: Sequence[str]) -> str:
+  """results.md's per-class table: IU beside precision, recall (= accuracy) and F1 (= Dice)."""
+  def cell(v: float) -> str:
+    return 'n/a' if v is None or not math.isfinite(v) else f'{100 * v:.1f}'
+
+  lines = ['| class | IU | precision | recall | F1 / Dice | ground-truth pixels |',
+           '|---|---:|---:|---:|---:|---:|']
+  for i, c in enumerate(class_names):
+    lines.append(f'| {c} | ' + ' | '.join(cell(detailed[f'per_class_{k}'][i])
+                                         for k in ('iu', 'precision', 'recall', 'f1'))
+                 + f' | {detailed["per_class_gt_pixels"][i]} |')
+  lines.append('| mean | ' + ' | '.join(cell(detailed[k]) for k in (
+      'mean_iu', 'mean_precision', 'mean_recall', 'mean_f1')) + ' | |')
+  return ('Per class (percent; recall is the per-class accuracy; F1 and Dice are one number):\n\n'
+          + '\n'.join(lines) + '\n\nUnder mmsegmentation\'s names: ' + ', '.join(
+              f'{alias} {cell(detailed[alias])}' for alias in metrics.MMSEG_NAMES) + '.')
+
+
+def write_confusion_csv(path: pathlib.Path, confusion: np.ndarray,
+                        class_names: Sequence[str]) -> None:
+  """Rows ground truth, columns prediction, pixel counts; the class names head rows and columns."""
+  with path.open('w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['ground truth \\ prediction', *class_names])
+    for c, row in zip(class_names, np.asarray(confusion)):
+      writer.writerow([c, *(int(v) for v in row)])
+
+
+def write_image_csv(path: pathlib.Path, images: Sequence[dict]) -> None:
+  """One row per image in split order: index, image (file name), pixel_acc, mean_iu (blank where
+  no pixel counts), pixels and correct (counted and right pixels), classes (in the mean)."""
+  columns = ('index', 'image', 'pixel_acc', 'mean_iu', 'pixels', 'correct', 'classes')
+  with path.open('w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(columns)
+    for r in images:
+      scores = ['' if not math.isfinite(r[k]) else repr(r[k]) for k in ('pixel_acc', 'mean_iu')]
+      writer.writerow([r['index'], r['file_name'], *scores, r['pixels'], r['correct'],
+                       r['classes']])
+
+
+def gallery_rows(analysis: ImageAnalysis, source) -> list[dict]:
+  """The worst images with their RGB image from the source (the record at the image's index,
+  when its file name agrees), the label and prediction cut to the image's size (no padding)."""
+  rows = []
+  for r in analysis.worst_images:
+    row = dict(r)
+    row['image'] = None
+    if r['index'] < len(source):
+      record = source[r['index']]
+      if not r['file_name'] or data_lib.file_name(record) == r['file_name']:
+        image = data_lib.decode_image(record['image'])
+        h, w = image.shape[:2]
+        if h <= r['label'].shape[0] and w <= r['label'].shape[1]:
+          row.update(image=image, label=r['label'][:h, :w], prediction=r['prediction'][:h, :w])
+    rows.append(row)
+  return rows
+
+
+def write_analysis(out: pathlib.Path, analysis: ImageAnalysis, source, model,
+                   class_names: Sequence[str], head_classes: dict, palette) -> list[str]:
+  """confusion.csv / .png (and confusion_<head>.* for other heads), per_image.csv, worst.png;
+  returns the names written."""
+  written = []
+  for i, head in enumerate(model.head_names):
+    names, stem, title = class_names, 'confusion', ''
+    if i:
+      names, stem = list(head_classes[head].names), f'confusion_{head}'
+      title = f'{head} head: confusion matrix (rows normalised)'
+    write_confusion_csv(out / f'{stem}.csv', analysis.confusion[head], names)
+    viz.confusion_figure(analysis.confusion[head], names, out / f'{stem}.png', title=title)
+    written += [f'{stem}.csv', f'{stem}.png']
+  write_image_csv(out / 'per_image.csv', analysis.images)
+  written.append('per_image.csv')
+  if analysis.worst_images:
+    if palette is None:
+      palette = getattr(head_classes[model.head_names[0]], 'palette', None)
+    viz.worst_gallery(gallery_rows(analysis, source), out / 'worst.png', model.num_classes[0],
+                      class_names, palette)
+    written.append('worst.png')
+  elif (out / 'worst.png').exists():  # an earlier evaluation's, under --overwrite: not this one's
+    (out / 'worst.png').unlink()
+  return written
 
 
 if __name__ == '__main__':

@@ -2,6 +2,9 @@
 
 Accumulate ONE confusion matrix over the whole split (`confusion_matrix` per batch, summed as int64
 on the host), then call `segmentation_scores` once. Rows are ground truth, columns predictions.
+`class_scores` reads per-class precision, recall, F1 and Dice (and mmsegmentation's names) off the
+same matrix; `image_confusions` / `image_scores` give each image its own matrix and scores, with
+`confusion_matrix`'s rule for which pixels count.
 """
 
 from __future__ import annotations
@@ -13,7 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ['accumulate', 'confusion_matrix', 'segmentation_scores']
+__all__ = ['MMSEG_NAMES', 'accumulate', 'class_scores', 'confusion_matrix', 'image_confusions',
+           'image_scores', 'segmentation_scores']
+
+# mmsegmentation's IoUMetric names for our scores (the same values, as fractions, not percent).
+MMSEG_NAMES = {'aAcc': 'pixel_acc', 'mIoU': 'mean_iu', 'mAcc': 'mean_acc', 'mDice': 'mean_dice',
+               'mFscore': 'mean_f1', 'mPrecision': 'mean_precision', 'mRecall': 'mean_recall'}
 
 
 @functools.partial(jax.jit, static_argnames=('num_classes', 'ignore_label'))
@@ -81,3 +89,82 @@ def segmentation_scores(confusion, exclude: tuple[int, ...] = ()) -> dict:
       'per_class_iu': [float(x) for x in per_class_iu],
       'per_class_acc': [float(x) for x in per_class_acc],
   }
+
+
+def class_scores(confusion, exclude: tuple[int, ...] = ()) -> dict:
+  """`segmentation_scores` plus per-class precision, recall, F1 and Dice, their means and
+  mmsegmentation's names (`MMSEG_NAMES`), all read off the one confusion matrix.
+
+  With TP_i = n_ii, FP_i = sum_j n_ji - n_ii, FN_i = t_i - n_ii: precision TP/(TP+FP) (nan for a
+  class never predicted), recall TP/(TP+FN) (= per-class accuracy; nan for a class absent from the
+  ground truth), F1 = Dice = 2TP/(2TP+FP+FN) (nan where IU is; 0, not nan, for a class seen but
+  never hit, as scikit-learn and Dice have it; mmsegmentation's f_score gives nan there). Means are
+  nanmeans over the classes not in `exclude`, as mean IU is. Also `per_class_gt_pixels` (t_i) and
+  `per_class_pred_pixels`. The scores of `segmentation_scores` come out unchanged.
+  """
+  scores = segmentation_scores(confusion, exclude)
+  hist = np.asarray(confusion, dtype=np.float64)
+  diag = np.diag(hist)
+  gt = hist.sum(axis=1)
+  pred = hist.sum(axis=0)
+  kept = np.ones(len(diag), bool)
+  kept[list(exclude)] = False
+  with np.errstate(divide='ignore', invalid='ignore'), warnings.catch_warnings():
+    warnings.simplefilter('ignore', category=RuntimeWarning)  # nanmean of all-nan
+    per_class = {'precision': diag / pred, 'recall': diag / gt, 'f1': 2 * diag / (gt + pred)}
+    means = {k: float(np.nanmean(v[kept])) for k, v in per_class.items()}
+  scores.update({f'per_class_{k}': [float(x) for x in v] for k, v in per_class.items()})
+  scores['per_class_dice'] = list(scores['per_class_f1'])
+  scores.update({f'mean_{k}': v for k, v in means.items()})
+  scores['mean_dice'] = scores['mean_f1']
+  scores['per_class_gt_pixels'] = [int(x) for x in np.asarray(confusion).sum(axis=1)]
+  scores['per_class_pred_pixels'] = [int(x) for x in np.asarray(confusion).sum(axis=0)]
+  scores.update({alias: scores[key] for alias, key in MMSEG_NAMES.items()})
+  return scores
+
+
+def image_confusions(labels, predictions, num_classes: int, ignore_label: int = 255) -> np.ndarray:
+  """(N, num_classes, num_classes) int64: one confusion matrix per image of an (N, H, W) batch.
+
+  On the host, with `confusion_matrix`'s rule (ignore_label, labels or predictions outside
+  0..num_classes-1 never count, so padding labelled 255 does not), so that the images' matrices add
+  up to the batch's. For per-image analysis, off the training-time evaluation path.
+  """
+  labels = np.asarray(labels)
+  predictions = np.asarray(predictions)
+  if labels.shape != predictions.shape:
+    raise ValueError(f'labels {labels.shape} and predictions {predictions.shape} differ in shape')
+  n = labels.shape[0]
+  labels = labels.reshape(n, -1).astype(np.int64)
+  predictions = predictions.reshape(n, -1).astype(np.int64)
+  valid = ((labels >= 0) & (labels < num_classes) & (labels != ignore_label)
+           & (predictions >= 0) & (predictions < num_classes))
+  image = np.broadcast_to(np.arange(n)[:, None], labels.shape)
+  index = (image * num_classes + labels) * num_classes + predictions
+  counts = np.bincount(index[valid], minlength=n * num_classes * num_classes)
+  return counts.reshape(n, num_classes, num_classes)
+
+
+def image_scores(confusions, exclude: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+  """Each image's pixel accuracy and mean IU from (N, C, C) per-image confusion matrices.
+
+  mean IU is taken over the classes present in the image's ground truth or prediction (the others
+  are 0/0 and skipped, as in `segmentation_scores`), less `exclude`; nan for an image with no
+  counted pixel. Also `pixels` (counted pixels), `correct` and `classes` (classes in the mean).
+  """
+  hist = np.asarray(confusions, dtype=np.int64)
+  if hist.ndim != 3 or hist.shape[1] != hist.shape[2]:
+    raise ValueError(f'expected (N, C, C) confusion matrices, got shape {hist.shape}')
+  diag = np.diagonal(hist, axis1=1, axis2=2)
+  union = hist.sum(axis=2) + hist.sum(axis=1) - diag
+  pixels = hist.sum(axis=(1, 2))
+  correct = diag.sum(axis=1)
+  counted = union > 0
+  counted[:, list(exclude)] = False
+  classes = counted.sum(axis=1)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    iu = np.where(counted, diag / np.maximum(union, 1), 0.0)
+    mean_iu = np.where(classes > 0, iu.sum(axis=1) / classes, np.nan)
+    pixel_acc = np.where(pixels > 0, correct / np.maximum(pixels, 1), np.nan)
+  return {'pixel_acc': pixel_acc, 'mean_iu': mean_iu, 'pixels': pixels, 'correct': correct,
+          'classes': classes}

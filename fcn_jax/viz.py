@@ -182,3 +182,85 @@ def comparison_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str],
       _legend(ax_row[-1], [np.asarray(row[c]) for c in columns if np.asarray(row[c]).ndim == 2],
               class_names, palette)
   return _save(fig, path)
+
+
+# Error map colours: right, wrong, ignored (void or padding: never counted).
+ERROR_COLORS = {'correct': (0, 0, 0), 'wrong': (230, 30, 30), 'ignored': (150, 150, 150)}
+
+
+def confusion_figure(confusion: np.ndarray, class_names: Sequence[str], path: str | pathlib.Path,
+                     title: str = '') -> pathlib.Path:
+  """The confusion matrix normalised by rows (each ground-truth class sums to 1), class names on
+  both axes: which classes a class is mistaken for, whatever its pixel count. Rows of classes
+  absent from the ground truth stay blank. Cells carry percentages up to 30 classes; the figure
+  grows with the class count so that 60 names stay readable."""
+  plt = _plt()
+  hist = np.asarray(confusion, np.float64)
+  n = hist.shape[0]
+  rows = hist.sum(axis=1, keepdims=True)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    normalised = np.where(rows > 0, hist / np.maximum(rows, 1), np.nan)
+  side = float(np.clip(0.28 * n + 2.5, 5.0, 24.0))
+  font = 8 if n <= 30 else 7
+  fig, ax = plt.subplots(figsize=(side + 1.2, side))
+  cmap = plt.get_cmap('Blues').with_extremes(bad='white')
+  image = ax.imshow(normalised, cmap=cmap, vmin=0.0, vmax=1.0, interpolation='nearest')
+  names = [str(c) for c in class_names][:n] + [str(i) for i in range(len(class_names), n)]
+  ax.set_xticks(range(n), names, rotation=90, fontsize=font)
+  ax.set_yticks(range(n), names, fontsize=font)
+  ax.set_xlabel('prediction')
+  ax.set_ylabel('ground truth')
+  ax.set_title(title or 'confusion matrix (rows normalised)', fontsize=10)
+  if n <= 30:
+    for i, j in zip(*np.nonzero(np.nan_to_num(normalised) >= 0.005)):
+      value = normalised[i, j]
+      ax.text(j, i, f'{100 * value:.0f}', ha='center', va='center', fontsize=font - 1,
+              color='white' if value > 0.5 else 'black')
+  fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+  return _save(fig, path)
+
+
+def error_map(label: np.ndarray, prediction: np.ndarray, num_classes: int,
+              ignore_label: int = 255) -> np.ndarray:
+  """(H, W, 3) uint8: right pixels black, wrong ones red, ignored ones grey (void, padding and any
+  label outside the classes: the pixels the scores never count, with the metrics' rule)."""
+  label, prediction = np.asarray(label), np.asarray(prediction)
+  ignored = (label < 0) | (label >= num_classes) | (label == ignore_label)
+  out = np.empty(label.shape + (3,), np.uint8)
+  out[...] = ERROR_COLORS['correct']
+  out[(prediction != label) & ~ignored] = ERROR_COLORS['wrong']
+  out[ignored] = ERROR_COLORS['ignored']
+  return out
+
+
+def worst_gallery(rows: Sequence[dict[str, Any]], path: str | pathlib.Path, num_classes: int,
+                  class_names: Sequence[str] | None = None, palette=None,
+                  ignore_label: int = 255) -> pathlib.Path:
+  """One row per image, worst first: image | ground truth | prediction | errors, titled with its
+  name and mean IU. Each row: 'label', 'prediction' ((H, W) class ids), 'image' (RGB, or None),
+  'file_name', 'mean_iu' and 'pixel_acc'."""
+  plt = _plt()
+  columns = ('image', 'ground truth', 'prediction', 'errors: red wrong, grey ignored')
+  fig, axes = plt.subplots(max(len(rows), 1), len(columns),
+                           figsize=(2.6 * len(columns) + 1.6, 2.4 * max(len(rows), 1)),
+                           squeeze=False)
+  for r, (ax_row, row) in enumerate(zip(axes, rows)):
+    label, prediction = np.asarray(row['label']), np.asarray(row['prediction'])
+    shown = np.where((label >= 0) & (label < num_classes), label, 255)
+    panels = [row.get('image'), colorize(shown, palette), colorize(prediction, palette),
+              error_map(label, prediction, num_classes, ignore_label)]
+    for ax, panel, col in zip(ax_row, panels, columns):
+      if panel is not None:
+        ax.imshow(panel)
+      if r == 0:
+        ax.set_title(col, fontsize=9)
+      ax.set_xticks([])
+      ax.set_yticks([])
+    ax_row[0].set_ylabel(f'{row.get("file_name") or row.get("index", r)}\nmean IU '
+                         f'{100 * row["mean_iu"]:.1f}, acc. {100 * row["pixel_acc"]:.1f}',
+                         fontsize=8)
+    if class_names is not None:
+      _legend(ax_row[-1], [label, prediction], class_names, palette)
+  for ax in axes[len(rows):].flat:
+    ax.axis('off')
+  return _save(fig, path)

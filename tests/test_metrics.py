@@ -128,3 +128,133 @@ def test_excluded_classes_leave_the_means():
   assert kept['mean_iu'] == pytest.approx((5 / 6 + 1.0) / 2)
   assert plain['mean_iu'] == pytest.approx((5 / 6 + 1.0 + 0.0) / 3)
   assert kept['pixel_acc'] == plain['pixel_acc'] and kept['fw_iu'] == plain['fw_iu']
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-class precision / recall / F1 / Dice, mmsegmentation's names, per-image matrices
+
+
+def _random_split(seed: int, num_classes: int = 7, shape=(5, 23, 29)):
+  """Random labels with 255 ignored pixels, and predictions right 60% of the time: class 3 is
+  predicted but never true, class 5 true but never predicted, class 6 neither (0/0)."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes, size=shape)
+  labels[rng.uniform(size=shape) < 0.15] = 255
+  preds = np.where(rng.uniform(size=shape) < 0.6, labels, rng.integers(0, num_classes, size=shape))
+  preds[preds == 255] = 0
+  labels[labels == 3] = 255
+  preds[preds == 5] = 1
+  labels[labels == 6] = 2
+  preds[preds == 6] = 2
+  return labels, preds
+
+
+def _per_class_loops(labels, preds, num_classes):
+  """TP, FP, FN per class by explicit loops over the counted pixels."""
+  tp, fp, fn = [np.zeros(num_classes) for _ in range(3)]
+  for t, p in zip(labels.ravel(), preds.ravel()):
+    if t == 255:
+      continue
+    if t == p:
+      tp[t] += 1
+    else:
+      fn[t] += 1
+      fp[p] += 1
+  return tp, fp, fn
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_class_scores_against_loops_and_scikit_learn(seed):
+  import sklearn.metrics as skm
+  n = 7
+  labels, preds = _random_split(seed, n)
+  hist = metrics.accumulate(None, metrics.confusion_matrix(labels, preds, n))
+  kept = labels != 255
+  # The confusion matrix itself, against scikit-learn's (rows truth, columns prediction).
+  np.testing.assert_array_equal(hist, skm.confusion_matrix(labels[kept], preds[kept],
+                                                           labels=list(range(n))))
+  s = metrics.class_scores(hist)
+  tp, fp, fn = _per_class_loops(labels, preds, n)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    dice = 2 * tp / (2 * tp + fp + fn)
+    iu = tp / (tp + fp + fn)
+  np.testing.assert_allclose(s['per_class_precision'], precision, equal_nan=True)
+  np.testing.assert_allclose(s['per_class_recall'], recall, equal_nan=True)
+  np.testing.assert_allclose(s['per_class_f1'], dice, equal_nan=True)
+  np.testing.assert_allclose(s['per_class_dice'], dice, equal_nan=True)
+  np.testing.assert_allclose(s['per_class_iu'], iu, equal_nan=True)
+  assert np.isnan(s['per_class_precision'][5]) and s['per_class_recall'][5] == 0.0
+  assert np.isnan(s['per_class_f1'][6]) and s['per_class_f1'][3] == 0.0
+  p_sk, r_sk, f_sk, support = skm.precision_recall_fscore_support(
+      labels[kept], preds[kept], labels=list(range(n)), average=None, zero_division=np.nan)
+  np.testing.assert_allclose(s['per_class_precision'], p_sk, equal_nan=True)
+  np.testing.assert_allclose(s['per_class_recall'], r_sk, equal_nan=True)
+  np.testing.assert_allclose(s['per_class_f1'], f_sk, equal_nan=True)
+  assert s['per_class_gt_pixels'] == support.tolist()
+  assert s['per_class_pred_pixels'] == np.bincount(preds[kept], minlength=n).tolist()
+  # Means: nanmeans over the classes, as mean IU.
+  assert s['mean_precision'] == pytest.approx(np.nanmean(precision))
+  assert s['mean_recall'] == pytest.approx(np.nanmean(recall)) == pytest.approx(s['mean_acc'])
+  assert s['mean_f1'] == pytest.approx(np.nanmean(dice)) == s['mean_dice']
+  # mmsegmentation's names are the same numbers.
+  assert s['aAcc'] == s['pixel_acc'] == pytest.approx(tp.sum() / kept.sum())
+  assert (s['mIoU'], s['mAcc'], s['mDice'], s['mFscore'], s['mPrecision'], s['mRecall']) == (
+      s['mean_iu'], s['mean_acc'], s['mean_dice'], s['mean_f1'], s['mean_precision'],
+      s['mean_recall'])
+  # The paper's scores are those of segmentation_scores, unchanged.
+  plain = metrics.segmentation_scores(hist)
+  for key, value in plain.items():
+    np.testing.assert_array_equal(s[key], value)
+
+
+def test_class_scores_exclude_and_empty_matrix():
+  import warnings
+  confusion = np.array([[5, 0, 1], [0, 4, 0], [0, 0, 0]])  # class 2 predicted, never true
+  s = metrics.class_scores(confusion, exclude=(2,))
+  assert s['per_class_precision'][2] == 0.0 and s['per_class_f1'][2] == 0.0
+  assert s['mean_f1'] == pytest.approx((10 / 11 + 1.0) / 2)  # class 2's 0 left out
+  assert s['mean_precision'] == pytest.approx((1.0 + 1.0) / 2)
+  assert s['mIoU'] == metrics.segmentation_scores(confusion, exclude=(2,))['mean_iu']
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    empty = metrics.class_scores(np.zeros((3, 3), np.int64))
+  assert all(math.isnan(empty[k]) for k in metrics.MMSEG_NAMES)
+
+
+def test_image_confusions_are_confusion_matrix_per_image_and_add_up():
+  n = 6
+  labels, preds = _random_split(3, n, shape=(4, 11, 13))
+  labels[1, :3] = -1       # out of range: never counted
+  labels[2, :, -4:] = 255  # padding
+  labels[3] = 255          # a padding example: no counted pixel
+  per_image = metrics.image_confusions(labels, preds, n)
+  assert per_image.shape == (4, n, n) and per_image.dtype == np.int64
+  for i in range(4):
+    np.testing.assert_array_equal(per_image[i], metrics.confusion_matrix(labels[i], preds[i], n))
+  np.testing.assert_array_equal(per_image.sum(0), metrics.confusion_matrix(labels, preds, n))
+  assert per_image[3].sum() == 0
+
+
+def test_image_scores_against_per_image_loops():
+  n = 6
+  labels, preds = _random_split(4, n, shape=(5, 9, 10))
+  labels[4] = 255
+  exclude = (1,)
+  got = metrics.image_scores(metrics.image_confusions(labels, preds, n), exclude)
+  for i in range(5):
+    valid = labels[i] != 255
+    t, p = labels[i][valid], preds[i][valid]
+    if not valid.any():
+      assert math.isnan(got['pixel_acc'][i]) and math.isnan(got['mean_iu'][i])
+      assert got['pixels'][i] == 0
+      continue
+    ius = [((t == c) & (p == c)).sum() / ((t == c) | (p == c)).sum()
+           for c in range(n) if c not in exclude and ((t == c) | (p == c)).any()]
+    assert got['mean_iu'][i] == pytest.approx(np.mean(ius))
+    assert got['classes'][i] == len(ius)
+    assert got['pixel_acc'][i] == pytest.approx((t == p).mean())
+    assert (got['pixels'][i], got['correct'][i]) == (valid.sum(), (t == p).sum())
+  # One image's scores are the split scores of that image alone.
+  one = metrics.image_confusions(labels[:1], preds[:1], n)
+  assert got['mean_iu'][0] == pytest.approx(metrics.segmentation_scores(one[0], exclude)['mean_iu'])
