@@ -12,20 +12,25 @@ from PIL import Image, ImageOps
 from fcn_jax.errors import UserError
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
-# Longest side accepted by default: inference memory grows with the pixel count (PASCAL VOC images
-# are at most 500 px; a 3000x2000 photo takes about 1.7 GB even at 1/16 width).
+# Longest side accepted by default where images run whole (the local service): inference memory
+# grows with the pixel count (a 3000x2000 photo takes about 1.7 GB even at 1/16 width).
 DEFAULT_MAX_SIZE = 2048
+# Pixels accepted by default where large images run by tiles (predict): a guard against
+# decompression bombs, well above large photos and aerial tiles (12000x9000 is 108 MP; the RGB
+# array alone of 300 MP takes 900 MB).
+DEFAULT_MAX_PIXELS = 300_000_000
 
 
 class ImageError(UserError):
   """An image file that cannot be used (unreadable, too large)."""
 
 
-def read_rgb(path, max_size: int = DEFAULT_MAX_SIZE) -> np.ndarray:
+def read_rgb(path, max_size: int = DEFAULT_MAX_SIZE, max_pixels: int = 0) -> np.ndarray:
   """uint8 RGB (H, W, 3) of `path` as image viewers show it (EXIF orientation applied).
 
   path: a file path, or a binary file object (an upload).
-  max_size: the longest side allowed (checked from the header, before decoding; 0 = no limit).
+  max_size: the longest side allowed; max_pixels: the most pixels allowed (both checked from the
+    header, before decoding; 0 = no limit).
   """
   source = path if hasattr(path, 'read') else pathlib.Path(path)
   if hasattr(path, 'read'):
@@ -42,6 +47,11 @@ def read_rgb(path, max_size: int = DEFAULT_MAX_SIZE) -> np.ndarray:
       raise ImageError(f'{path}: image is {width}x{height}, larger than --max_size {max_size} '
                        f'(longest side). Downscale it, or raise --max_size (0 = no limit; memory '
                        f'grows with the pixel count)')
+    if max_pixels and width * height > max_pixels:
+      raise ImageError(f'{path}: image is {width}x{height} = {width * height / 1e6:.0f} MP, more '
+                       f'than --max_pixels {max_pixels} ({max_pixels / 1e6:.0f} MP), a guard '
+                       'against decompression bombs. Raise --max_pixels if the file is yours (0 = '
+                       'no limit); large images run by tiles')
     if hasattr(source, 'seek'):
       source.seek(0)
     try:

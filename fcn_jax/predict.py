@@ -18,7 +18,10 @@ holding, for IMAGE_DIR/a/img_5001.png, DIR/a/img_5001.png (any image suffix). An
 takes the HHA images themselves as its inputs.
 The checkpoint's metadata supplies the architecture, classes and preprocessing: no training config
 is needed. Images of mixed sizes are batched by size bucket over all local devices (--exact: native
-size, one at a time). Nothing is overwritten unless --overwrite (--resume skips what is done), and
+size, one at a time); images past 4 MP (or all, with --mode slide) run by overlapping tiles (--tile,
+--stride) whose scores are averaged, so a 12000x9000 photo needs memory for its tiles, not for a
+whole-image pass; --tta flip,0.75,1,1.25 averages the probabilities of scales and flips. Nothing is
+overwritten unless --overwrite (--resume skips what is done), and
 an input is never overwritten. Images are
 read as displayed (EXIF orientation applied). An unreadable or too large image is reported and
 skipped; the exit status is then 1.
@@ -160,9 +163,13 @@ def companion_dirs(modalities: list[str], hha_dir: str | None, depth_dir: str | 
   return dirs
 
 
+# Decoded images held at once: one large photo alone, small ones up to `chunk` together.
+CHUNK_PIXELS = 64_000_000
+
+
 def _decoded(inputs: list[pathlib.Path], max_size: int, workers: int,
              companions: dict[str, pathlib.Path] | None = None,
-             modalities: list[str] | None = None) -> Iterator[dict]:
+             modalities: list[str] | None = None, max_pixels: int = 0) -> Iterator[dict]:
   """Decoded images in input order, read ahead by grain (threads; `workers` > 0: processes).
 
   Each item holds 'image' (the first modality: RGB) and the `companions` modalities by name.
@@ -180,7 +187,8 @@ def _decoded(inputs: list[pathlib.Path], max_size: int, workers: int,
         planes = item.read_modalities(modalities)
         return {'index': index, 'image': planes[modalities[0]],
                 **{name: planes[name] for name in modalities[1:]}}
-      decoded = {'index': index, 'image': images_lib.read_rgb(item, max_size=max_size)}
+      decoded = {'index': index, 'image': images_lib.read_rgb(item, max_size=max_size,
+                                                              max_pixels=max_pixels)}
       for name, directory in companions.items():
         relative = item.resolve().relative_to(base)
         found = images_lib.find_companion(directory, relative)
@@ -229,10 +237,13 @@ def _todo(inputs: list, plan: list[dict], resume: bool) -> tuple[list, list[dict
   return inputs, plan
 
 
-def _batches(items: Iterable[dict], chunk: int, failed: list[str], bar) -> Iterator[list[dict]]:
-  """The decoded items in lists of up to `chunk`; the messages of those that failed go to
-  `failed` (and count on the progress `bar`)."""
+def _batches(items: Iterable[dict], chunk: int, failed: list[str], bar,
+             chunk_pixels: int = CHUNK_PIXELS) -> Iterator[list[dict]]:
+  """The decoded items in lists of up to `chunk` images and about `chunk_pixels` pixels (one
+  large photo goes alone); the messages of those that failed go to `failed` (and count on the
+  progress `bar`)."""
   pending: list[dict] = []
+  pixels = 0
   for item in items:
     if 'error' in item:
       failed.append(item['error'])
@@ -240,9 +251,10 @@ def _batches(items: Iterable[dict], chunk: int, failed: list[str], bar) -> Itera
         bar.update(1)
       continue
     pending.append(item)
-    if len(pending) >= chunk:
+    pixels += item['image'].shape[0] * item['image'].shape[1]
+    if len(pending) >= chunk or pixels >= chunk_pixels:
       yield pending
-      pending = []
+      pending, pixels = [], 0
   if pending:
     yield pending
 
@@ -275,7 +287,10 @@ def _write_outputs(seg: segmenter_lib.Segmenter, image: np.ndarray, label, score
 
 def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pathlib.Path],
                    out_dir: str | pathlib.Path, save_scores: bool = False, which: str = 'best',
-                   overwrite: bool = False, max_size: int = images_lib.DEFAULT_MAX_SIZE,
+                   overwrite: bool = False, max_size: int = 0,
+                   max_pixels: int = images_lib.DEFAULT_MAX_PIXELS, mode: str = 'auto',
+                   tile: int = segmenter_lib.DEFAULT_TILE,
+                   tile_stride: int = segmenter_lib.DEFAULT_TILE_STRIDE, tta: str | None = None,
                    progress: bool = False, *, resume: bool = False, exact: bool = False,
                    batch_size: int = 8, chunk: int = 64, dtype: str | None = None,
                    scores_format: str = 'npy', workers: int = 0,
@@ -284,7 +299,8 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
                    depth_dir: str | None = None) -> tuple[list[pathlib.Path], list[str]]:
   """Runs the checkpoint on each image (files, or directories searched recursively).
 
-  Images are batched by size bucket (fcn_jax.segmenter; `exact` keeps native-size inference).
+  Images are batched by size bucket (fcn_jax.segmenter; `exact` keeps native-size inference);
+  large ones run by tiles (`mode`, `tile`, `tile_stride`); `tta` as the Segmenter's.
   `resume` skips inputs whose outputs all exist. Returns (label-map paths written, one message per
   image that failed). Problems with the inputs or --out as a whole (missing files, collisions,
   existing outputs) raise UserError before the model is loaded.
@@ -307,10 +323,12 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
   check_outputs(inputs, plan, overwrite or resume)
 
   seg = segmenter_lib.Segmenter.load(checkpoint_dir, which=which, batch_size=batch_size,
-                                     dtype=dtype)
+                                     dtype=dtype, mode=mode, tile=tile, tile_stride=tile_stride,
+                                     tta=tta)
   written, failed = [], []
   bar = tqdm(total=len(inputs), desc='predict', unit='image') if progress else None
-  items = _decoded(inputs, max_size, workers, companions, modalities) if inputs else ()
+  items = (_decoded(inputs, max_size, workers, companions, modalities, max_pixels) if inputs
+           else ())
   for pending in _batches(items, chunk, failed, bar):
     # The inputs are the first modality (an HHA-only net reads HHA images), the others companions.
     results = seg([{modalities[0]: p['image'], **{name: p[name] for name in modalities[1:]}}
@@ -343,10 +361,21 @@ def _parser() -> argparse.ArgumentParser:
                       help='best (highest mean IU; default), latest, or a step number')
   parser.add_argument('--overwrite', action='store_true',
                       help='replace output files that exist (inputs are never replaced)')
-  parser.add_argument('--max_size', type=int, default=images_lib.DEFAULT_MAX_SIZE,
-                      help='longest image side accepted, in pixels (default %(default)s; 0 = no '
-                      'limit): larger images are reported and skipped, since memory grows with the '
-                      'pixel count')
+  parser.add_argument('--max_pixels', type=int, default=images_lib.DEFAULT_MAX_PIXELS,
+                      help='most pixels per image accepted (default %(default)s; 0 = no limit), '
+                      'checked before decoding: larger images are reported and skipped')
+  parser.add_argument('--max_size', type=int, default=0,
+                      help='longest image side accepted, in pixels (default 0 = no limit)')
+  parser.add_argument('--mode', choices=segmenter_lib.MODES, default='auto',
+                      help='whole images, or slide: overlapping tiles with their scores averaged '
+                      f'(auto, the default: tiles past {segmenter_lib.WHOLE_MAX_PIXELS} pixels)')
+  parser.add_argument('--tile', type=int, default=segmenter_lib.DEFAULT_TILE,
+                      help='tile side in pixels (default %(default)s)')
+  parser.add_argument('--stride', type=int, default=segmenter_lib.DEFAULT_TILE_STRIDE,
+                      help='pixels between tiles (default %(default)s; <= --tile)')
+  parser.add_argument('--tta', default='',
+                      help='test-time augmentation, e.g. flip,0.75,1,1.25: the probabilities of '
+                      'each scale and flip averaged (default: none)')
   parser.add_argument('--resume', action='store_true',
                       help='skip the images whose outputs all exist (after an interrupted run)')
   parser.add_argument('--exact', action='store_true',
@@ -414,13 +443,15 @@ def main(argv: list[str] | None = None) -> int:
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, None,
                          mode=args.distributed)
   records = _dataset_records(args) if args.dataset or args.split else None
-  if args.max_size < 0:
-    parser.error('--max_size must be >= 0')
+  if args.max_size < 0 or args.max_pixels < 0:
+    parser.error('--max_size and --max_pixels must be >= 0')
   if args.batch_size < 1 or args.workers < 0:
     parser.error('--batch_size must be >= 1 and --workers >= 0')
   paths, failed = predict_images(args.checkpoint, args.images, args.out,
                                  save_scores=args.save_scores, which=args.which,
-                                 overwrite=args.overwrite, max_size=args.max_size, progress=True,
+                                 overwrite=args.overwrite, max_size=args.max_size,
+                                 max_pixels=args.max_pixels, mode=args.mode, tile=args.tile,
+                                 tile_stride=args.stride, tta=args.tta or None, progress=True,
                                  resume=args.resume, exact=args.exact, batch_size=args.batch_size,
                                  dtype=args.dtype, scores_format=args.scores_format,
                                  workers=args.workers, glob=args.glob, records=records,

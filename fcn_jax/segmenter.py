@@ -14,11 +14,20 @@ compile per distinct size), the reference protocol.
 Nets with several input modalities (NYUD colour + HHA or depth) take one dict per image,
 {'color': RGB, 'hha': HHA, 'depth': depth}, with the modalities the checkpoint lists; nets with
 several heads (SIFT Flow) give one {head name: labels / scores} dict per image.
+
+Large images run by tiles (`mode='slide'`, or `'auto'` past `WHOLE_MAX_PIXELS`): overlapping
+`tile` x `tile` windows every `tile_stride` pixels, batched over the devices, their scores
+averaged where they overlap (mmsegmentation's slide mode); memory follows the tiles and one band
+of rows, not the image, when only labels are asked for. An image that fits one tile runs whole.
+Test-time augmentation (`tta='flip,0.75,1,1.25'`) averages the softmax probabilities of every
+scale and flip, resized back to the image; the scores returned are then the log of that average
+(their softmax is the average, their argmax the labels).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import os
 from typing import Any, Sequence
@@ -33,6 +42,58 @@ from fcn_jax.errors import UserError
 from fcn_jax.models import forms as forms_lib
 
 DEFAULT_BUCKET_STEP = 64
+MODES = ('auto', 'whole', 'slide')
+DEFAULT_TILE, DEFAULT_TILE_STRIDE = 512, 384
+# mode 'auto' runs images above this many pixels by tiles: whole-image activations of a full-width
+# FCN take ~10 KB per pixel (a 12000x9000 photo would need ~1 TB).
+WHOLE_MAX_PIXELS = 2048 * 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class TTA:
+  """Test-time augmentation: the scales and whether to add horizontal flips."""
+  scales: tuple[float, ...] = (1.0,)
+  flip: bool = False
+
+  @classmethod
+  def parse(cls, spec: 'str | TTA | None') -> 'TTA | None':
+    """'flip,0.75,1,1.25' (any order; scales are numbers, 'flip' adds mirrored views); '' or None:
+    no augmentation."""
+    if spec is None or isinstance(spec, TTA):
+      return spec
+    parts = [p.strip() for p in str(spec).split(',') if p.strip()]
+    if not parts:
+      return None
+    scales = []
+    for part in parts:
+      if part == 'flip':
+        continue
+      try:
+        scales.append(float(part))
+      except ValueError:
+        raise UserError(f'tta {spec!r}: {part!r} is neither "flip" nor a scale; e.g. '
+                        '"flip,0.75,1,1.25"') from None
+      if not 0.05 <= scales[-1] <= 8:
+        raise UserError(f'tta {spec!r}: scale {part} outside 0.05..8')
+    return cls(tuple(scales) or (1.0,), 'flip' in parts)
+
+  @property
+  def views(self) -> list[tuple[float, bool]]:
+    return [(s, f) for s in self.scales for f in ((False, True) if self.flip else (False,))]
+
+
+def tile_starts(size: int, tile: int, stride: int) -> list[int]:
+  """Window offsets covering 0..size: every `stride`, the last one flush with the end."""
+  if size <= tile:
+    return [0]
+  count = -(-(size - tile) // stride) + 1
+  return [min(i * stride, size - tile) for i in range(count)]
+
+
+def _resize(x: np.ndarray, height: int, width: int) -> np.ndarray:
+  if x.shape[:2] == (height, width):
+    return x
+  return np.asarray(jax.image.resize(jnp.asarray(x), (height, width, x.shape[-1]), 'bilinear'))
 
 
 def bucket_shape(height: int, width: int, step: int) -> tuple[int, int]:
@@ -52,9 +113,17 @@ class Segmenter:
 
   def __init__(self, model, variables: dict, metadata: dict, *, batch_size: int = 8,
                bucket_step: int = DEFAULT_BUCKET_STEP, dtype: str | None = None,
-               devices: Sequence[jax.Device] | None = None):
+               devices: Sequence[jax.Device] | None = None, mode: str = 'auto',
+               tile: int = DEFAULT_TILE, tile_stride: int = DEFAULT_TILE_STRIDE,
+               tta: 'str | TTA | None' = None):
     if batch_size < 1 or bucket_step < 1:
       raise UserError(f'batch_size ({batch_size}) and bucket_step ({bucket_step}) must be >= 1')
+    if mode not in MODES:
+      raise UserError(f'mode {mode!r}: one of {", ".join(MODES)}')
+    if not 1 <= tile_stride <= tile:
+      raise UserError(f'tile stride {tile_stride} and tile {tile}: need 1 <= stride <= tile (a '
+                      'larger stride would leave pixels between the tiles)')
+    self.mode, self.tile, self.tile_stride, self.tta = mode, tile, tile_stride, TTA.parse(tta)
     if dtype not in (None, 'float32', 'bfloat16'):
       raise UserError(f'dtype {dtype!r}: float32 or bfloat16')
     if dtype is not None:
@@ -151,37 +220,134 @@ class Segmenter:
       return {k: np.asarray(v) for k, v in result.items()}
     return {self.head_names[0]: np.asarray(result)}
 
-  def scores(self, images: Sequence[Any] | np.ndarray, exact: bool = False) -> list[Any]:
-    """float32 (H, W, C) scores per image, in input order ({head: scores} for several heads). One
-    image (an (H, W, C) array, a path or a PIL image) gives one result, not a list."""
-    if is_single_image(images):
-      return self.scores([images], exact=exact)[0]
-    inputs = [self._prepared(im) for im in images]
-    out: list[dict | None] = [None] * len(inputs)
+  def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    """One padded batch (batch_size, H, W, C) through the model over all devices."""
+    self.compiled_shapes.add(batch.shape)
+    return self._per_head(self._apply(self.variables, batch))
+
+  def _by_tiles(self, x: np.ndarray) -> bool:
+    h, w = x.shape[:2]
+    if self.mode == 'slide':
+      return h > self.tile or w > self.tile
+    return self.mode == 'auto' and h * w > WHOLE_MAX_PIXELS
+
+  def _whole(self, inputs: dict[int, np.ndarray], exact: bool) -> dict[int, dict]:
+    """{index: {head: (h, w, C) scores}} of whole-image inference."""
+    out = {}
     if exact:
-      for i, x in enumerate(inputs):
+      for i, x in inputs.items():
         self.compiled_shapes.add(x.shape)
         per_head = self._per_head(self._apply_one(self.variables, x[None]))
         out[i] = {k: v[0] for k, v in per_head.items()}
-    else:
-      groups = collections.defaultdict(list)
-      for i, x in enumerate(inputs):
-        groups[bucket_shape(*x.shape[:2], self.bucket_step)].append(i)
-      for (bh, bw), indices in groups.items():
-        for start in range(0, len(indices), self.batch_size):
-          chunk = indices[start:start + self.batch_size]
-          batch = np.zeros((self.batch_size, bh, bw, self.channels), np.float32)
-          for j, i in enumerate(chunk):
-            h, w = inputs[i].shape[:2]
-            batch[j, :h, :w] = inputs[i]
-          self.compiled_shapes.add(batch.shape)
-          result = self._per_head(self._apply(self.variables, batch))
-          for j, i in enumerate(chunk):
-            h, w = inputs[i].shape[:2]
-            out[i] = {k: v[j, :h, :w] for k, v in result.items()}
-    if len(self.head_names) == 1:
-      return [o[self.head_names[0]] for o in out]
+      return out
+    groups = collections.defaultdict(list)
+    for i, x in inputs.items():
+      groups[bucket_shape(*x.shape[:2], self.bucket_step)].append(i)
+    for (bh, bw), indices in groups.items():
+      for start in range(0, len(indices), self.batch_size):
+        chunk = indices[start:start + self.batch_size]
+        batch = np.zeros((self.batch_size, bh, bw, self.channels), np.float32)
+        for j, i in enumerate(chunk):
+          h, w = inputs[i].shape[:2]
+          batch[j, :h, :w] = inputs[i]
+        result = self._run(batch)
+        for j, i in enumerate(chunk):
+          h, w = inputs[i].shape[:2]
+          out[i] = {k: v[j, :h, :w] for k, v in result.items()}
     return out
+
+  def _slide(self, x: np.ndarray, labels_only: bool) -> dict[str, np.ndarray]:
+    """{head: (H, W, C) averaged scores, or (H, W) uint8 labels} of `x` by overlapping tiles.
+
+    Tiles run a row of windows at a time; the rows no later window reaches are averaged (and
+    reduced to labels) and dropped, so only one band of scores is held besides the output."""
+    height, width = x.shape[:2]
+    th, tw = min(self.tile, height), min(self.tile, width)
+    ys, xs = tile_starts(height, th, self.tile_stride), tile_starts(width, tw, self.tile_stride)
+    classes = dict(zip(self.head_names, self.model.num_classes))
+    out = {h: (np.zeros((height, width), np.uint8) if labels_only else
+               np.zeros((height, width, c), np.float32)) for h, c in classes.items()}
+    band = {h: np.zeros((0, width, c), np.float32) for h, c in classes.items()}
+    count = np.zeros((0, width, 1), np.float32)
+    top = 0
+
+    def settle(rows: int) -> None:  # rows [top, top + rows) are final
+      for h in band:
+        mean = band[h][:rows] / count[:rows]
+        out[h][top:top + rows] = np.argmax(mean, -1).astype(np.uint8) if labels_only else mean
+        band[h] = band[h][rows:]
+
+    for y in ys:
+      if y > top:
+        settle(y - top)
+        count, top = count[y - top:], y
+      grow = y + th - top - count.shape[0]
+      if grow > 0:
+        count = np.concatenate([count, np.zeros((grow, width, 1), np.float32)])
+        for h in band:
+          band[h] = np.concatenate([band[h], np.zeros((grow, width, classes[h]), np.float32)])
+      tiles = [x[y:y + th, x0:x0 + tw] for x0 in xs]
+      for start in range(0, len(tiles), self.batch_size):
+        chunk = tiles[start:start + self.batch_size]
+        batch = np.zeros((self.batch_size, th, tw, self.channels), np.float32)
+        batch[:len(chunk)] = chunk
+        result = self._run(batch)
+        for j, x0 in enumerate(xs[start:start + len(chunk)]):
+          for h in band:
+            band[h][y - top:y - top + th, x0:x0 + tw] += result[h][j]
+          count[y - top:y - top + th, x0:x0 + tw] += 1
+    settle(count.shape[0])
+    return out
+
+  def _raw(self, inputs: list[np.ndarray], exact: bool, labels_only: bool = False) -> list[dict]:
+    """{head: scores (or labels)} per prepared input: whole, or by tiles for large ones."""
+    tiled = {i for i, x in enumerate(inputs) if self._by_tiles(x)}
+    out = self._whole({i: x for i, x in enumerate(inputs) if i not in tiled}, exact)
+    if labels_only:
+      out = {i: {h: np.argmax(v, -1).astype(np.uint8) for h, v in o.items()}
+             for i, o in out.items()}
+    for i in sorted(tiled):
+      out[i] = self._slide(inputs[i], labels_only)
+    return [out[i] for i in range(len(inputs))]
+
+  def _augmented(self, inputs: list[np.ndarray], exact: bool) -> list[dict]:
+    """Log of the probabilities averaged over the TTA views, per input and head."""
+    views = self.tta.views
+    batch = []
+    for x in inputs:
+      h, w = x.shape[:2]
+      for scale, flip in views:
+        v = _resize(x, max(1, round(h * scale)), max(1, round(w * scale)))
+        batch.append(np.ascontiguousarray(v[:, ::-1]) if flip else v)
+    raw = self._raw(batch, exact)
+    out = []
+    for i, x in enumerate(inputs):
+      h, w = x.shape[:2]
+      total = {}
+      for k, (_, flip) in enumerate(views):
+        for head, s in raw[i * len(views) + k].items():
+          s = _resize(s[:, ::-1] if flip else s, h, w)
+          p = np.asarray(jax.nn.softmax(jnp.asarray(s), -1))
+          total[head] = total[head] + p if head in total else p
+      out.append({head: np.log(np.maximum(p / len(views), 1e-30)).astype(np.float32)
+                  for head, p in total.items()})
+    return out
+
+  def _unwrap(self, per_input: list[dict]) -> list[Any]:
+    if len(self.head_names) == 1:
+      return [o[self.head_names[0]] for o in per_input]
+    return per_input
+
+  def scores(self, images: Sequence[Any] | np.ndarray, exact: bool = False) -> list[Any]:
+    """float32 (H, W, C) scores per image, in input order ({head: scores} for several heads). One
+    image (an (H, W, C) array, a path or a PIL image) gives one result, not a list. With TTA, the
+    log of the averaged probabilities."""
+    if is_single_image(images):
+      return self.scores([images], exact=exact)[0]
+    inputs = [self._prepared(im) for im in images]
+    if self.tta is not None:
+      return self._unwrap(self._augmented(inputs, exact))
+    return self._unwrap(self._raw(inputs, exact))
 
   def __call__(self, images: Sequence[Any] | np.ndarray, *, scores: bool = False,
                probabilities: bool = False, exact: bool = False) -> Any:
@@ -192,6 +358,9 @@ class Segmenter:
     if is_single_image(images):
       result = self([images], scores=scores, probabilities=probabilities, exact=exact)
       return {k: v[0] for k, v in result.items()} if isinstance(result, dict) else result[0]
+    if not (scores or probabilities) and self.tta is None:
+      # Labels alone: a tiled image never holds its whole score map.
+      return self._unwrap(self._raw([self._prepared(im) for im in images], exact, True))
     raw = self.scores(images, exact=exact)
     per_head = len(self.head_names) > 1
     each = lambda fn: [({k: fn(v) for k, v in s.items()} if per_head else fn(s)) for s in raw]
