@@ -8,12 +8,11 @@ import os
 import ml_collections
 
 from fcn_jax import data as data_lib
-from fcn_jax import losses, models, preprocessing, pretrained
+from fcn_jax import losses, models, optim, preprocessing, pretrained
 from fcn_jax.errors import UserError
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 ALGORITHMS = ('sgd', 'adam')
-SCHEDULES = ('fixed', 'poly')
 
 
 def _recorder(c: ml_collections.ConfigDict, out: list[str]):
@@ -99,7 +98,19 @@ def _check_optim(c: ml_collections.ConfigDict, need) -> None:
        'a number >= 0')
   need(o.get('algorithm', 'sgd') in ALGORITHMS, 'optim.algorithm',
        f'one of {", ".join(ALGORITHMS)}')
-  need(o.schedule in SCHEDULES, 'optim.schedule', f'one of {", ".join(SCHEDULES)}')
+  need(o.schedule in optim.SCHEDULES, 'optim.schedule', f'one of {", ".join(optim.SCHEDULES)}')
+  warmup = o.get('warmup_steps', 0)
+  need(isinstance(warmup, int) and warmup >= 0 and not (0 < c.num_train_steps <= warmup),
+       'optim.warmup_steps', 'a whole number >= 0, below num_train_steps')
+  need(_number(o.get('warmup_ratio', 0.001)) and 0 <= o.get('warmup_ratio', 0.001) <= 1,
+       'optim.warmup_ratio', 'a number in [0, 1]')
+  need(o.schedule != 'step' or (isinstance(o.get('step_every', 0), int)
+                                and o.get('step_every', 0) >= 1), 'optim.step_every',
+       "a whole number >= 1 (updates between rate drops) with optim.schedule='step'")
+  need(_number(o.get('step_gamma', 0.1)) and 0 < o.get('step_gamma', 0.1) <= 1,
+       'optim.step_gamma', 'a number in (0, 1]')
+  need(_number(o.get('poly_power', 0.9)) and o.get('poly_power', 0.9) > 0, 'optim.poly_power',
+       'a number > 0')
 
 
 def _check_data(c: ml_collections.ConfigDict, need, out: list[str]) -> None:

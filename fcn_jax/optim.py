@@ -31,31 +31,58 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ['CaffeSGDState', 'caffe_sgd', 'make_optimizer', 'make_schedule', 'param_groups']
+__all__ = ['SCHEDULES', 'CaffeSGDState', 'caffe_sgd', 'make_optimizer', 'make_schedule',
+           'param_groups']
 
 Schedule = Callable[[jax.Array], jax.Array]
 
 KERNEL, BIAS, OTHER, FROZEN = 'kernel', 'bias', 'other', 'frozen'
 
 
-def make_schedule(learning_rate: float, schedule: str = 'fixed', total_steps: int | None = None,
-                  poly_power: float = 0.9) -> Schedule:
-  """Learning rate as a function of the update count (0-based), as Caffe's lr_policy.
+SCHEDULES = ('fixed', 'poly', 'cosine', 'step')
 
-  'fixed': learning_rate. 'poly': learning_rate * (1 - t / total_steps) ** poly_power, clamped at
-  0 past total_steps.
-  """
+
+def _main_schedule(learning_rate: float, schedule: str, steps: int | None, poly_power: float,
+                   step_every: int, step_gamma: float) -> Schedule:
   if schedule == 'fixed':
     return lambda count: jnp.asarray(learning_rate, jnp.float32)
+  if schedule in ('poly', 'cosine') and (not steps or steps <= 0):
+    raise ValueError(f'schedule={schedule!r} needs total_steps > 0 (after warm-up), got {steps}')
   if schedule == 'poly':
-    if not total_steps or total_steps <= 0:
-      raise ValueError(f"schedule='poly' needs total_steps > 0, got {total_steps}")
-
     def poly(count):
-      frac = jnp.clip(jnp.asarray(count, jnp.float32) / jnp.float32(total_steps), 0.0, 1.0)
+      frac = jnp.clip(jnp.asarray(count, jnp.float32) / jnp.float32(steps), 0.0, 1.0)
       return jnp.float32(learning_rate) * (1.0 - frac) ** jnp.float32(poly_power)
     return poly
-  raise ValueError(f"unknown schedule {schedule!r}; choose 'fixed' or 'poly'")
+  if schedule == 'cosine':
+    return optax.cosine_decay_schedule(learning_rate, steps)
+  if schedule == 'step':
+    if step_every < 1:
+      raise ValueError(f"schedule='step' needs step_every >= 1, got {step_every}")
+    return optax.exponential_decay(learning_rate, step_every, step_gamma, staircase=True)
+  raise ValueError(f'unknown schedule {schedule!r}; choose one of {", ".join(SCHEDULES)}')
+
+
+def make_schedule(learning_rate: float, schedule: str = 'fixed', total_steps: int | None = None,
+                  poly_power: float = 0.9, *, warmup_steps: int = 0, warmup_ratio: float = 0.001,
+                  step_every: int = 0, step_gamma: float = 0.1) -> Schedule:
+  """Learning rate as a function of the update count (0-based).
+
+  'fixed': learning_rate. 'poly' (Caffe's lr_policy): learning_rate * (1 - t / T) ** poly_power,
+  clamped at 0 past T. 'cosine': learning_rate * (1 + cos(pi t / T)) / 2 (optax). 'step' (Caffe's
+  step policy): learning_rate * step_gamma ** floor(t / step_every). T is total_steps less the
+  warm-up: with warmup_steps > 0 the rate first rises linearly from learning_rate * warmup_ratio to
+  the schedule's start over warmup_steps updates, then the schedule runs from its own step 0
+  (optax.join_schedules). Without warm-up, 'fixed' and 'poly' are exactly the Caffe reference's.
+  """
+  if warmup_steps < 0:
+    raise ValueError(f'warmup_steps must be >= 0, got {warmup_steps}')
+  steps = None if total_steps is None else total_steps - warmup_steps
+  main = _main_schedule(learning_rate, schedule, steps, poly_power, step_every, step_gamma)
+  if not warmup_steps:
+    return main
+  start = float(main(0))
+  warmup = optax.linear_schedule(start * warmup_ratio, start, warmup_steps)
+  return optax.join_schedules([warmup, main], [warmup_steps])
 
 
 class CaffeSGDState(NamedTuple):
@@ -139,7 +166,8 @@ def param_groups(params: Any, frozen: Any | None = None) -> Any:
 def make_optimizer(*, learning_rate: float, momentum: float, weight_decay: float, params: Any,
                    frozen: Any, bias_lr_mult: float = 2.0, bias_decay_mult: float = 0.0,
                    schedule: str = 'fixed', total_steps: int | None = None,
-                   poly_power: float = 0.9, accumulate_steps: int = 1,
+                   poly_power: float = 0.9, warmup_steps: int = 0, warmup_ratio: float = 0.001,
+                   step_every: int = 0, step_gamma: float = 0.1, accumulate_steps: int = 1,
                    caffe: bool = True, algorithm: str = 'sgd') -> optax.GradientTransformation:
   """The FCN optimiser (see the module docstring).
 
@@ -150,7 +178,8 @@ def make_optimizer(*, learning_rate: float, momentum: float, weight_decay: float
     params: the parameter pytree (its leaf names decide the groups).
     frozen: pytree of bools like params (models.frozen_mask); True leaves never change.
     bias_lr_mult / bias_decay_mult: Caffe's multipliers for 'bias' leaves (2 / 0).
-    schedule: 'fixed' or 'poly' (needs total_steps, counted in parameter updates).
+    schedule: 'fixed', 'poly', 'cosine' or 'step' (total_steps, warmup_steps and step_every are
+      counted in parameter updates; see make_schedule).
     accumulate_steps: k > 1 averages k micro-step gradients per update (optax.MultiSteps).
     caffe: True: Caffe's update (lr inside the momentum). False: optax.sgd-style (trace, then
       scale by -lr) with the L2 term added to the gradient; identical for a fixed rate.
@@ -164,7 +193,8 @@ def make_optimizer(*, learning_rate: float, momentum: float, weight_decay: float
     raise ValueError(f'accumulate_steps must be >= 1, got {accumulate_steps}')
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f'momentum must be in [0, 1), got {momentum}')
-  lr = make_schedule(learning_rate, schedule, total_steps, poly_power)
+  lr = make_schedule(learning_rate, schedule, total_steps, poly_power, warmup_steps=warmup_steps,
+                     warmup_ratio=warmup_ratio, step_every=step_every, step_gamma=step_gamma)
   if algorithm not in ('sgd', 'adam'):
     raise ValueError(f"algorithm must be 'sgd' or 'adam', got {algorithm!r}")
   group = _adam if algorithm == 'adam' else caffe_sgd if caffe else _optax_sgd

@@ -188,3 +188,52 @@ def test_real_model_groups_and_frozen_mask():
   updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
   assert float(jnp.abs(updates['upscore8']['kernel']).max()) == 0.0
   assert float(jnp.abs(updates['fc6']['kernel']).min()) > 0.0
+
+
+@pytest.mark.parametrize('schedule', ['fixed', 'poly', 'cosine', 'step'])
+@pytest.mark.parametrize('warmup', [0, 4])
+def test_schedules_follow_their_formulas_with_and_without_warmup(schedule, warmup):
+  import math
+  lr, total, power, every, gamma, ratio = 0.1, 20, 0.9, 5, 0.5, 0.01
+  main_steps = total - warmup
+
+  def main(t):  # the textbook formulas, from the schedule's own step 0
+    if schedule == 'fixed':
+      return lr
+    if schedule == 'poly':
+      return lr * (1 - min(t, main_steps) / main_steps) ** power
+    if schedule == 'cosine':
+      return lr * 0.5 * (1 + math.cos(math.pi * min(t, main_steps) / main_steps))
+    return lr * gamma ** (t // every)
+
+  def expected(t):
+    if t < warmup:  # linear from lr * ratio to the schedule's start
+      return main(0) * (ratio + (1 - ratio) * t / warmup)
+    return main(t - warmup)
+
+  sched = optim.make_schedule(lr, schedule, total, power, warmup_steps=warmup, warmup_ratio=ratio,
+                              step_every=every, step_gamma=gamma)
+  got = [float(sched(t)) for t in range(total + 3)]
+  np.testing.assert_allclose(got, [expected(t) for t in range(total + 3)], rtol=1e-5, atol=1e-9)
+  if warmup:
+    assert got[0] == pytest.approx(lr * ratio, rel=1e-5) and got[warmup] == pytest.approx(lr)
+
+
+def test_step_schedule_needs_its_interval():
+  with pytest.raises(ValueError, match='step_every'):
+    optim.make_schedule(0.1, 'step', 10)
+  with pytest.raises(ValueError, match='choose one of fixed, poly, cosine, step'):
+    optim.make_schedule(0.1, 'exp', 10)
+
+
+def test_schedule_fields_are_checked_with_the_config():
+  from experiments import common
+  from fcn_jax import config_checks
+  from fcn_jax.errors import UserError
+  c = common.load_config('fcn8s', 'demo')
+  c.optim.schedule, c.optim.warmup_steps = 'step', c.num_train_steps
+  with pytest.raises(UserError) as e:
+    config_checks.check_train_config(c)
+  assert 'config.optim.step_every=0' in str(e.value) and 'config.optim.warmup_steps' in str(e.value)
+  c.optim.schedule, c.optim.warmup_steps = 'cosine', 10
+  config_checks.check_train_config(c)

@@ -137,7 +137,12 @@ def base_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.optim.momentum = 0.9
   c.optim.weight_decay = 5e-4
   c.optim.bias_lr_mult = 2.0
-  c.optim.schedule = 'fixed'   # or 'poly'
+  c.optim.schedule = 'fixed'   # fixed | poly | cosine | step (lr * step_gamma every step_every)
+  c.optim.poly_power = 0.9     # poly: lr * (1 - t / T) ** poly_power
+  c.optim.warmup_steps = 0     # linear warm-up over this many updates (0: none, the paper's)
+  c.optim.warmup_ratio = 0.001  # warm-up starts at lr * warmup_ratio
+  c.optim.step_every = 0       # step: updates between rate drops
+  c.optim.step_gamma = 0.1     # step: the factor of each drop
   c.optim.caffe = True         # exactly Caffe's SGD update
   c.optim.algorithm = 'sgd'    # 'adam' only for the from-scratch CPU demo
 

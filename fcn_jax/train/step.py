@@ -55,7 +55,9 @@ def optimizer_from_config(config: ml_collections.ConfigDict, model: nn.Module,
       learning_rate=o.learning_rate, momentum=o.momentum, weight_decay=o.weight_decay,
       params=params, frozen=models.frozen_mask(model, params), bias_lr_mult=o.bias_lr_mult,
       schedule=o.schedule, total_steps=config.num_train_steps,
-      accumulate_steps=config.accumulate_steps, caffe=o.caffe,
+      poly_power=o.get('poly_power', 0.9), warmup_steps=o.get('warmup_steps', 0),
+      warmup_ratio=o.get('warmup_ratio', 0.001), step_every=o.get('step_every', 0),
+      step_gamma=o.get('step_gamma', 0.1), accumulate_steps=config.accumulate_steps, caffe=o.caffe,
       algorithm=o.get('algorithm', 'sgd'))
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, variables: dict,
