@@ -8,16 +8,23 @@ checkpoint.
 Without --arch, the file must be one of the fifteen reference nets (fcn_jax.zoo): it is recognised
 from its layer names and blob shapes (the NYUD colour and HHA nets, which share one layout, from
 the released file name or --modality), and the checkpoint records the net's classes, heads, input
-modalities and each modality's preprocessing.
+modalities and each modality's preprocessing. torchvision's fcn_resnet50 / fcn_resnet101 and its
+ImageNet resnet50 / resnet101 are recognised too (their blocks per layer), as arch fcn_resnet50 /
+fcn_resnet101 with `torchvision_rgb` inputs.
 
 Sources (the format is detected from the file's contents, not its name):
 
 - PyTorch state dicts: `.pth` (read with torch, when installed), `.npz` (NumPy, one array per key)
   and `.safetensors`. Layouts:
   - torchvision ImageNet classifiers: VGG16 (`features.N`, `classifier.0/3`), AlexNet (`features.N`,
-    `classifier.1/4`) and GoogLeNet (`conv1.conv`, `inception3a.branch2.1.bn`, ...). fc6/fc7 are
-    "transplanted" into convolutions (fc6 (4096, C*k*k) -> (4096, C, k, k)); the 1000-way classifier
-    and GoogLeNet's auxiliary heads are dropped.
+    `classifier.1/4`), GoogLeNet (`conv1.conv`, `inception3a.branch2.1.bn`, ...) and ResNet-50/101
+    (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.downsample.0`, ...). fc6/fc7 are "transplanted"
+    into convolutions (fc6 (4096, C*k*k) -> (4096, C, k, k)); the 1000-way classifier and
+    GoogLeNet's auxiliary heads are dropped.
+  - torchvision's segmentation FCN-ResNet50/101: `backbone.` + the ResNet's keys, `classifier.0/1/4`
+    (FCNHead: 3x3 conv, BatchNorm, 1x1 scores) and, when trained with it, `aux_classifier.0/1/4`
+    (kept: the checkpoint's model has aux=True). BatchNorm running statistics are imported;
+    `num_batches_tracked` is dropped.
   - the PyTorch port of the Caffe FCNs (and any file using Caffe's layer names):
     `conv1_1`..`conv5_3`, `fc6`, `fc7`, `score_fr`, `score_pool4`, `score_pool3`, `upscore`,
     `upscore2`, `upscore16`, `upscore_pool4`, `upscore8` (`.weight`, `.bias`).
@@ -56,7 +63,7 @@ from fcn_jax import preprocessing as preprocessing_lib
 from fcn_jax.convert_formats import FORMATS, ConversionError, detect_format, read_weights
 from fcn_jax.convert_layouts import (  # noqa: F401 - re-exported: fcn_jax.convert's names
     _TV_VGG16_FEATURES, _VGG_CONVS, HEAD_PREFIXES, LAYOUTS, Layout, Target, classes_text,
-    guess_archs, import_weights)
+    guess_archs, import_weights, resnet_depth)
 from fcn_jax.data.classes import VOC_CLASS_NAMES
 from fcn_jax.errors import cli
 from fcn_jax.models import fcn as fcn_lib
@@ -75,6 +82,19 @@ def _recognise(state: dict, src: str, arch: str | None, modality: str | None, lo
   """(net, recognised, why, arch): the reference net the file is (`recognised`; None: none), the
   one whose metadata to write (`net`; None when --arch names another arch) and the arch."""
   net, why = None, ''
+  depth, resnet_why = resnet_depth(state)
+  if arch is None and resnet_why:
+    # torchvision's nets are not reference nets (no zoo entry): generic metadata for the arch.
+    if depth is None:
+      raise ConversionError(f'{src}: {resnet_why}. Nothing fits.')
+    if modality is not None:
+      raise ConversionError(f'--modality is for the NYUD colour / HHA nets; {src} is a '
+                            f'torchvision {depth}')
+    arch = f'fcn_{depth}'
+    what = 'FCN' if any(k.startswith('backbone.') for k in state) else 'ImageNet classifier'
+    if log:
+      log(f'recognised torchvision {what} ({resnet_why}) -> arch {arch}')
+    return None, None, resnet_why, arch
   try:
     net, why = zoo.recognise(state, src, modality)
   except zoo.RecognitionError as e:
@@ -106,6 +126,8 @@ def _generic_metadata(arch: str, info: dict, prep: str, class_names: list[str] |
     raise ConversionError(f'{len(class_names)} class names for {n} classes')
   model = {'arch': arch, 'num_classes': n, 'width': info['width'],
            'learnable_upsampling': learnable_upsampling}
+  if fcn_lib.ARCHS[arch].aux_tap:
+    model['aux'] = bool(info.get('aux'))
   metadata = {**checkpoint.model_metadata(model), 'preprocessing': prep,
               'class_names': list(class_names)}
   channels = fcn_lib.ARCHS[arch].input_channels

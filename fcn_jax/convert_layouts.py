@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import zlib
 from typing import Any, Iterable
 
 import jax
@@ -23,15 +24,52 @@ class Layout:
   ignored: tuple[str, ...]     # regexes of source keys that are dropped on purpose
   preprocessing: str
   rename_branches: bool = False  # torchvision GoogLeNet: branch2_1 -> branch2.1
+  # (regex, replacement) applied in order to our dotted names (torchvision ResNet:
+  # layer1_0.conv1.bn.weight -> layer1.0.bn1.weight), then `backbone_prefix` before the backbone's.
+  renames: tuple[tuple[str, str], ...] = ()
+  backbone_prefix: str = ''
+  # The FCN layers in the source: a key starting with `fcn_marker` makes the file an FCN (not a
+  # backbone; None: never one); keys starting with `head_keys` are its FCN layers.
+  fcn_marker: str | None = 'score_fr'
+  head_keys: tuple[str, ...] = ('score_', 'upscore')
 
   def prefix(self, module: str) -> str:
     return self.module_keys.get(module) or module
+
+  def is_fcn(self, keys: Iterable[str]) -> bool:
+    """Whether the source holds FCN layers, not just a backbone."""
+    return self.fcn_marker is not None and any(k.startswith(self.fcn_marker) for k in keys)
 
 
 _VGG_CONVS = ('conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2', 'conv3_3',
               'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2', 'conv5_3')
 _TV_VGG16_FEATURES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 _NUM_BATCHES = r'.*\.num_batches_tracked$'
+
+# torchvision ResNet / FCN-ResNet names from ours (fcn_jax.models.backbones.Bottleneck, FCN's
+# torchvision heads): ConvBN's conv / bn are torchvision's convN / bnN, an FCNHead's conv / bn / 1x1
+# scores its Sequential's 0 / 1 / 4.
+_RESNET_RENAMES = (
+    (r'^conv1\.conv\.', 'conv1.'), (r'^conv1\.bn\.', 'bn1.'),
+    (r'^(layer\d)_(\d+)\.', r'\1.\2.'),
+    (r'\.conv(\d)\.conv\.', r'.conv\1.'), (r'\.conv(\d)\.bn\.', r'.bn\1.'),
+    (r'\.downsample\.conv\.', '.downsample.0.'), (r'\.downsample\.bn\.', '.downsample.1.'),
+    (r'^score_fr_conv\.conv\.', 'classifier.0.'), (r'^score_fr_conv\.bn\.', 'classifier.1.'),
+    (r'^score_fr\.', 'classifier.4.'),
+    (r'^score_aux_conv\.conv\.', 'aux_classifier.0.'),
+    (r'^score_aux_conv\.bn\.', 'aux_classifier.1.'), (r'^score_aux\.', 'aux_classifier.4.'),
+)
+
+
+def _resnet_layouts(depth: str) -> dict[str, Layout]:
+  """torchvision's segmentation FCN-ResNet (the backbone under `backbone.`, the FCNHeads under
+  `classifier.` / `aux_classifier.`) and its ImageNet ResNet (no prefix; fc dropped)."""
+  fcn = Layout(f'torchvision_fcn_{depth}', depth, {}, (_NUM_BATCHES,), 'torchvision_rgb',
+               renames=_RESNET_RENAMES, backbone_prefix='backbone.', fcn_marker='classifier.',
+               head_keys=('classifier.', 'aux_classifier.'))
+  imagenet = Layout(f'torchvision_{depth}', depth, {}, (r'^fc\.', _NUM_BATCHES), 'torchvision_rgb',
+                    renames=_RESNET_RENAMES, fcn_marker=None)
+  return {fcn.name: fcn, imagenet.name: imagenet}
 
 LAYOUTS = {
     # Caffe names: VGG_ILSVRC_16_layers, the released FCNs, pytorch-fcn's port of them.
@@ -53,6 +91,8 @@ LAYOUTS = {
     'torchvision_googlenet': Layout(
         'torchvision_googlenet', 'googlenet', {}, (r'^fc\.', r'^aux[12]\.', _NUM_BATCHES),
         'inception_rgb', rename_branches=True),
+    **_resnet_layouts('resnet50'),
+    **_resnet_layouts('resnet101'),
 }
 
 HEAD_PREFIXES = ('score_', 'upscore')  # the FCN layers; all other parameters form the backbone
@@ -83,7 +123,10 @@ class Target:
     parts = [layout.prefix(self.module) if not self.is_head else self.module, *self.path[2:-1]]
     if layout.rename_branches:
       parts = [re.sub(r'^branch(\d)_(\d)$', r'branch\1.\2', p) for p in parts]
-    return '.'.join(parts + [_LEAF_KEYS[(self.path[0], self.path[-1])]])
+    key = '.'.join(parts + [_LEAF_KEYS[(self.path[0], self.path[-1])]])
+    for pattern, replacement in layout.renames:
+      key = re.sub(pattern, replacement, key)
+    return key if self.is_head else layout.backbone_prefix + key
 
 
 def _targets(model) -> list[Target]:
@@ -96,10 +139,35 @@ def _layouts_for(backbone: str) -> list[Layout]:
   return [l for l in LAYOUTS.values() if l.backbone == backbone]
 
 
+def resnet_depth(keys: Iterable[str]) -> tuple[str | None, str]:
+  """('resnet50' | 'resnet101' | None, why) for torchvision ResNet keys (an ImageNet classifier,
+  or under `backbone.` an FCN-ResNet): told apart by their blocks per layer. (None, '') when there
+  are no ResNet layers; (None, why) for a ResNet no arch has (ResNet-18/34/152, ...)."""
+  blocks: dict[str, set[int]] = {}
+  bottleneck = False
+  for key in keys:
+    m = re.match(r'^(?:backbone\.)?(layer[1-4])\.(\d+)\.conv(\d)\.weight$', key)
+    if m:
+      blocks.setdefault(m.group(1), set()).add(int(m.group(2)))
+      bottleneck |= m.group(3) == '3'
+  if not blocks:
+    return None, ''
+  counts = tuple(len(blocks.get(f'layer{i}', ())) for i in range(1, 5))
+  for depth, expected in (('resnet50', (3, 4, 6, 3)), ('resnet101', (3, 4, 23, 3))):
+    if bottleneck and counts == expected:
+      return depth, f'ResNet layers of {"/".join(map(str, counts))} Bottleneck blocks: {depth}'
+  kind = 'Bottleneck' if bottleneck else 'BasicBlock (no conv3)'
+  return None, (f'a ResNet with {"/".join(map(str, counts))} {kind} blocks per layer: only '
+                'ResNet-50 (3/4/6/3) and ResNet-101 (3/4/23/3) Bottleneck nets have an arch')
+
+
 def guess_archs(keys: Iterable[str]) -> list[str]:
   """The archs a set of source keys looks made for (for error messages)."""
   keys = set(keys)
   has = lambda k: k in keys
+  depth, _ = resnet_depth(keys)
+  if depth is not None:
+    return [f'fcn_{depth}']
   if any(k.startswith('inception3a.') for k in keys):
     return ['fcn_googlenet']
   if has('conv1_1color.weight') or has('conv1_1hha.weight'):
@@ -157,10 +225,28 @@ def _expected_source_shape(target: Target) -> tuple[int, ...]:
 
 
 def _initial_head(target: Target) -> np.ndarray:
-  """The FCN layers' initialisation: zero score layers, bilinear upsampling."""
+  """The FCN layers' initialisation (as models.init_variables): zero score layers, bilinear
+  upsampling; the 3x3 conv of a torchvision head (score_fr_conv) He-normal, its BatchNorm the
+  identity."""
   if target.is_deconv:
     return np.asarray(layers.bilinear_init(target.shape[0])(None, target.shape))
+  if target.path[-1] in ('scale', 'var'):
+    return np.ones(target.shape, np.float32)
+  if target.path[-1] == 'kernel' and target.module.endswith('_conv'):
+    return _he_normal(target.shape, seed=zlib.crc32('/'.join(target.path).encode()))
   return np.zeros(target.shape, np.float32)
+
+
+def _he_normal(shape: tuple[int, ...], seed: int) -> np.ndarray:
+  """flax's he_normal (variance 2 / fan_in, normal truncated at 2 standard deviations), from NumPy:
+  deterministic, and no XLA program to compile per shape."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(shape)
+  while (outside := np.abs(x) > 2).any():
+    x[outside] = rng.standard_normal(int(outside.sum()))
+  # 0.8796...: the standard deviation of a unit normal truncated to [-2, 2].
+  std = np.sqrt(2.0 / np.prod(shape[:-1])) / 0.87962566103423978
+  return (x * std).astype(np.float32)
 
 
 def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
@@ -195,7 +281,7 @@ def _guess_hint(arch: str, keys: set[str]) -> str:
   if guesses and arch not in guesses:
     return f'\nThe file looks like weights for {" or ".join(guesses)}, not {arch}.'
   if not guesses:
-    return '\nThe file does not look like VGG16, AlexNet or GoogLeNet weights.'
+    return '\nThe file does not look like VGG16, AlexNet, GoogLeNet or ResNet-50/101 weights.'
   return ''
 
 
@@ -206,11 +292,12 @@ def _default_width(state: dict[str, np.ndarray], probe: list[Target], layout: La
   return float(first_weight.shape[0]) / first.shape[-1] if first_weight is not None else 1.0
 
 
-def _default_num_classes(state: dict[str, np.ndarray], spec, is_fcn: bool):
+def _default_num_classes(state: dict[str, np.ndarray], spec, is_fcn: bool, layout: Layout):
   """The source's score_fr outputs per head (an FCN), else the arch's default classes (21)."""
   counts = []
   for head in spec.heads:
-    score = state.get(f'score_fr{head.suffix}{spec.streams[0].suffix}.weight')
+    score_fr = Target(('params', f'score_fr{head.suffix}{spec.streams[0].suffix}', 'kernel'), ())
+    score = state.get(score_fr.source_key(layout))
     found = is_fcn and score is not None and score.ndim >= 1
     counts.append(int(score.shape[0]) if found else None)
   if None in counts:
@@ -246,7 +333,7 @@ class _Mapping:
 
   def __post_init__(self):
     self.keys = set(self.state)
-    self.is_fcn = _is_fcn(self.keys)
+    self.is_fcn = self.layout.is_fcn(self.keys)
 
   def add(self, t: Target) -> None:
     """Fills target `t` from its source key (or its initialisation), or records why not."""
@@ -284,7 +371,7 @@ class _Mapping:
     drop_heads = self.init_missing_heads and self.is_fcn
     return [key for key in sorted(self.keys - self.used)
             if any(p.search(key) for p in patterns) or
-            (drop_heads and key.startswith(HEAD_PREFIXES))]
+            (drop_heads and key.startswith(self.layout.head_keys))]
 
   def error(self, unexpected: list[str], mixing: list[str]) -> ConversionError:
     parts = [f'cannot load the file into {self.arch} (layout {self.layout.name}, width '
@@ -304,11 +391,6 @@ class _Mapping:
     return ConversionError('\n'.join(parts))
 
 
-def _is_fcn(keys: Iterable[str]) -> bool:
-  """Whether the source holds FCN layers (a score_fr), not just a backbone."""
-  return any(k.startswith('score_fr') for k in keys)
-
-
 def _no_backbone_error(arch: str, backbone: str, keys: set[str]) -> ConversionError:
   return ConversionError(
       f'no backbone weights for {arch} ({backbone}) found in the file. Known layouts: '
@@ -318,7 +400,8 @@ def _no_backbone_error(arch: str, backbone: str, keys: set[str]) -> ConversionEr
 
 def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int | None = None,
                    width: float | None = None, init_missing_heads: bool = False,
-                   learnable_upsampling: bool = True) -> tuple[dict, dict]:
+                   learnable_upsampling: bool = True,
+                   aux: bool | None = None) -> tuple[dict, dict]:
   """Maps a state dict (from `read_weights`) onto the variables of `models.build(arch, ...)`.
 
   Args:
@@ -329,11 +412,13 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
     init_missing_heads: allow an FCN source without some of the arch's FCN layers (e.g. FCN-16s
       initialised from FCN-32s, as in the paper): those keep their initialisation, and source FCN
       layers the arch does not have are dropped.
+    aux: archs with an auxiliary head (fcn_resnet50/101): build(aux=...); default: whether the
+      source has one (torchvision's aux_classifier).
   Returns:
     (variables {'params', maybe 'batch_stats'} of float32 NumPy arrays, info) where info holds
     'layout', 'kind' ('fcn' | 'backbone'), 'preprocessing' (the layout's default), 'num_classes',
-    'width', 'initialised' (our parameters that kept their initialisation) and 'ignored' (source
-    keys dropped on purpose).
+    'width', 'aux', 'initialised' (our parameters that kept their initialisation) and 'ignored'
+    (source keys dropped on purpose).
   Raises:
     ConversionError listing missing, unexpected and mismatched keys.
   """
@@ -341,18 +426,22 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
     raise ConversionError(f'unknown arch {arch!r}; choose one of {sorted(fcn_lib.ARCHS)}')
   spec = fcn_lib.ARCHS[arch]
   keys = set(state)
-  is_fcn = _is_fcn(keys)
-  probe = _targets(models.build(arch, num_classes=(1,) * len(spec.heads), width=1.0))
+  probe = _targets(models.build(arch, num_classes=(1,) * len(spec.heads), width=1.0,
+                                aux=bool(spec.aux_tap)))
   hits, layout = _best_layout(spec.backbone, probe, keys)
   if hits == 0:
     raise _no_backbone_error(arch, spec.backbone, keys)
+  is_fcn = layout.is_fcn(keys)
   if width is None:
     width = _default_width(state, probe, layout)
   if num_classes is None:
-    num_classes = _default_num_classes(state, spec, is_fcn)
+    num_classes = _default_num_classes(state, spec, is_fcn, layout)
+  if aux is None:
+    aux_keys = {t.source_key(layout) for t in probe if t.module.startswith('score_aux')}
+    aux = is_fcn and bool(aux_keys & keys)
 
   model = models.build(arch, num_classes=num_classes, width=width,
-                       learnable_upsampling=learnable_upsampling)
+                       learnable_upsampling=learnable_upsampling, aux=aux)
   mapping = _Mapping(state, arch, layout, width, num_classes, init_missing_heads)
   for t in _targets(model):
     mapping.add(t)
@@ -364,5 +453,5 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
     raise mapping.error(unexpected, mixing)
   info = {'layout': layout.name, 'kind': 'fcn' if is_fcn else 'backbone',
           'preprocessing': layout.preprocessing, 'num_classes': num_classes, 'width': width,
-          'initialised': mapping.initialised, 'ignored': ignored}
+          'aux': aux, 'initialised': mapping.initialised, 'ignored': ignored}
   return mapping.variables, info

@@ -1,17 +1,18 @@
-"""Convolutionalised classifiers (VGG16, AlexNet, GoogLeNet) described as data.
+"""Convolutionalised classifiers (VGG16, AlexNet, GoogLeNet, ResNet-50/101) described as data.
 
 A backbone is a tuple of layer specs. The same tuple drives the flax module (`Backbone`) and the
 geometry (`coord_map`, `receptive_field`, `conv_depth`), so the figures of the paper's Table 1 and
 the Caffe crop offsets are computed from the network definition, never typed in.
 
 Layer names follow Caffe for VGG16/AlexNet (conv1_1..conv5_3, fc6, fc7) and torchvision for
-GoogLeNet (conv1, conv2, conv3, inception3a..5b with branch1..branch4), so that weights from either
-can be imported by name.
+GoogLeNet (conv1, conv2, conv3, inception3a..5b with branch1..branch4) and ResNet (conv1, layer1..4
+with their blocks as layer1_0, layer1_1, ...), so that weights from either can be imported by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from fractions import Fraction
 from typing import Union
 
@@ -47,7 +48,8 @@ class MaxPool:
   name: str
   window: int
   stride: int
-  padding: int = 0  # always ceil mode
+  padding: int = 0
+  ceil: bool = True  # Caffe's rounding (the paper's nets); False: PyTorch's default (ResNet)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +84,27 @@ class Inception:
     return self.c1 + self.c3 + self.c5 + self.pool_proj
 
 
-Layer = Union[Conv, MaxPool, Dropout, Inception, LRN]
+@dataclasses.dataclass(frozen=True)
+class ResLayer:
+  """torchvision ResNet's layerN: `blocks` Bottlenecks (1x1 -> 3x3 -> 1x1, expansion 4, each conv
+  followed by BatchNorm). The first block has the stride (on its 3x3: ResNet v1.5) and a projection
+  shortcut (1x1 conv + BatchNorm). `dilation` is that of the 3x3s; torchvision's _make_layer gives
+  the first block the previous layer's (`first_dilation`) when a stride is replaced by dilation."""
+  name: str
+  planes: int
+  blocks: int
+  stride: int = 1
+  dilation: int = 1
+  first_dilation: int = 1
+
+  @property
+  def features(self) -> int:
+    return self.planes * BOTTLENECK_EXPANSION
+
+
+BOTTLENECK_EXPANSION = 4
+
+Layer = Union[Conv, MaxPool, Dropout, Inception, LRN, ResLayer]
 
 
 def _vgg16() -> tuple[Layer, ...]:
@@ -161,8 +183,27 @@ def _vgg16_bn() -> tuple[Layer, ...]:
   return tuple(spec)
 
 
+def _resnet(blocks_per_layer: tuple[int, int, int, int],
+            replace_stride_with_dilation: tuple[bool, bool, bool] = (False, True, True)
+            ) -> tuple[Layer, ...]:
+  """torchvision's ResNet (Bottleneck) up to layer4, as its segmentation models build it:
+  replace_stride_with_dilation=[False, True, True] keeps layer3 and layer4 at stride 8, dilating
+  their 3x3s by 2 and 4 instead (torchvision _make_layer's rule, first_dilation included).
+  BatchNorm eps 1e-5; the stem pools with PyTorch's floor rounding. No average pooling, no fc."""
+  spec: list[Layer] = [Conv('conv1', 64, 7, stride=2, padding=3, trained_bn=True),
+                       MaxPool('maxpool', 3, 2, padding=1, ceil=False)]
+  dilation = 1
+  for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), blocks_per_layer)):
+    stride, previous = (1 if i == 0 else 2), dilation
+    if i > 0 and replace_stride_with_dilation[i - 1]:
+      dilation, stride = dilation * stride, 1
+    spec.append(ResLayer(f'layer{i + 1}', planes, blocks, stride, dilation, previous))
+  return tuple(spec)
+
+
 BACKBONES = {'vgg16': _vgg16, 'vgg16_bn': _vgg16_bn, 'alexnet': _alexnet, 'caffenet': _caffenet,
-             'googlenet': _googlenet}
+             'googlenet': _googlenet,
+             'resnet50': lambda: _resnet((3, 4, 6, 3)), 'resnet101': lambda: _resnet((3, 4, 23, 3))}
 
 
 def get_backbone(name: str) -> tuple[Layer, ...]:
@@ -176,15 +217,21 @@ def get_backbone(name: str) -> tuple[Layer, ...]:
 # Geometry, from the spec alone.
 
 
-def _kernel_stride_pad(layer: Layer) -> tuple[int, int, int] | None:
+def _windows(layer: Layer) -> list[tuple[int, int, int]]:
+  """(kernel, stride, padding) of each spatial window along the layer's longest path; a dilated
+  kernel counts with its extent, dilation * (kernel - 1) + 1."""
   if isinstance(layer, Conv):
-    return layer.kernel, layer.stride, layer.padding
+    return [(layer.kernel, layer.stride, layer.padding)]
   if isinstance(layer, MaxPool):
-    return layer.window, layer.stride, layer.padding
+    return [(layer.window, layer.stride, layer.padding)]
   if isinstance(layer, Inception):
     # Every branch is centred; the widest kernel is 3 (1x1 then 3x3, or pool then 1x1).
-    return 3, 1, 1
-  return None
+    return [(3, 1, 1)]
+  if isinstance(layer, ResLayer):
+    # The 3x3 of each block (padding = dilation, so centred); the 1x1s and shortcuts add nothing.
+    d0, d = layer.first_dilation, layer.dilation
+    return [(2 * d0 + 1, layer.stride, d0)] + [(2 * d + 1, 1, d)] * (layer.blocks - 1)
+  return []
 
 
 def coord_map(spec: tuple[Layer, ...], upto: str | None = None) -> tuple[Fraction, Fraction]:
@@ -194,9 +241,7 @@ def coord_map(spec: tuple[Layer, ...], upto: str | None = None) -> tuple[Fractio
   """
   a, b = Fraction(1), Fraction(0)
   for layer in spec:
-    ksp = _kernel_stride_pad(layer)
-    if ksp is not None:
-      k, s, p = ksp
+    for k, s, p in _windows(layer):
       b += a * (Fraction(k - 1, 2) - p)
       a *= s
     if upto is not None and getattr(layer, 'name', None) == upto:
@@ -209,9 +254,7 @@ def coord_map(spec: tuple[Layer, ...], upto: str | None = None) -> tuple[Fractio
 def receptive_field(spec: tuple[Layer, ...]) -> int:
   rf, jump = 1, 1
   for layer in spec:
-    ksp = _kernel_stride_pad(layer)
-    if ksp is not None:
-      k, s, _ = ksp
+    for k, s, _ in _windows(layer):
       rf += (k - 1) * jump
       jump *= s
   return rf
@@ -222,13 +265,16 @@ def max_stride(spec: tuple[Layer, ...]) -> int:
 
 
 def conv_depth(spec: tuple[Layer, ...]) -> int:
-  """Convolutions on the longest path from the input (an Inception block is two deep)."""
+  """Convolutions on the longest path from the input (an Inception block is two deep, a
+  Bottleneck three)."""
   depth = 0
   for layer in spec:
     if isinstance(layer, Conv):
       depth += 1
     elif isinstance(layer, Inception):
       depth += 2
+    elif isinstance(layer, ResLayer):
+      depth += 3 * layer.blocks
   return depth
 
 
@@ -242,16 +288,17 @@ def scaled(features: int, width: float) -> int:
 
 
 def conv_relu(layer: Conv, width: float, dtype: jnp.dtype, name: str | None = None,
-              forms: forms_lib.Forms | None = None, train: bool = False):
+              forms: forms_lib.Forms | None = None, train: bool = False, bn_frozen: bool = False):
   """The flax module for one Conv spec: Conv + ReLU, torchvision's BasicConv2d, or conv -> BN ->
-  ReLU with trained statistics (`train`: batch statistics, updating the running averages);
-  `forms`: the CPU forms of the convolution (None: forms.active() at trace time)."""
+  ReLU with trained statistics (`train`: batch statistics, updating the running averages; not with
+  `bn_frozen`, which keeps them fixed for fine-tuning); `forms`: the CPU forms of the convolution
+  (None: forms.active() at trace time)."""
   features = scaled(layer.features, width)
   name = name or layer.name
   if layer.trained_bn or layer.batch_norm:
     block = ConvBN(features, layer.kernel, layer.stride, layer.padding, dtype=dtype, forms=forms,
-                   trained=layer.trained_bn, epsilon=1e-5 if layer.trained_bn else 1e-3,
-                   name=name)
+                   trained=layer.trained_bn and not bn_frozen,
+                   epsilon=1e-5 if layer.trained_bn else 1e-3, name=name)
     return lambda x: block(x, train)
   if features % layer.groups:
     raise ValueError(f'{layer.name}: {features} channels at width {width:g} do not split into '
@@ -266,9 +313,10 @@ def conv_relu(layer: Conv, width: float, dtype: jnp.dtype, name: str | None = No
 class ConvBN(nn.Module):
   """conv (no bias) -> BatchNorm -> ReLU. Frozen statistics (`trained=False`: torchvision's
   BasicConv2d, eps 1e-3; the paper fine-tunes with small batches of variably sized crops), or
-  trained ones (vgg16_bn, eps 1e-5): batch statistics when `train` (the running averages in
-  `batch_stats` are updated, so the caller applies with mutable=['batch_stats']), the running
-  averages otherwise."""
+  trained ones (vgg16_bn and ResNet, eps 1e-5): batch statistics when `train` (the running averages
+  in `batch_stats` are updated, so the caller applies with mutable=['batch_stats']), the running
+  averages otherwise. `relu=False`: a Bottleneck's last conv and its shortcut (the ReLU follows the
+  sum)."""
 
   features: int
   kernel: int
@@ -278,6 +326,8 @@ class ConvBN(nn.Module):
   forms: forms_lib.Forms | None = None
   trained: bool = False
   epsilon: float = 1e-3
+  dilation: int = 1
+  relu: bool = True
   # Running averages keep 10% of each step's batch statistics: a from-scratch run of a few
   # thousand steps needs averages that follow its weights (flax's default 0.99 lags ~100 steps).
   momentum: float = 0.9
@@ -285,12 +335,12 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
-                padding=[(self.padding, self.padding)] * 2, use_bias=False, dtype=self.dtype,
-                kernel_init=nn.initializers.he_normal(),
+                padding=[(self.padding, self.padding)] * 2, kernel_dilation=self.dilation,
+                use_bias=False, dtype=self.dtype, kernel_init=nn.initializers.he_normal(),
                 conv_general_dilated=cpu_kernels.conv_with(self.forms), name='conv')(x)
     x = nn.BatchNorm(use_running_average=not (self.trained and train), momentum=self.momentum,
                      epsilon=self.epsilon, dtype=self.dtype, name='bn')(x)
-    return nn.relu(x)
+    return nn.relu(x) if self.relu else x
 
 
 class InceptionBlock(nn.Module):
@@ -311,21 +361,73 @@ class InceptionBlock(nn.Module):
     return jnp.concatenate([b1, b2, b3, b4], axis=-1)
 
 
+class Bottleneck(nn.Module):
+  """torchvision's Bottleneck (v1.5): conv1 1x1 -> conv2 3x3 (stride, dilation) -> conv3 1x1, each
+  with BatchNorm, plus the shortcut (identity, or `downsample`: 1x1 conv with the stride and
+  BatchNorm), then ReLU. Parameters conv1..conv3/{conv, bn} and downsample/{conv, bn}."""
+
+  planes: int
+  features: int
+  stride: int = 1
+  dilation: int = 1
+  projection: bool = False
+  dtype: jnp.dtype = jnp.float32
+  forms: forms_lib.Forms | None = None
+  trained: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    unit = functools.partial(ConvBN, dtype=self.dtype, forms=self.forms, trained=self.trained,
+                             epsilon=1e-5)
+    y = unit(self.planes, 1, name='conv1')(x, train)
+    y = unit(self.planes, 3, self.stride, self.dilation, dilation=self.dilation,
+             name='conv2')(y, train)
+    y = unit(self.features, 1, relu=False, name='conv3')(y, train)
+    if self.projection:
+      x = unit(self.features, 1, self.stride, relu=False, name='downsample')(x, train)
+    return nn.relu(y + x)
+
+
+def apply_res_layer(layer: ResLayer, x: jax.Array, *, width: float, dtype: jnp.dtype, train: bool,
+                    name_of=lambda name: name, forms: forms_lib.Forms | None = None,
+                    bn_frozen: bool = False) -> jax.Array:
+  """A ResLayer's blocks, named <layer>_<i> (layer1_0, ...) in the calling module's scope. The
+  first block always projects its shortcut (at full width that is torchvision's rule: its stride
+  or its channel count changes in every layer; here independent of `width`)."""
+  planes, features = scaled(layer.planes, width), scaled(layer.features, width)
+  for i in range(layer.blocks):
+    first = i == 0
+    x = Bottleneck(planes, features, stride=layer.stride if first else 1,
+                   dilation=layer.first_dilation if first else layer.dilation, projection=first,
+                   dtype=dtype, forms=forms, trained=not bn_frozen,
+                   name=name_of(f'{layer.name}_{i}'))(x, train)
+  return x
+
+
 def apply_backbone(spec: tuple[Layer, ...], x: jax.Array, *, width: float, dtype: jnp.dtype,
                    train: bool, dropout_rate: float | None = None,
                    name_of=lambda name: name,
-                   forms: forms_lib.Forms | None = None) -> dict[str, jax.Array]:
+                   forms: forms_lib.Forms | None = None,
+                   bn_frozen: bool = False) -> dict[str, jax.Array]:
   """Runs a layer spec inside the calling module's compact scope (so parameters are named
   conv1_1, fc6, ... at the top level, as in Caffe; `name_of` renames them, e.g. conv1_1color).
+  `bn_frozen`: BatchNorm that would train keeps its running statistics (fine-tuning).
 
-  Input (N, H, W, C). Returns {'out': (N, h, w, C')} plus the output of every pooling layer by name.
+  Input (N, H, W, C). Returns {'out': (N, h, w, C')} plus the output of every pooling layer and
+  ResNet layer by name.
   """
   taps = {}
   for layer in spec:
     if isinstance(layer, Conv):
-      x = conv_relu(layer, width, dtype, name=name_of(layer.name), forms=forms, train=train)(x)
+      x = conv_relu(layer, width, dtype, name=name_of(layer.name), forms=forms, train=train,
+                    bn_frozen=bn_frozen)(x)
     elif isinstance(layer, MaxPool):
-      x = layers.max_pool_ceil(x, layer.window, layer.stride, layer.padding, forms=forms)
+      pool = layers.max_pool_ceil if layer.ceil else layers.max_pool_floor
+      x = pool(x, layer.window, layer.stride, layer.padding, forms=forms)
+      taps[layer.name] = x
+    elif isinstance(layer, ResLayer):
+      x = apply_res_layer(layer, x, width=width, dtype=dtype, train=train, name_of=name_of,
+                          forms=forms, bn_frozen=bn_frozen)
       taps[layer.name] = x
     elif isinstance(layer, LRN):
       x = layers.lrn_across_channels(x, layer.size, layer.alpha, layer.beta, layer.k)

@@ -4,6 +4,10 @@ FCN-32s/16s/8s differ only in the skip list; FCN-8s at-once also scales the pool
 (0.01 for pool4, 0.0001 for pool3). Crop offsets and the final upsampling kernel are derived from
 the backbone geometry (Caffe's coord_map), and tests check them against the reference values
 19 / 5, 27 / 5, 9, 31 / AlexNet 18.
+
+torchvision's FCN-ResNet50/101 are the same builder with the other head type: its FCNHead (3x3 conv,
+BatchNorm, ReLU, dropout, 1x1 scores) on a dilated ResNet (output stride 8), an optional auxiliary
+FCNHead on layer3, and bilinear resizing of the scores to the input instead of deconvolutions.
 """
 
 from __future__ import annotations
@@ -52,6 +56,15 @@ class Stream:
     return dict(self.renames).get(name, name) + self.suffix
 
 
+# How the scores are made and brought to the input size (ArchSpec.head_type).
+CAFFE_HEADS = 'caffe'  # 1x1 score layers, skips, deconvolutions and Caffe crops (the paper's nets)
+# torchvision's FCNHead on the last features (3x3 conv to a quarter of the channels, BatchNorm,
+# ReLU, dropout, 1x1 scores), then bilinear resizing to the input (align_corners=False).
+TORCHVISION_HEADS = 'torchvision'
+TORCHVISION_HEAD_DROPOUT = 0.1
+AUX_OUTPUT = 'aux'  # the output name of the auxiliary head (build(aux=True))
+
+
 @dataclasses.dataclass(frozen=True)
 class ArchSpec:
   backbone: str
@@ -59,6 +72,8 @@ class ArchSpec:
   heads: tuple[Head, ...] = (Head(),)
   streams: tuple[Stream, ...] = (Stream(),)
   default_classes: tuple[int, ...] = (21,)  # per head, when build() is not told
+  head_type: str = CAFFE_HEADS
+  aux_tap: str = ''  # torchvision heads: the features of the auxiliary head (build(aux=True))
 
   @property
   def input_channels(self) -> int:
@@ -92,6 +107,9 @@ ARCHS: dict[str, ArchSpec] = {
     'fcn32s_late_fusion': ArchSpec('vgg16', streams=_LATE_FUSION, default_classes=(40,)),
     'fcn16s_late_fusion': ArchSpec('vgg16', _FCN16S_SKIPS, streams=_LATE_FUSION,
                                    default_classes=(40,)),
+    # torchvision.models.segmentation.fcn_resnet50 / fcn_resnet101 (ResNet dilated to stride 8).
+    'fcn_resnet50': ArchSpec('resnet50', head_type=TORCHVISION_HEADS, aux_tap='layer3'),
+    'fcn_resnet101': ArchSpec('resnet101', head_type=TORCHVISION_HEADS, aux_tap='layer3'),
 }
 
 SKIP_UPSAMPLE_KERNEL = 4  # upscore2 / upscore_pool4: k4 s2
@@ -125,6 +143,8 @@ def geometry(arch: ArchSpec | str) -> Geometry:
     if arch not in ARCHS:
       raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
     arch = ARCHS[arch]
+  if arch.head_type == TORCHVISION_HEADS:
+    return Geometry((), (), 0)  # no deconvolutions or crops: the scores are resized to the input
   spec = backbones.get_backbone(arch.backbone)
   a, b = backbones.coord_map(spec)  # score_fr: x_input = a * x + b
   upsamples, crops = [], []
@@ -163,7 +183,8 @@ class FCN(nn.Module):
   """Fully convolutional network. Input (N, H, W, C) preprocessed inputs (C = arch.input_channels:
   the modalities concatenated, e.g. 3 for colour, 4 for colour + depth, 6 for colour and HHA);
   output (N, H, W, classes) float32 scores, for any H, W >= 1, or with several heads a dict
-  {head name: scores}.
+  {head name: scores}. With `aux` (torchvision heads) a dict {head name: scores, 'aux': the
+  auxiliary head's scores}, in training and at test time alike (as torchvision's FCN).
   """
 
   arch: ArchSpec
@@ -179,12 +200,18 @@ class FCN(nn.Module):
   # model is built, not part of the model config (a checkpoint runs anywhere). None: chosen at
   # trace time.
   forms: forms_lib.Forms | None = None
+  aux: bool = False  # torchvision heads: also the auxiliary head's scores (AUX_OUTPUT)
+  # BatchNorm that would train (vgg16_bn, ResNet, the torchvision heads) keeps its running
+  # statistics in training too (fine-tuning with small batches); its scale and bias still learn.
+  bn_frozen: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array | dict[str, jax.Array]:
     channels = self.arch.input_channels
     if images.ndim != 4 or images.shape[-1] != channels:
       raise ValueError(f'expected inputs of shape (N, H, W, {channels}), got {images.shape}')
+    if self.aux and not self.arch.aux_tap:
+      raise ValueError('aux=True needs an arch with an auxiliary head (torchvision heads)')
     spec = backbones.get_backbone(self.arch.backbone)
     geo = geometry(self.arch)
     x = images.astype(self.dtype)
@@ -192,8 +219,11 @@ class FCN(nn.Module):
     for stream in self.arch.streams:
       features.append(backbones.apply_backbone(
           spec, x[..., start:start + stream.channels], width=self.width, dtype=self.dtype,
-          train=train, dropout_rate=self.dropout_rate, name_of=stream.name_of, forms=self.forms))
+          train=train, dropout_rate=self.dropout_rate, name_of=stream.name_of, forms=self.forms,
+          bn_frozen=self.bn_frozen))
       start += stream.channels
+    if self.arch.head_type == TORCHVISION_HEADS:
+      return self._torchvision_heads(images, features, train)
     outputs = {}
     for head, num_classes in zip(self.arch.heads, self.num_classes):
       score = self._fused_score(head, num_classes, 'fr', features, 'out', 1.0)
@@ -223,6 +253,34 @@ class FCN(nn.Module):
       return scores[0]
     return sum(scores[1:], scores[0]) * jnp.asarray(1 / len(scores), scores[0].dtype)
 
+  def _torchvision_heads(self, images: jax.Array, features: list[dict], train: bool
+                         ) -> jax.Array | dict[str, jax.Array]:
+    """torchvision's FCN: an FCNHead per head on the last features (and with `aux` one on
+    arch.aux_tap's), each resized bilinearly to the input (align_corners=False)."""
+    if len(features) != 1 or self.arch.skips:
+      raise ValueError('torchvision heads take one stream and no skips')
+    feats = features[0]
+    outputs = {head.name: self._fcn_head(f'score_fr{head.suffix}', n, feats['out'], train)
+               for head, n in zip(self.arch.heads, self.num_classes)}
+    if self.aux:
+      outputs[AUX_OUTPUT] = self._fcn_head('score_aux', self.num_classes[0],
+                                           feats[self.arch.aux_tap], train)
+    # Scores are resized in float32 (a few channels: cheap, and bfloat16 would round them).
+    outputs = {name: layers.resize_bilinear(score.astype(jnp.float32), images.shape[1:3])
+               for name, score in outputs.items()}
+    return outputs if len(outputs) > 1 else outputs[self.arch.heads[0].name]
+
+  def _fcn_head(self, name: str, num_classes: int, x: jax.Array, train: bool) -> jax.Array:
+    """torchvision's FCNHead: 3x3 conv (no bias) to a quarter of the channels, BatchNorm (eps
+    1e-5), ReLU, dropout (0.1 unless dropout_rate says otherwise), 1x1 conv to the classes.
+    Parameters <name>_conv/{conv, bn} and <name> (the zero-initialised score layer)."""
+    x = backbones.ConvBN(max(1, x.shape[-1] // 4), 3, padding=1, dtype=self.dtype,
+                         forms=self.forms, trained=not self.bn_frozen, epsilon=1e-5,
+                         name=f'{name}_conv')(x, train)
+    rate = TORCHVISION_HEAD_DROPOUT if self.dropout_rate is None else self.dropout_rate
+    x = nn.Dropout(rate, deterministic=not train or rate == 0)(x)
+    return self._score(name, num_classes, x)
+
   def _score(self, name: str, num_classes: int, x: jax.Array) -> jax.Array:
     # Zero-initialised 1x1 classifiers: training starts from the backbone's features, not noise.
     return nn.Conv(num_classes, (1, 1), dtype=self.dtype, kernel_init=nn.initializers.zeros,
@@ -238,9 +296,10 @@ class FCN(nn.Module):
     return tuple(h.name for h in self.arch.heads)
 
   def final_upsampling_modules(self) -> tuple[str, ...]:
-    """Top-level parameter names of the final (per-class, frozen) upsamplings, one per head."""
-    final = geometry(self.arch).upsamples[-1]
-    return tuple(f'{final.name}{h.suffix}' for h in self.arch.heads)
+    """Top-level parameter names of the final (per-class, frozen) upsamplings, one per head (none
+    for torchvision heads, which resize)."""
+    ups = geometry(self.arch).upsamples
+    return tuple(f'{ups[-1].name}{h.suffix}' for h in self.arch.heads) if ups else ()
 
   def frozen_modules(self) -> tuple[str, ...]:
     """Top-level parameter names the optimiser must keep fixed."""
@@ -267,26 +326,34 @@ def head_classes(arch: str, num_classes: int | Sequence[int] | None) -> tuple[in
 
 def build(arch: str, num_classes: int | Sequence[int] | None = None, width: float = 1.0,
           dtype: Any = jnp.float32, learnable_upsampling: bool = True,
-          dropout_rate: float | None = None, skip_scaling: bool = True, backbone: str = '') -> FCN:
+          dropout_rate: float | None = None, skip_scaling: bool = True, backbone: str = '',
+          aux: bool = False, bn_frozen: bool = False) -> FCN:
   """The FCN named `arch` (one of ARCHS). Its keyword arguments are the model config: what
   `train` reads from config.model and what every checkpoint stores as metadata['model'].
 
   Args:
     arch: one of ARCHS (fcn32s, fcn16s, fcn8s, fcn8s_atonce, fcn_alexnet, fcn_alexnet_caffe,
-      fcn_googlenet, fcn{32,16,8}s_two_heads, fcn32s_early_fusion, fcn{32,16}s_late_fusion).
+      fcn_googlenet, fcn{32,16,8}s_two_heads, fcn32s_early_fusion, fcn{32,16}s_late_fusion,
+      fcn_resnet50, fcn_resnet101).
     num_classes: output classes (21 for PASCAL VOC); one count per head for several heads
       (SIFT Flow: (33, 3)). None: the arch's default (21; two heads (33, 3); NYUD fusion 40).
     width: multiplies every channel count of the backbone (e.g. 1/8 for CPU tests and demos).
     dtype: compute dtype (bfloat16 on GPU/TPU); parameters stay float32 and scores are float32.
     learnable_upsampling: train the intermediate deconvolutions (the seed report) or freeze them
       (the Caffe reference). The final deconvolution is always frozen.
-    dropout_rate: None keeps the classifier's dropout (0.5 after fc6 and fc7, as the paper); a
-      number replaces it (0 disables it, e.g. for short from-scratch runs at reduced width).
+    dropout_rate: None keeps the classifier's dropout (0.5 after fc6 and fc7, as the paper; 0.1 in
+      torchvision's FCNHead); a number replaces it (0 disables it, e.g. for short from-scratch runs
+      at reduced width).
     skip_scaling: False drops FCN-8s at-once's fixed skip scales (for training from scratch).
     backbone: '' keeps the arch's own; 'vgg16_bn' replaces a VGG16 one by VGG16 with BatchNorm
       that trains and 'same' padding (no pad of 100), for training from scratch (the `scratch`
       preset). Its BatchNorm statistics live in the `batch_stats` collection: training applies
       the net with train=True and mutable=['batch_stats'].
+    aux: fcn_resnet50/101: also torchvision's auxiliary FCNHead on layer3; the net then returns
+      {head name: scores, 'aux': scores} (the auxiliary loss is the training's business).
+    bn_frozen: BatchNorm that trains (vgg16_bn, ResNet and its heads; statistics in the
+      `batch_stats` collection) keeps its running statistics instead, for fine-tuning with small
+      batches; False trains them (from scratch).
 
   The model takes the default CPU forms (`forms.active()`); `fcn_jax.tune.tuned(model)` gives it
   this machine's (the entry points do: training, checkpoint.load_inference, the benchmarks).
@@ -302,10 +369,13 @@ def build(arch: str, num_classes: int | Sequence[int] | None = None, width: floa
       raise ValueError(f'{arch} has a {spec.backbone} backbone: backbone={backbone!r} cannot '
                        f'replace it (choose one of {variants or "none"}, or leave it empty)')
     spec = dataclasses.replace(spec, backbone=backbone)
+  if aux and not spec.aux_tap:
+    with_aux = sorted(name for name, s in ARCHS.items() if s.aux_tap)
+    raise ValueError(f'{arch} has no auxiliary head; aux=True is for {", ".join(with_aux)}')
   return FCN(spec, num_classes=head_classes(arch, num_classes), width=width,
              dtype=jnp.dtype(dtype), learnable_upsampling=learnable_upsampling,
              dropout_rate=dropout_rate, skip_scaling=skip_scaling,
-             forms=forms_lib.active())
+             forms=forms_lib.active(), aux=bool(aux), bn_frozen=bool(bn_frozen))
 
 
 # (the arch's backbone, a backbone that may replace it) for build(backbone=...): the same taps.
@@ -331,7 +401,7 @@ def frozen_mask(model: FCN, params: Any) -> Any:
 
 def init_variables(model: FCN, rng: jax.Array, image_size: int = 1) -> dict:
   """Initial variables ({'params'} plus BatchNorm statistics: frozen for GoogLeNet, trained for
-  vgg16_bn)."""
+  vgg16_bn and ResNet unless bn_frozen)."""
   images = jnp.zeros((1, image_size, image_size, model.arch.input_channels), jnp.float32)
   # Jitted: bit-identical values, but one compiled program instead of one per op and parameter
   # shape (GoogLeNet at width 1/16 on a loaded 2-core CPU: 20 s instead of 50 s). What remains is
@@ -352,7 +422,9 @@ def describe(arch: str) -> dict[str, Any]:
   """Static figures of the paper's Table 1, computed from the definition at full width.
 
   `params` counts learned parameters of the backbone and score layers, as the paper does (it leaves
-  out the upsampling filters, which are reported in `upsampling_params`).
+  out the upsampling filters, which are reported in `upsampling_params`). torchvision heads: the
+  auxiliary head is left out of `params` too (build's default is aux=False) and reported in
+  `aux_params`; `receptive_field` and `conv_layers` then include the head's 3x3 conv.
   """
   model = build(arch)
   spec = ARCHS[arch]
@@ -361,18 +433,29 @@ def describe(arch: str) -> dict[str, Any]:
   geo = geometry(spec)
   up_names = {f'{u.name}{h.suffix}' for u in geo.upsamples for h in spec.heads}
   upsampling = count_params({k: v for k, v in shapes.items() if k in up_names})
-  return {
+  stride = backbones.max_stride(backbone)
+  # After the backbone: score_fr (1x1), or the FCNHead's 3x3 conv and its 1x1 scores.
+  torchvision = spec.head_type == TORCHVISION_HEADS
+  head_convs, head_growth = (2, 2 * stride) if torchvision else (1, 0)
+  figures = {
       'arch': arch,
       'backbone': spec.backbone,
       'heads': {h.name: n for h, n in zip(spec.heads, model.num_classes)},
+      'head_type': spec.head_type,
       'input_channels': spec.input_channels,
       'streams': len(spec.streams),
-      'conv_layers': backbones.conv_depth(backbone) + 1,  # + score_fr, along one stream
+      'conv_layers': backbones.conv_depth(backbone) + head_convs,  # along one stream
       'params': count_params(shapes) - upsampling,
       'upsampling_params': upsampling,
-      'receptive_field': backbones.receptive_field(backbone),
-      'max_stride': backbones.max_stride(backbone),
+      'receptive_field': backbones.receptive_field(backbone) + head_growth,
+      'max_stride': stride,
       'skip_crops': geo.skip_crops,
       'final_crop': geo.final_crop,
-      'upsampling': [dataclasses.asdict(u) for u in geo.upsamples],
+      'upsampling': [dataclasses.asdict(u) for u in geo.upsamples],  # deconvolutions
+      'resize': 'bilinear, align_corners=False' if torchvision else None,  # scores to the input
   }
+  if spec.aux_tap:
+    with_aux = build(arch, aux=True)
+    aux_shapes = jax.eval_shape(lambda: init_variables(with_aux, jax.random.key(0)))['params']
+    figures['aux_params'] = count_params(aux_shapes) - count_params(shapes)
+  return figures

@@ -47,6 +47,26 @@ def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int = 0,
                               blocks=window == stride and not padding, forms=forms)
 
 
+def max_pool_floor(x: jax.Array, window: int, stride: int, padding: int = 0,
+                   forms: forms_lib.Forms | None = None) -> jax.Array:
+  """Max pooling with PyTorch's default floor rounding (nn.MaxPool2d, ceil_mode=False: ResNet's
+  stem): (size + 2 * padding - window) // stride + 1 outputs; -inf padding.
+
+  Args:
+    x: (N, H, W, C).
+  """
+  pads = []
+  for size in x.shape[1:3]:
+    out = (size + 2 * padding - window) // stride + 1
+    if out < 1:
+      raise ValueError(f'max pooling {window}/{stride} (padding {padding}) of a {size}-pixel '
+                       f'input has no output')
+    # The right padding that ends the last window exactly (less than `padding` when the floor
+    # rounding leaves trailing rows unvisited, as PyTorch does).
+    pads.append((padding, max((out - 1) * stride + window - size - padding, 0)))
+  return cpu_kernels.max_pool(x, window, stride, tuple(pads), blocks=False, forms=forms)
+
+
 def bilinear_kernel(size: int) -> np.ndarray:
   """The (size, size) bilinear interpolation filter of Caffe's surgery.upsample_filt."""
   factor = (size + 1) // 2
@@ -236,6 +256,17 @@ class Deconv(nn.Module):
                                         self.stride)
     return transposed_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
                            forms=self.forms)
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
+  """Bilinear resizing of (N, H, W, C) to (N, *size, C) with half-pixel centres: PyTorch's
+  F.interpolate(mode='bilinear', align_corners=False) (torchvision's FCN scores to the input).
+
+  Without antialiasing, as PyTorch: a smaller `size` samples, it does not average (an FCN always
+  enlarges, so this only matters for other callers).
+  """
+  n, _, _, c = x.shape
+  return jax.image.resize(x, (n, int(size[0]), int(size[1]), c), 'bilinear', antialias=False)
 
 
 def lrn_across_channels(x: jax.Array, size: int, alpha: float, beta: float,
