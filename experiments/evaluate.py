@@ -29,19 +29,21 @@ from typing import Any, Sequence
 
 import numpy as np
 from absl import app, flags
+from tqdm.auto import tqdm
 
 from experiments import common
 from experiments.configs import common as configs
-from fcn_jax import checkpoint, metrics, report, train, viz
+from fcn_jax import checkpoint, metrics, pretrained, report, train, viz
 from fcn_jax import cli as cli_lib
 from fcn_jax import data as data_lib
 from fcn_jax import preprocessing as preprocessing_lib
+from fcn_jax import segmenter as segmenter_lib
 from fcn_jax.data import identity, pipeline
 from fcn_jax.errors import UserError, user_errors_as_exit
 from fcn_jax.train.evaluation import ImageAnalysis
 
-flags.DEFINE_string('checkpoint', None, 'A training WORKDIR (or its checkpoints/), or the output '
-                    'directory of fcn_jax.convert.', required=True)
+flags.DEFINE_string('checkpoint', None, 'A training WORKDIR (or its checkpoints/), the output '
+                    'directory of fcn_jax.convert, or pretrained:NAME.', required=True)
 flags.DEFINE_string('dataset', '', 'Default: the dataset the checkpoint was trained on (its '
                     'metadata), else voc_segmentation/2011. voc_segmentation/2011 | '
                     'voc_segmentation/2012 | sbd | pascal_context | sift_flow | nyud_v2, or your '
@@ -71,6 +73,13 @@ flags.DEFINE_string('out', '', 'Output directory (default: see above).')
 flags.DEFINE_bool('overwrite', False, 'Replace the outputs (results.json, results.md, '
                   'confusion.csv / .png, per_image.csv, worst.png) that exist in --out.')
 flags.DEFINE_integer('worst', 8, 'Images in worst.png: those of lowest mean IU (0: no gallery).')
+flags.DEFINE_string('tta', '', 'Test-time augmentation, e.g. flip,0.75,1,1.25: the probabilities '
+                    'of each scale and flip averaged (fcn_jax.segmenter; one image at a time).')
+flags.DEFINE_enum('mode', 'whole', segmenter_lib.MODES, 'whole (the reference protocol), slide '
+                  '(overlapping --tile windows every --stride pixels, scores averaged) or auto '
+                  '(slide past 4 MP).')
+flags.DEFINE_integer('tile', segmenter_lib.DEFAULT_TILE, 'Tile side for --mode slide / auto.')
+flags.DEFINE_integer('stride', segmenter_lib.DEFAULT_TILE_STRIDE, 'Pixels between tiles.')
 flags.DEFINE_string('compilation_cache_dir', configs.COMPILATION_CACHE_DIR,
                     'Persistent XLA compilation cache (\'\' = off): each native image size '
                     'compiles once, and later evaluations reuse the compiled programs.')
@@ -131,7 +140,7 @@ def evaluate(f) -> None:
   common.quiet_logs()
   if f.which not in ('best', 'latest') and not f.which.isdigit():
     raise UserError(f'--which {f.which!r}: best, latest or a step number')
-  directory = checkpoint.resolve_directory(f.checkpoint)
+  directory = checkpoint.resolve_directory(pretrained.resolve(f.checkpoint))
   root, step = checkpoint.resolve_step(directory, f.which)
   stored = checkpoint.read_metadata(root, str(step))
   spec = identity.resolve(stored, f.dataset, f.split,
@@ -170,8 +179,14 @@ def evaluate(f) -> None:
                                   modalities=modalities, heads=net_heads)
   exclude = {h: dataset_heads[h][1] for h in net_heads}
   analysis = ImageAnalysis(worst=getattr(f, 'worst', 8))
-  scores, _ = train.evaluate(model, variables, batches, progress=True, exclude=exclude,
-                             analysis=analysis)
+  if getattr(f, 'tta', '') or getattr(f, 'mode', 'whole') != 'whole':
+    seg = segmenter_lib.Segmenter(model, variables, meta, batch_size=1, mode=f.mode, tile=f.tile,
+                                  tile_stride=f.stride, tta=f.tta or None)
+    seg.require_single_colour_net('--tta / --mode slide')
+    scores = segmenter_evaluate(seg, source, exclude[net_heads[0]], analysis)
+  else:
+    scores, _ = train.evaluate(model, variables, batches, progress=True, exclude=exclude,
+                               analysis=analysis)
   class_names = meta.get('class_names') or [str(i) for i in range(model.num_classes[0])]
   name = meta.get('zoo_name') or meta.get('experiment') or meta['arch']
   first = net_heads[0]
@@ -194,6 +209,23 @@ def evaluate(f) -> None:
   print(f'{split}: mean IU {100 * scores["mean_iu"]:.2f} over {len(source)} '
         f'image{"" if len(source) == 1 else "s"}')
   print(f'wrote {", ".join(["results.json", "results.md"] + written)} into {out}')
+
+
+def segmenter_evaluate(seg: segmenter_lib.Segmenter, source, exclude: tuple[int, ...],
+                       analysis: ImageAnalysis) -> dict:
+  """The split's scores through the Segmenter (tiles, TTA), one image at a time at its native
+  size: the same confusion-matrix protocol as train.evaluate (void pixels never count)."""
+  num_classes = seg.model.num_classes[0]
+  total = np.zeros((num_classes, num_classes), np.int64)
+  for i in tqdm(range(len(source)), desc='eval', unit='image', leave=False):
+    image, label = data_lib.decode_example(source[i])
+    prediction = seg(image, exact=True)
+    total += np.asarray(metrics.confusion_matrix(label, prediction, num_classes), np.int64)
+    analysis.add(label[None], prediction[None], [data_lib.file_name(source[i])], num_classes,
+                 exclude)
+  analysis.check(total)
+  analysis.confusion = {seg.head_names[0]: total}
+  return metrics.segmentation_scores(total, exclude)
 
 
 def _json_value(v: Any) -> Any:

@@ -127,7 +127,20 @@ def _registry() -> dict[str, Weights]:
                    'torchvision_rgb', 'AlexNet IMAGENET1K_V1'),
       _torchvision('googlenet-torchvision', 'googlenet-1378be20.pth', 'fcn_googlenet',
                    'inception_rgb', 'GoogLeNet IMAGENET1K_V1'),
+      _torchvision('resnet50-torchvision', 'resnet50-0676ba61.pth', 'fcn_resnet50',
+                   'torchvision_rgb', 'ResNet-50 IMAGENET1K_V1'),
+      _torchvision('resnet101-torchvision', 'resnet101-63fe2227.pth', 'fcn_resnet101',
+                   'torchvision_rgb', 'ResNet-101 IMAGENET1K_V1'),
   ]
+  # torchvision's FCN-ResNets, trained on COCO's images with the 20 VOC classes (+ background).
+  for depth, prefix, score in (('50', '1167a1af', '60.5'), ('101', '7ecb50ca', '63.7')):
+    filename = f'fcn_resnet{depth}_coco-{prefix}.pth'
+    entries.append(Weights(
+        f'fcn-resnet{depth}-coco', filename, (f'{_TORCHVISION}/{filename}',), 'fcn',
+        'COCO (VOC classes)', '21', 'color (torchvision_rgb)',
+        f'{score} mean IoU, COCO val2017 VOC subset (torchvision)',
+        Checksum('sha256', prefix, 'torchvision (the file name)'), arch=f'fcn_resnet{depth}',
+        preprocessing='torchvision_rgb'))
   return {w.name: w for w in entries}
 
 
@@ -385,7 +398,7 @@ def get(name: str, *, weights: str | os.PathLike | None = None, progress: bool =
                                              log=log, **entry.convert_options())
   except convert.ConversionError as e:
     raise UserError(f'{src} could not be converted as {entry.name}: {e}') from None
-  if entry.kind == 'fcn' and metadata.get('zoo_name') != entry.name:
+  if entry.name in zoo.ZOO and metadata.get('zoo_name') != entry.name:
     shutil.rmtree(out, ignore_errors=True)
     raise UserError(f'{src} is {metadata.get("zoo_name") or "not a reference net"}, not '
                     f'{entry.name}; nothing was kept')

@@ -41,7 +41,7 @@ _resolved: dict[str, Forms] = {}
 
 
 # Backbones measured as another: vgg16_bn's convolutions have VGG16's shapes.
-MEASURED_AS = {'vgg16_bn': 'vgg16'}
+MEASURED_AS = {'vgg16_bn': 'vgg16', 'resnet101': 'resnet50'}
 
 
 def tuned(model):
@@ -82,7 +82,7 @@ def machine_key() -> str:
 # YNNPACK fuses some of them into its convolutions). A lone convolution misled: on a Sapphire
 # Rapids Eigen wins it for GoogLeNet's shapes, YNNPACK wins GoogLeNet's training step.
 PROBE_SLICES = {'vgg16': 'conv3_1', 'alexnet': 'conv4', 'caffenet': 'conv4',
-                'googlenet': 'inception3b'}
+                'googlenet': 'inception3b', 'resnet50': 'layer1'}
 PROBE_SIDE = 64  # input side (the first convolution pads it by 100)
 
 

@@ -48,7 +48,8 @@ def flags(trained: dict, out: pathlib.Path, **overrides) -> types.SimpleNamespac
   values = dict(checkpoint=str(trained['work']), dataset='voc_segmentation/2012', split='val',
                 data_dir=str(trained['data_dir']), manual_dir='', download=False, root='',
                 val_fraction=0.1, ignore_label=255, batch_size=1, pad_to=0, which='latest',
-                out=str(out), overwrite=False, compilation_cache_dir='', worst=3)
+                out=str(out), overwrite=False, compilation_cache_dir='', worst=3, tta='',
+                mode='whole', tile=512, stride=384)
   values.update(overrides)
   return types.SimpleNamespace(**values)
 
@@ -223,3 +224,21 @@ def test_confusion_figure_names_every_class(tmp_path, n):
     width, height = im.size
   assert min(width, height) >= (500 if n == 21 else 1500)  # room for 60 names
   assert math.isclose(width / height, 1.0, rel_tol=0.35)
+
+
+def test_evaluate_through_the_segmenter_keeps_the_protocol(trained, tmp_path):
+  """--tta 1 (one view) and --mode slide with tiles larger than the images go through the
+  Segmenter one image at a time: the same confusion matrix as the reference evaluation; a flip
+  TTA writes the same files with its own scores."""
+  from experiments import evaluate
+  evaluate.evaluate(flags(trained, tmp_path / 'ref'))
+  reference = read_csv(tmp_path / 'ref' / 'confusion.csv')
+  for name, extra in (('one_view', dict(tta='1')), ('slide', dict(mode='slide', tile=64, stride=32))):
+    evaluate.evaluate(flags(trained, tmp_path / name, **extra))
+    assert read_csv(tmp_path / name / 'confusion.csv') == reference, name
+  evaluate.evaluate(flags(trained, tmp_path / 'flip', tta='flip'))
+  results = json.loads((tmp_path / 'flip' / 'results.json').read_text())
+  rows = read_csv(tmp_path / 'flip' / 'confusion.csv')[1:]
+  assert sum(int(v) for row in rows for v in row[1:]) == sum(
+      int(v) for row in reference[1:] for v in row[1:])  # the same pixels count
+  assert 0 <= results['mean_iu'] <= 1

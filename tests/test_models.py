@@ -17,7 +17,7 @@ from fcn_jax.models import backbones, layers
 
 ALL_ARCHS = ['fcn32s', 'fcn16s', 'fcn8s', 'fcn8s_atonce', 'fcn_alexnet', 'fcn_googlenet']
 ZOO_ARCHS = ['fcn_alexnet_caffe', 'fcn32s_two_heads', 'fcn16s_two_heads', 'fcn8s_two_heads',
-             'fcn32s_early_fusion', 'fcn32s_late_fusion', 'fcn16s_late_fusion']
+             'fcn32s_early_fusion', 'fcn32s_late_fusion', 'fcn16s_late_fusion', 'fcn_resnet50', 'fcn_resnet101']
 VGG_ARCHS = ['fcn32s', 'fcn16s', 'fcn8s', 'fcn8s_atonce']
 SMALL = 1 / 16  # width for real forwards on CPU
 DECONV_NAMES = {'upscore', 'upscore2', 'upscore16', 'upscore_pool4', 'upscore8'}

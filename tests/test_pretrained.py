@@ -248,3 +248,20 @@ def test_init_from_pretrained_name(server, caffemodels, cache, monkeypatch):
   np.testing.assert_array_equal(out['params']['score_fr']['kernel'],
                                 source['params']['score_fr']['kernel'])
   assert any('kept at init: ' in m and 'score_pool4' in m for m in messages), messages
+
+
+def test_torchvision_fcn_resnet_by_name_from_a_local_file(tmp_path, monkeypatch):
+  """The registry's torchvision FCN-ResNet entry converts a file with the real key names (reduced
+  width here) and checks torchvision's sha256 prefix: a file that does not match is refused."""
+  from tests import test_resnet
+  path = test_resnet.save_pth(test_resnet.state_of(test_resnet.random_fcn('resnet50')),
+                              tmp_path / 'fcn_resnet50_coco-1167a1af.pth')
+  with pytest.raises(pretrained.DownloadError, match='not the file of fcn-resnet50-coco'):
+    pretrained.get('fcn-resnet50-coco', weights=path, progress=False)
+  digest = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:8]
+  entry = dataclasses.replace(pretrained.REGISTRY['fcn-resnet50-coco'],
+                              checksum=pretrained.Checksum('sha256', digest, 'the test'))
+  monkeypatch.setitem(pretrained.REGISTRY, 'fcn-resnet50-coco', entry)
+  seg = Segmenter.from_pretrained('fcn-resnet50-coco', weights=path, progress=False)
+  assert seg.metadata['arch'] == 'fcn_resnet50' and seg.metadata['preprocessing'] == 'torchvision_rgb'
+  assert seg(np.zeros((33, 47, 3), np.uint8)).shape == (33, 47)
