@@ -1,5 +1,5 @@
-"""Checkpoints that keep the latest AND the best (by mean IU) training states, and inference
-bundles.
+"""Checkpoints that keep the latest AND the best (by mean IU, or the run's chosen score) training
+states, and inference bundles.
 
 Layout (one orbax CheckpointManager per directory; every step is written to a temporary directory
 and renamed when complete, so a run killed mid-save leaves the previous checkpoints restorable):
@@ -7,15 +7,20 @@ and renamed when complete, so a run killed mid-save leaves the previous checkpoi
     directory/
       <step>/
         variables/    {'params', maybe 'batch_stats'} of the state (orbax StandardSave)
+        ema_variables/  the same, their exponential moving average (runs with config.ema_decay > 0;
+                      what `load_inference` reads by default when present)
         train_state/  the rest of the state: opt_state, step, rng, ... (absent for inference
                       bundles)
         metadata/     JSON: arch, num_classes, width, learnable_upsampling, preprocessing,
                       class_names...
         data_state/   JSON: the data iterator state (absent when none was given)
+        loop_state/   JSON: what the loop keeps besides the state (the early-stopping count)
         metrics/      JSON written by orbax when the step was evaluated (drives "best")
 
-Kept: the `max_to_keep` most recent steps plus the step with the highest `mean_iu` (a preservation
-policy LatestN OR BestN(1)), so the best survives newer, worse checkpoints.
+Kept: the `max_to_keep` most recent steps plus the step with the highest `best_score` in its metrics
+(the score the run chose, config.best_metric of config.best_head; `mean_iu` in checkpoints written
+without one), a preservation policy LatestN OR BestN(1), so the best survives newer, worse
+checkpoints.
 
 `save_inference` writes the same layout with a single step 0 holding only variables + metadata, so
 `load_inference` / `read_metadata` read training runs and converted weights alike, without any
@@ -45,11 +50,16 @@ __all__ = ['CheckpointNotFoundError', 'Checkpointer', 'build_from_metadata', 'is
            'resolve_directory', 'resolve_step', 'save_inference']
 
 VARIABLES = 'variables'
+EMA_VARIABLES = 'ema_variables'
 TRAIN_STATE = 'train_state'
 METADATA = 'metadata'
 DATA_STATE = 'data_state'
+LOOP_STATE = 'loop_state'
 VARIABLE_COLLECTIONS = ('params', 'batch_stats')
-BEST_METRIC = 'mean_iu'
+EMA_FIELD = 'ema'  # the state's field holding the moving average, saved as EMA_VARIABLES
+BEST_KEY = 'best_score'  # the metrics' value that ranks evaluated steps
+BEST_METRIC = 'mean_iu'  # ranks the steps of checkpoints that carry no BEST_KEY
+WEIGHTS = ('auto', 'ema', 'params')
 
 _BYTES_TAG = '__bytes_b64__'
 _log = logging.getLogger(__name__)
@@ -189,12 +199,17 @@ def _sanitize_metrics(metrics: dict | None) -> dict | None:
 
 
 def _best_value(metrics: Any) -> float:
-  value = float(metrics[BEST_METRIC])
+  value = metrics[BEST_KEY] if BEST_KEY in metrics else metrics[BEST_METRIC]
+  value = math.nan if value is None else float(value)
   return -math.inf if math.isnan(value) else value
 
 
 def _has_best_metric(metrics: dict | None) -> bool:
-  return metrics is not None and BEST_METRIC in metrics
+  return metrics is not None and (BEST_KEY in metrics or BEST_METRIC in metrics)
+
+
+def _has_leaves(tree: Any) -> bool:
+  return tree is not None and bool(jax.tree.leaves(tree))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,7 +249,12 @@ def _step_items(directory: str, step: int) -> set[str]:
 
 
 class Checkpointer:
-  """Training checkpoints: the latest `max_to_keep` steps plus the best by `metrics['mean_iu']`.
+  """Training checkpoints: the latest `max_to_keep` steps plus the best by `metrics['best_score']`
+  (else `metrics['mean_iu']`).
+
+  A state with a non-empty `ema` field (the moving average of its variables) has it written as the
+  step's ema_variables/ item, which inference reads; `loop_state` (JSON) is what the loop needs
+  besides the state to resume exactly.
 
   Saves are synchronous by default (`save` returns once the step is committed on disk); with
   `async_save=True` they finish in the background and `wait_until_finished` (or the next `save`)
@@ -248,19 +268,24 @@ class Checkpointer:
     self._manager = _manager(self.directory, max_to_keep=max_to_keep, async_save=async_save)
 
   def save(self, step: int, state: Any, *, metadata: dict, data_state: dict | None = None,
-           metrics: dict | None = None) -> None:
+           metrics: dict | None = None, loop_state: dict | None = None) -> None:
     """Saves `state` at `step`. A step already on disk is left as it is (resumed runs)."""
     step = int(step)
     if step in self._manager.all_steps():
       _log.info('checkpoint step %d already exists in %s; not saving again', step, self.directory)
       return
     variables, rest = _split(_storable(state))
+    ema = rest.pop(EMA_FIELD, None) if isinstance(rest, dict) else None
     items = {TRAIN_STATE: ocp.args.StandardSave(rest),
              METADATA: ocp.args.JsonSave(_to_json(dict(metadata)))}
     if variables is not None:
       items[VARIABLES] = ocp.args.StandardSave(variables)
+    if _has_leaves(ema):
+      items[EMA_VARIABLES] = ocp.args.StandardSave(ema)
     if data_state is not None:
       items[DATA_STATE] = ocp.args.JsonSave(_to_json(data_state))
+    if loop_state is not None:
+      items[LOOP_STATE] = ocp.args.JsonSave(_to_json(loop_state))
     metrics = _sanitize_metrics(metrics)
     self._manager.save(
         step, args=ocp.args.Composite(**items), force=True,
@@ -282,8 +307,25 @@ class Checkpointer:
   def metrics(self, step: int) -> dict | None:
     return self._manager.metrics(step)
 
+  def has_ema(self, step: int) -> bool:
+    """Whether `step` holds the moving average of the weights (a run with config.ema_decay > 0)."""
+    return EMA_VARIABLES in _step_items(self.directory, int(step))
+
+  def loop_state(self, step: int) -> dict | None:
+    """The `loop_state` saved with `step` (None when none was)."""
+    self.wait_until_finished()
+    if LOOP_STATE not in _step_items(self.directory, int(step)):
+      return None
+    restored = self._manager.restore(
+        int(step), args=ocp.args.Composite(**{LOOP_STATE: ocp.args.JsonRestore()}))
+    return _from_json(dict(restored[LOOP_STATE]))
+
   def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict | None, dict]:
-    """(state, data_state, metadata) at `step` (default: latest), shaped like `target_state`."""
+    """(state, data_state, metadata) at `step` (default: latest), shaped like `target_state`.
+
+    The moving average is read when the target has one (an error when the step holds none) and
+    left on disk otherwise; checkpoints written before the state had an `ema` field restore into
+    a target whose `ema` is empty."""
     self.wait_until_finished()
     if step is None:
       step = self.latest_step()
@@ -296,18 +338,28 @@ class Checkpointer:
     present = _step_items(self.directory, step)
     target_sd = _storable(target_state)
     target_vars, target_rest = _split(target_sd)
+    target_ema = target_rest.pop(EMA_FIELD, None) if isinstance(target_rest, dict) else None
     items = {TRAIN_STATE: ocp.args.StandardRestore(_abstract(target_rest)),
              METADATA: ocp.args.JsonRestore()}
     if target_vars is not None:
       if VARIABLES not in present:
         raise ValueError(f'checkpoint {self.directory}/{step} holds no variables')
       items[VARIABLES] = ocp.args.StandardRestore(_abstract(target_vars))
+    if _has_leaves(target_ema):
+      if EMA_VARIABLES not in present:
+        raise ValueError(f'checkpoint {self.directory}/{step} holds no moving average of the '
+                         f'weights (ema_variables)')
+      items[EMA_VARIABLES] = ocp.args.StandardRestore(_abstract(target_ema))
     if DATA_STATE in present:
       items[DATA_STATE] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     state_dict = restored[TRAIN_STATE]
     if target_vars is not None:
       state_dict = {**state_dict, **restored[VARIABLES]}
+    if target_ema is not None:
+      state_dict = {**state_dict,
+                    EMA_FIELD: restored[EMA_VARIABLES] if EMA_VARIABLES in items else target_ema}
+    if target_vars is not None or target_ema is not None:
       state_dict = {k: state_dict[k] for k in target_sd}  # the target's key order
     state = flax.serialization.from_state_dict(target_state, state_dict)
     state = jax.tree.map(
@@ -457,23 +509,37 @@ def build_from_metadata(metadata: dict):
   return tune.tuned(models.build_from_config(model_config_of(metadata)))
 
 
-def load_inference(directory, which: str = 'best'):
+def load_inference(directory, which: str = 'best', weights: str = 'auto'):
   """(model, variables, metadata) from a training run or a `save_inference` directory.
 
-  `which`: 'best' (highest mean IU; the latest when nothing was evaluated), 'latest' or a step.
-  Only the variables are read (no optimiser state, no training configuration).
+  `which`: 'best' (the highest score the run chose, mean IU by default; the latest when nothing
+  was evaluated), 'latest' or a step. `weights`: 'auto' reads the moving average of the weights
+  when the step holds one (a run with config.ema_decay > 0: its metadata says
+  inference_weights='ema') and the trained weights otherwise; 'ema' insists on the average;
+  'params' reads the trained weights. Only the variables are read (no optimiser state, no
+  training configuration).
   """
+  if weights not in WEIGHTS:
+    raise UserError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
   root, step = _resolve(directory, which)
   metadata = read_metadata(os.path.join(root, str(step)))
   model = build_from_metadata(metadata)
-  if VARIABLES not in _step_items(root, step):
+  present = _step_items(root, step)
+  item = EMA_VARIABLES if weights != 'params' and EMA_VARIABLES in present else VARIABLES
+  if weights == 'ema' and item != EMA_VARIABLES:
+    raise UserError(f'checkpoint {os.path.join(root, str(step))} holds no moving average of the '
+                    f'weights (trained with config.ema_decay=0); use weights="params"')
+  if item not in present:
     raise ValueError(f'checkpoint {os.path.join(root, str(step))} holds no model variables')
+  if item == EMA_VARIABLES:
+    _log.info('%s: reading the moving average of the weights (ema_decay %s)',
+              os.path.join(root, str(step)), metadata.get('ema_decay'))
   manager = _manager(root, max_to_keep=None, read_only=True)
   try:
     restored = manager.restore(
-        step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore()}))
+        step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))
   finally:
     manager.close()
-  variables = {k: v for k, v in restored[VARIABLES].items()}
+  variables = {k: v for k, v in restored[item].items()}
   variables = jax.tree.map(jnp.asarray, variables)
   return model, variables, metadata

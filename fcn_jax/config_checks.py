@@ -8,11 +8,12 @@ import os
 import ml_collections
 
 from fcn_jax import data as data_lib
-from fcn_jax import losses, models, optim, preprocessing, pretrained
+from fcn_jax import losses, models, optim, preprocessing, pretrained, report
 from fcn_jax.errors import UserError
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 ALGORITHMS = ('sgd', 'adam')
+SCORES = tuple(k for k, _ in report.SCORE_COLUMNS)  # evaluation's scores (higher is better)
 
 
 def _recorder(c: ml_collections.ConfigDict, out: list[str]):
@@ -113,6 +114,33 @@ def _check_optim(c: ml_collections.ConfigDict, need) -> None:
        'a number > 0')
 
 
+def _check_selection(c: ml_collections.ConfigDict, need) -> None:
+  """The moving average of the weights, the score that picks "best", early stopping."""
+  decay = c.get('ema_decay', 0.0)
+  need(_number(decay) and 0 <= decay < 1, 'ema_decay',
+       'a number in [0, 1): 0 (off) or the decay of the moving average, e.g. 0.999')
+  need(c.get('best_metric', 'mean_iu') in SCORES, 'best_metric', f'one of {", ".join(SCORES)}')
+  heads = [h.name for h in models.ARCHS[c.arch].heads] if c.arch in models.ARCHS else None
+  head = c.get('best_head', '')
+  need(head == '' or heads is None or head in heads, 'best_head',
+       f'\'\' (the first head) or one of {c.arch}\'s heads: {", ".join(heads or ())}')
+  metric = c.get('early_stopping_metric', '')
+  need(metric in ('', *SCORES), 'early_stopping_metric',
+       f'\'\' (off) or one of {", ".join(SCORES)}')
+  if not metric:
+    return
+  patience = c.get('early_stopping_patience')
+  need(isinstance(patience, int) and not isinstance(patience, bool) and patience >= 1,
+       'early_stopping_patience', 'an integer >= 1 (evaluations without improvement)')
+  delta = c.get('early_stopping_min_delta')
+  need(_number(delta) and delta >= 0, 'early_stopping_min_delta',
+       'a number >= 0 (the gain that counts as an improvement; scores are fractions: 0.001 = '
+       '0.1 points)')
+  need(isinstance(c.eval_every, int) and c.eval_every > 0, 'eval_every',
+       'an integer > 0 with config.early_stopping_metric (without periodic evaluations nothing is '
+       'watched)')
+
+
 def _check_data(c: ml_collections.ConfigDict, need, out: list[str]) -> None:
   """The dataset's splits (cheap: no data is prepared) and the checkpoint to start from."""
   d = c.dataset
@@ -143,6 +171,7 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
   _check_inputs(c, need)
   _check_loop(c, need)
   _check_optim(c, need)
+  _check_selection(c, need)
   _check_data(c, need, out)
   return sorted(set(out), key=out.index)
 

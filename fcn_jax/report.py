@@ -162,14 +162,16 @@ PAPER_ROWS: dict[str, tuple[str, dict[str, float]]] = {
 
 
 def write_results(workdir: str | pathlib.Path, name: str, scores: Mapping[str, Any],
-                  class_names: Sequence[str], extra: Mapping[str, Any] | None = None) -> None:
+                  class_names: Sequence[str], extra: Mapping[str, Any] | None = None,
+                  notes: Sequence[str] = ()) -> None:
   """results.json (the four scores and per-class IU; every head's for several heads) and
-  results.md (Table 2 format, beside the paper's row for the reference recipes)."""
+  results.md (Table 2 format, beside the paper's row for the reference recipes; `notes` are
+  paragraphs after it)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   record = {'name': name, **{k: _jsonable(scores[k]) for k, _ in SCORE_COLUMNS},
             'per_class_iu': dict(zip(class_names, _jsonable(list(scores['per_class_iu'])))),
-            **(extra or {})}
+            **_jsonable_tree(extra or {})}
   heads = scores.get('heads') or {}
   if heads:
     record['heads'] = {h: {k: _jsonable(v[k]) for k, _ in SCORE_COLUMNS} for h, v in heads.items()}
@@ -183,7 +185,36 @@ def write_results(workdir: str | pathlib.Path, name: str, scores: Mapping[str, A
   absent = absent_classes(scores, class_names)
   if absent:
     text += '\n\n' + absent_note(absent)
+  for note in notes:
+    text += '\n\n' + note
   (workdir / 'results.md').write_text(text + '\n')
+
+
+def run_notes(summary: Mapping[str, Any]) -> list[str]:
+  """results.md's lines for a training run's summary (loop.Trainer.summary): the weights scored,
+  the best checkpoint, an early stop."""
+  notes = []
+  if summary.get('weights') == 'ema':
+    raw = summary.get('raw_weights') or {}
+    notes.append(f'Scores of the moving average of the weights (EMA, decay '
+                 f'{summary.get("ema_decay")}), the weights inference loads; the trained weights: '
+                 + ', '.join(f'{title} {100 * raw[k]:.1f}' for k, title in SCORE_COLUMNS
+                             if raw.get(k) is not None) + '.')
+  best = summary.get('best_checkpoint')
+  if best:
+    notes.append(f'Best checkpoint (by {best["by"]}): step {best["step"]}.')
+  stopped = summary.get('early_stopping')
+  if stopped:
+    notes.append(f'Stopped early at step {stopped["step"]}: {stopped["reason"]}.')
+  return notes
+
+
+def _jsonable_tree(v: Any) -> Any:
+  if isinstance(v, Mapping):
+    return {str(k): _jsonable_tree(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_jsonable_tree(x) for x in v]
+  return _jsonable(v)
 
 
 def absent_classes(scores: Mapping[str, Any], class_names: Sequence[str]) -> list[str]:

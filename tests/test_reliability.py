@@ -317,8 +317,11 @@ def test_cadences_count_optimiser_updates_with_accumulation(voc, tmp_path):
 
 def test_sigterm_saves_and_the_same_command_resumes_identically(voc, tmp_path):
   data_dir = tmp_path / 'tfds'
-  steps = ['--config.num_train_steps=16', '--config.checkpoint_every=4', '--config.eval_every=16',
-           '--config.log_every=1']
+  # With the moving average of the weights and early stopping's count (a patience never reached):
+  # both are part of what resumes bit for bit.
+  steps = ['--config.num_train_steps=16', '--config.checkpoint_every=4', '--config.eval_every=8',
+           '--config.log_every=1', '--config.ema_decay=0.9',
+           '--config.early_stopping_metric=mean_iu', '--config.early_stopping_patience=100']
   ref = run(train_cmd(tmp_path / 'ref', voc, data_dir, *steps), tmp_path)
   assert ref.returncode == 0, ref.stderr[-3000:]
   work = tmp_path / 'preempted'
@@ -347,10 +350,20 @@ def test_sigterm_saves_and_the_same_command_resumes_identically(voc, tmp_path):
   rows = [json.loads(line) for line in (work / 'metrics.jsonl').read_text().splitlines()]
   train_steps = [r['step'] for r in rows if r['kind'] == 'train']
   assert train_steps == list(range(1, 17)), train_steps  # every step once
-  a = checkpoint.load_inference(tmp_path / 'ref', which='latest')[1]['params']
-  b = checkpoint.load_inference(work, which='latest')[1]['params']
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  for weights in ('params', 'ema'):
+    a = checkpoint.load_inference(tmp_path / 'ref', which='latest', weights=weights)[1]
+    b = checkpoint.load_inference(work, which='latest', weights=weights)[1]
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(x, y)
+  ref_rows = [json.loads(line)
+              for line in (tmp_path / 'ref' / 'metrics.jsonl').read_text().splitlines()]
+  evals = lambda rs: [r for r in rs if r['kind'] in ('eval', 'eval_ema')]
+  assert len(evals(rows)) == 4 and evals(rows) == evals(ref_rows)
+  with checkpoint.Checkpointer(tmp_path / 'ref' / 'checkpoints') as ref_ckpt, \
+       checkpoint.Checkpointer(work / 'checkpoints') as ckpt:
+    assert ckpt.loop_state(16) == ref_ckpt.loop_state(16)
+    assert ckpt.loop_state(16)['early_stopping']['metric'] == 'mean_iu'
 
 
 # --------------------------------------------------------------------------------------------------

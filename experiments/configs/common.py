@@ -151,6 +151,21 @@ def base_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.eval_every = 4000  # evaluation on the eval split (and at the end)
   c.checkpoint_every = 1000  # also at every evaluation and at the end
   c.keep_checkpoints = 2  # the latest N (the best one is kept besides)
+  # "best" (kept besides the latest, loaded by default for inference): the step with the highest
+  # best_metric (pixel_acc | mean_acc | mean_iu | fw_iu) of best_head ('' = the first head).
+  c.best_metric = 'mean_iu'
+  c.best_head = ''  # nets with several heads: the head best_metric and early stopping read
+  # >0: also keep an exponential moving average (EMA) of the weights and trained BatchNorm
+  # statistics, e.g. 0.999 (bias-corrected, once per update); evaluations report both (metrics.jsonl
+  # kinds eval and eval_ema). The rule: with EMA on, best, early stopping, results.json and figures
+  # use the EMA weights, and the checkpoints give them to inference and init_from (load_inference,
+  # Segmenter.load; metadata inference_weights='ema'). 0 = off.
+  c.ema_decay = 0.0
+  # '' = off, or a score (e.g. mean_iu): stop when it has not grown by more than
+  # early_stopping_min_delta for early_stopping_patience evaluations in a row (eval_every).
+  c.early_stopping_metric = ''
+  c.early_stopping_patience = 5  # evaluations without improvement before stopping
+  c.early_stopping_min_delta = 0.0  # the smallest gain that counts (scores are fractions)
   # With eval_pad_to 0: native size, one image at a time (the reference protocol).
   c.eval_batch_size = 1
   # >0: fixed (eval_batch_size, S, S) padded batches (faster, approximate borders); -1: S from the

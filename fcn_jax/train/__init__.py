@@ -9,6 +9,7 @@ orbax checkpoint / metrics.jsonl / TensorBoard / figures (process 0 only).
   step.py        TrainState, train_step, eval_step and their jit over the mesh
   transfer.py    initialisation from another checkpoint (the layers that fit)
   evaluation.py  whole-split evaluation (one confusion matrix per head)
+  monitor.py     the score that picks "best" and the one early stopping watches
   loop.py        train_and_evaluate: the loop and its periodic actions
   artifacts.py   results, curves and figures of a finished run
 """

@@ -26,6 +26,7 @@ from fcn_jax.parallel import (PREFETCH, DevicePrefetcher, gather_data_state, hos
 from fcn_jax.train.artifacts import final_report
 from fcn_jax.train.evaluation import SCORE_KEYS, evaluate
 from fcn_jax.train.inputs import eval_batches, train_iterator
+from fcn_jax.train.monitor import Choice, EarlyStopping, best_choice, best_metrics, loop_state
 from fcn_jax.train.setup import RunSpec, resolve_run, start_summary
 from fcn_jax.train.step import (compile_train_step, create_train_state, model_from_config,
                                 optimizer_from_config)
@@ -106,10 +107,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   Every count (num_train_steps, log_every, eval_every, checkpoint_every, the checkpoint and metric
   steps) is in optimiser updates; with accumulate_steps k an update is k jit micro-steps.
-  Returns the final evaluation scores. Writes metrics.jsonl, TensorBoard events, checkpoints/,
-  results.json, results.md and figures/ in workdir. SIGTERM or Ctrl-C saves a checkpoint at the next
-  update and raises errors.Preempted; the same call resumes from it. The config is checked against
-  the data before the first step; a run refused there leaves nothing behind in workdir.
+  Returns the final evaluation scores: those of the moving average of the weights when
+  config.ema_decay > 0 (the trained weights' under 'raw_weights'), as in results.json.
+  config.early_stopping_metric stops the run before num_train_steps when that score stops
+  improving (final checkpoint, results and figures at that step). Writes metrics.jsonl,
+  TensorBoard events, checkpoints/, results.json, results.md and figures/ in workdir. SIGTERM or
+  Ctrl-C saves a checkpoint at the next update and raises errors.Preempted; the same call resumes
+  from it. The config is checked against the data before the first step; a run refused there
+  leaves nothing behind in workdir.
   """
 
   config_checks.check_train_config(config)
@@ -143,8 +148,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   trainer = Trainer.create(config, run, workdir, mesh)
   scores = trainer.train()
   if jax.process_index() == 0:
-    final_report(config, run, trainer.model, host_copy(trainer.state.variables()), scores, workdir,
-                 max(trainer.start, config.num_train_steps))
+    final_report(config, run, trainer.model, host_copy(trainer.state.inference_variables()),
+                 scores, workdir, trainer.final_step, extra=trainer.summary(scores))
   trainer.checkpointer.close()
   return scores
 
@@ -165,6 +170,10 @@ class Trainer:
   progress: report.Progress
   meter: 'StepMeter'
   start: int
+  best: Choice  # what ranks the checkpoints
+  early_stopping: EarlyStopping | None = None
+  final_step: int = 0  # set by train: num_train_steps, or where it stopped early
+  stop_reason: str = ''
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, run: RunSpec, workdir: pathlib.Path,
@@ -181,55 +190,93 @@ class Trainer:
       init_config.init_from = ''  # the checkpoint has everything
     variables = initial_variables(model, init_config, init_rng, log=log)
     tx = optimizer_from_config(config, model, variables['params'])
-    state = create_train_state(model, tx, variables, state_rng)
+    ema_decay = float(config.get('ema_decay', 0.0) or 0.0)
+    state = create_train_state(model, tx, variables, state_rng, ema=ema_decay > 0)
+    best, early_stopping = best_choice(config), EarlyStopping.from_config(config)
     # Each process reads only its shard and feeds its slice of every global batch.
     train_iter = train_iterator(config, run.train_source,
                                 batch_size=config.batch_size // jax.process_count(),
                                 shard_index=jax.process_index(), shard_count=jax.process_count())
     if run.latest is not None:
       state = _restore(checkpointer, state, run.latest, train_iter, workdir)
+      _resume_selection(checkpointer, run.latest, best, early_stopping, model.head_names[0])
     state = replicate(state, mesh)
     step_fn = compile_train_step(model, tx, mesh, normalize_loss=config.loss_normalize,
-                                 loss=config.get('loss', 'ce'), class_weights=run.class_weights)
+                                 loss=config.get('loss', 'ce'), class_weights=run.class_weights,
+                                 ema_decay=ema_decay, accumulate_steps=config.accumulate_steps)
     writer = report.MetricWriter(workdir, enabled=is_main, resume_step=run.latest)
     start = int(jax.device_get(state.step)) // config.accumulate_steps
     progress = report.Progress(config.num_train_steps, start, desc=config.arch, enabled=is_main,
                                log=log)
     return cls(config, run, workdir, mesh, model, state, step_fn,
                DevicePrefetcher(train_iter, mesh, size=PREFETCH), checkpointer, writer, progress,
-               StepMeter(writer, progress, config.batch_size, workdir), start)
+               StepMeter(writer, progress, config.batch_size, workdir), start, best,
+               early_stopping)
 
   def evaluate(self, step: int) -> dict:
+    """The scores of the weights inference uses: with an EMA, the average's (metrics.jsonl kind
+    'eval_ema'), the trained weights' (kind 'eval') under 'raw_weights'."""
     self.meter.flush(step)
-    scores, _ = evaluate(self.model, self.state.variables(),
-                         eval_batches(self.config, self.run.eval_source), mesh=self.mesh,
-                         exclude=self.run.eval_exclude)
+    raw = self._evaluate(step, self.state.variables(), 'eval', '')
+    if not self.state.ema:
+      return raw
+    return {**self._evaluate(step, self.state.ema, 'eval_ema', ' (EMA weights)'),
+            'raw_weights': raw}
+
+  def _evaluate(self, step: int, variables: dict, kind: str, label: str) -> dict:
+    scores, _ = evaluate(self.model, variables, eval_batches(self.config, self.run.eval_source),
+                         mesh=self.mesh, exclude=self.run.eval_exclude)
     first_head = self.model.head_names[0]
     others = {h: v for h, v in scores.get('heads', {}).items() if h != first_head}
-    self.writer.write(step, 'eval', {k: scores[k] for k in SCORE_KEYS} | {
+    self.writer.write(step, kind, {k: scores[k] for k in SCORE_KEYS} | {
         f'{h}/{k}': v[k] for h, v in others.items() for k in SCORE_KEYS})
-    log(f'step {step}: {self.run.eval_split}: '
+    log(f'step {step}: {self.run.eval_split}{label}: '
         + ', '.join(f'{k} {100 * scores[k]:.2f}' for k in SCORE_KEYS)
         + ''.join(f'; {h} pixel_acc {100 * v["pixel_acc"]:.2f}' for h, v in others.items()))
     return scores
 
   def save(self, step: int, scores: dict | None) -> None:
     self.meter.flush(step)  # never checkpoint a state that followed a non-finite loss
+    metrics = None if scores is None else best_metrics(scores, self.best, self.model.head_names[0])
     # Every process calls save (orbax synchronises them); host arrays are written by process 0.
     self.checkpointer.save(step, host_copy(self.state), metadata=self.run.metadata,
                            data_state=gather_data_state(self.batches.consumed_state),
-                           metrics=scores)
+                           metrics=metrics, loop_state=loop_state(self.early_stopping))
+
+  def summary(self, scores: dict) -> dict:
+    """What results.json says besides the scores: which weights, the best checkpoint, why the run
+    stopped."""
+    first = self.model.head_names[0]
+    out = {'weights': 'ema' if self.state.ema else 'params'}
+    if self.state.ema:
+      out['ema_decay'] = float(self.config.get('ema_decay', 0.0))
+      raw = scores.get('raw_weights') or {}
+      out['raw_weights'] = {k: raw[k] for k in SCORE_KEYS if k in raw}
+    best_step = self.checkpointer.best_step()
+    if best_step is not None:
+      out['best_checkpoint'] = {'step': best_step, 'by': self.best.describe(first)}
+    if self.stop_reason:
+      out['early_stopping'] = {'step': self.final_step, 'reason': self.stop_reason}
+    return out
 
   def train(self) -> dict:
     """Steps to config.num_train_steps; returns the last evaluation's scores."""
     c, k, total = self.config, self.config.accumulate_steps, self.config.num_train_steps
+    early, first = self.early_stopping, self.model.head_names[0]
+    self.final_step, end = max(self.start, total), total
     if self.start > total:
       log(f'{self.workdir} is already at step {self.start}, past config.num_train_steps={total}: '
           f'nothing to train; evaluating step {self.start}')
+    elif early is not None and early.stopped and self.start < total:
+      self.stop_reason = early.reason(first)
+      self.final_step = end = self.start
+      log(f'{self.workdir} stopped early at step {self.start}: {self.stop_reason}. Nothing to '
+          f'train (raise config.early_stopping_patience, or set config.early_stopping_metric="" '
+          f'to go on); evaluating step {self.start}')
     last_scores = None
     try:
       with StopRequest() as stop:
-        for micro in range(self.start * k + 1, total * k + 1):
+        for micro in range(self.start * k + 1, end * k + 1):
           self.state, m = self.step_fn(self.state, next(self.batches))
           self.meter.add(m)
           if micro % k:
@@ -242,8 +289,15 @@ class Trainer:
           scores = None
           if _every(c.eval_every, step) or last:
             scores = last_scores = self.evaluate(step)
+          stopping = scores is not None and early is not None and early.update(step, scores)
           if _every(c.checkpoint_every, step) or scores is not None or last:
             self.save(step, scores)
+          if stopping and not last:
+            self.stop_reason, self.final_step = early.reason(first), step
+            log(f'early stopping: {self.stop_reason}; stopped at step {step} of {total} (the '
+                f'final checkpoint, results and figures are this step\'s; the best checkpoint, '
+                f'by {self.best.describe(first)}, is step {self.checkpointer.best_step()})')
+            break
           if not last and stop.reached(step):
             self.save(step, None)
             raise Preempted(f'{stop.signal_name}: saved step {step} of {total} to '
@@ -258,8 +312,8 @@ class Trainer:
       self.progress.close()
       self.checkpointer.wait_until_finished()
       self.writer.close()
-    if last_scores is None:  # resumed a finished run: evaluate the final state
-      last_scores = self.evaluate(max(self.start, total))
+    if last_scores is None:  # resumed a finished (or stopped) run: evaluate the final state
+      last_scores = self.evaluate(self.final_step)
     return last_scores
 
 
@@ -267,8 +321,13 @@ def _every(n: int, step: int) -> bool:
   return n > 0 and step % n == 0
 
 def _restore(checkpointer, state, latest: int, train_iter, workdir: pathlib.Path):
+  """The state at step `latest`. config.ema_decay may change across a resume: an average that the
+  checkpoint lacks starts from its weights; one this run does not keep is left out."""
+  has_ema = checkpointer.has_ema(latest)
+  start_ema = bool(state.ema) and not has_ema
   try:
-    state, data_state, _ = checkpointer.restore(state, latest)
+    state, data_state, _ = checkpointer.restore(state.replace(ema={}) if start_ema else state,
+                                                latest)
   except (ValueError, KeyError, TypeError) as e:
     raise workdir_lib.IncompatibleResumeError(
         f'the checkpoint {checkpointer.directory}/{latest} does not fit this config '
@@ -278,7 +337,29 @@ def _restore(checkpointer, state, latest: int, train_iter, workdir: pathlib.Path
   if data_state is not None:
     train_iter.set_state(data_state)
   log(f'resumed from {workdir / "checkpoints"} at step {latest}')
+  if start_ema:
+    state = state.replace(ema=jax.tree.map(jnp.copy, state.variables()))
+    log(f'the checkpoint at step {latest} holds no moving average of the weights (trained with '
+        f'config.ema_decay=0): the average starts from its weights')
+  elif has_ema and not state.ema:
+    log(f'config.ema_decay=0: the moving average of the weights in the checkpoint at step '
+        f'{latest} is not kept; evaluation, results and inference use the trained weights')
   return state
+
+def _resume_selection(checkpointer, latest: int, best: Choice,
+                      early_stopping: EarlyStopping | None, first_head: str) -> None:
+  """Carries the early-stopping count over from the checkpoint; says when "best" or early stopping
+  now watch another score than the run did."""
+  saved = (checkpointer.loop_state(latest) or {}).get('early_stopping')
+  if early_stopping is not None and not early_stopping.restore(saved):
+    log(f'early stopping on {early_stopping.choice.describe(first_head)} counts from step '
+        f'{latest} (the checkpoint watched no such score)')
+  best_step = checkpointer.best_step()
+  if best_step is not None:
+    by = (checkpointer.metrics(best_step) or {}).get('best_by', 'mean_iu')
+    if by != best.describe(first_head):
+      log(f'note: the best checkpoint so far (step {best_step}) was ranked by {by}; from here on '
+          f'evaluations are ranked by {best.describe(first_head)}, against its value as it is')
 
 class StepMeter:
   """Sums the on-device step metrics and fetches them only at log time (no sync per step)."""

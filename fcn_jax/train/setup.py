@@ -19,6 +19,7 @@ from fcn_jax import workdir as workdir_lib
 from fcn_jax.cli import plural
 from fcn_jax.distributed import log
 from fcn_jax.errors import UserError
+from fcn_jax.train import monitor
 from fcn_jax.train.inputs import data_sources, input_layout
 from fcn_jax.train.step import model_config
 
@@ -42,6 +43,9 @@ def metadata_from_config(config: ml_collections.ConfigDict, classes=None,
   modalities, _ = input_layout(config)
   if modalities:
     extra['modalities'] = [{'name': m, 'preprocessing': p} for m, p in modalities]
+  ema_decay = float(config.get('ema_decay', 0.0) or 0.0)
+  if ema_decay:
+    extra['ema_decay'] = ema_decay
   return {
       **ckpt_lib.model_metadata(model_config(config)),
       'preprocessing': config.preprocessing,
@@ -51,6 +55,10 @@ def metadata_from_config(config: ml_collections.ConfigDict, classes=None,
       'accumulate_steps': config.accumulate_steps,
       'source': f'trained with fcn_jax ({config.get("preset", "custom")} preset)',
       'experiment': config.get('name', config.arch),
+      # The weights checkpoint.load_inference reads by default: the moving average when kept.
+      'inference_weights': 'ema' if ema_decay else 'params',
+      'best_metric': config.get('best_metric', 'mean_iu') or 'mean_iu',
+      'best_head': config.get('best_head', '') or models.ARCHS[config.arch].heads[0].name,
       **extra,
   }
 
@@ -238,6 +246,9 @@ def start_summary(config: ml_collections.ConfigDict, run: RunSpec, workdir: path
              else 'at the end')
   evaluation = ('native size, one image at a time' if not config.eval_pad_to else
                 f'padded to {config.eval_pad_to}, batches of {config.eval_batch_size}')
+  first_head = models.ARCHS[config.arch].heads[0].name
+  best = monitor.best_choice(config).describe(first_head)
+  early = monitor.EarlyStopping.from_config(config)
   lines = [
       f'{config.get("name", config.arch)} ({config.get("preset", "custom")} preset) on '
       f'{d.name}{where}: {counts} classes ({shown})',
@@ -246,8 +257,14 @@ def start_summary(config: ml_collections.ConfigDict, run: RunSpec, workdir: path
       f'({epochs:.1f} epochs)',
       f'  eval {run.eval_name} {run.eval_split!r}: {plural(len(run.eval_source), "image")}'
       f'{size(run.eval_source)}, {cadence}, {evaluation}',
+      f'  best checkpoint by {best}'
+      + ('' if early is None else f'; early stopping after {early.patience} evaluations without '
+         f'a gain > {early.min_delta:g} in {early.choice.describe(first_head)}'),
       f'  outputs: {workdir} (metrics.jsonl, tensorboard/, checkpoints/, results.md, figures/)']
   info = getattr(run.train_source, 'dataset_info', None)
+  if config.get('ema_decay'):
+    lines.insert(-1, f'  EMA of the weights, decay {config.ema_decay:g}: evaluated beside the '
+                 f'trained weights; best, results, figures and inference use the EMA weights')
   remapped = (getattr(info, 'metadata', None) or {}).get('mask_remap')
   if remapped:
     lines.insert(1, '  masks: ' + ', '.join(f'{a} read as class {b} ({names[b]})'

@@ -29,12 +29,19 @@ class TrainState:
   opt_state: Any
   rng: jax.Array           # base key; dropout uses fold_in(rng, step) so resumed runs replay
                            # exactly
+  # The exponential moving average of `variables()` (config.ema_decay > 0): {'params', maybe
+  # 'batch_stats'}, bias-corrected (usable as weights at any step); {} when off.
+  ema: Any = flax.struct.field(default_factory=dict)
 
   def variables(self, params=None) -> dict:
     v = {'params': self.params if params is None else params}
     if self.batch_stats:
       v['batch_stats'] = self.batch_stats
     return v
+
+  def inference_variables(self) -> dict:
+    """The weights a run's results, best checkpoint and inference use: the EMA when kept."""
+    return self.ema or self.variables()
 
 def model_config(config: ml_collections.ConfigDict) -> dict:
   """The model config: config.arch and config.model as they are (the keyword arguments of
@@ -61,11 +68,33 @@ def optimizer_from_config(config: ml_collections.ConfigDict, model: nn.Module,
       algorithm=o.get('algorithm', 'sgd'))
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, variables: dict,
-                       rng: jax.Array) -> TrainState:
+                       rng: jax.Array, *, ema: bool = False) -> TrainState:
+  """The state at step 0; `ema` also keeps a moving average of the variables (a copy: the state
+  is donated, and one buffer cannot be donated twice)."""
   params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                    rng=rng)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                     rng=rng)
+  if ema:
+    state = state.replace(ema=jax.tree.map(jnp.copy, state.variables()))
+  return state
+
+def ema_step_size(decay: float, count: jax.Array) -> jax.Array:
+  """The weight of the newest variables in the EMA after `count` updates: (1 - d) / (1 - d^count).
+
+  This keeps optax.ema(decay, debias=True)'s bias-corrected average itself (1 at the first update:
+  the average is then the weights, never pulled towards the initialisation or zero), so that the
+  state holds one copy of the weights, the one evaluation and inference read."""
+  count = jnp.maximum(count, 1).astype(jnp.float32)
+  return (1.0 - decay) / (1.0 - jnp.power(jnp.float32(decay), count))
+
+def update_ema(ema: dict, variables: dict, decay: float, count: jax.Array) -> dict:
+  """ema + w (variables - ema), w = ema_step_size(decay, count): optax.ema's bias-corrected
+  average, in a form that leaves a leaf that does not change (frozen layers, GoogLeNet's fixed
+  BatchNorm statistics) exactly as it is."""
+  w = ema_step_size(decay, count)
+  new = optax.tree.add_scale(ema, w, optax.tree.sub(variables, ema))
+  return jax.tree.map(lambda n, e: n.astype(e.dtype), new, ema)
 
 def label_key(model: nn.Module, head: str) -> str:
   """The batch key of a head's labels: 'label' for a single-headed net, else 'label_<head>'
@@ -79,12 +108,14 @@ def per_head(model: nn.Module, outputs) -> dict[str, jax.Array]:
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                tx: optax.GradientTransformation, normalize_loss: bool,
                class_weights: tuple[float, ...] | None = None,
-               loss: str | tuple[losses.LossTerm, ...] = 'ce') -> tuple[TrainState, dict]:
+               loss: str | tuple[losses.LossTerm, ...] = 'ce', ema_decay: float = 0.0,
+               accumulate_steps: int = 1) -> tuple[TrainState, dict]:
   """One pure SGD micro-step. batch: image (N, H, W, C) float32 (the modalities concatenated),
   label (N, H, W) int32 (several heads: label_<head> each). The loss sums the heads' losses (the
   reference SIFT Flow nets: semantic + geometric), each the weighted sum of `loss`'s terms
   (config.loss, fcn_jax.losses; 'ce' is the reference's cross-entropy); the class weights apply to
-  the first head. The pixel accuracy is the first head's."""
+  the first head. The pixel accuracy is the first head's. A state with an EMA (`ema_decay`) updates
+  it at each optimiser update (every `accumulate_steps` micro-steps, when the parameters change)."""
   terms = losses.parse_loss_spec(loss) if isinstance(loss, str) else loss
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   first = model.head_names[0]
@@ -119,6 +150,12 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
   }
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=batch_stats)
+  if state.ema:
+    updates, done = jnp.divmod(new_state.step, accumulate_steps)
+    ema = update_ema(state.ema, new_state.variables(), ema_decay, updates)
+    if accumulate_steps > 1:  # mid-accumulation the parameters have not moved
+      ema = optax.tree.where(done == 0, ema, state.ema)
+    new_state = new_state.replace(ema=ema)
   return new_state, step_metrics
 
 def eval_step(variables: dict, batch: dict, confusion: dict, *,
@@ -136,11 +173,13 @@ def eval_step(variables: dict, batch: dict, confusion: dict, *,
 
 def compile_train_step(model, tx, mesh: Mesh, *, normalize_loss: bool,
                        class_weights: tuple[float, ...] | None = None,
-                       loss: str = 'ce') -> Callable:
+                       loss: str = 'ce', ema_decay: float = 0.0,
+                       accumulate_steps: int = 1) -> Callable:
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P('data'))
   fn = functools.partial(train_step, model=model, tx=tx, normalize_loss=normalize_loss,
-                         class_weights=class_weights, loss=losses.parse_loss_spec(loss))
+                         class_weights=class_weights, loss=losses.parse_loss_spec(loss),
+                         ema_decay=ema_decay, accumulate_steps=accumulate_steps)
   return forms_lib.jit(fn, forms=model.forms, in_shardings=(replicated, data),
                        out_shardings=(replicated, replicated), donate_argnums=(0,))
 
