@@ -35,7 +35,7 @@ def test_load_config_reads_the_config_file(tmp_path, monkeypatch):
   assert config.batch_size == 3 and config.preset == 'demo' and config.model.width == 0.0625
 
 
-@pytest.mark.parametrize('name', sorted(set(configs.PAPER_LR) | set(configs.RECIPES)))
+@pytest.mark.parametrize('name', sorted(set(configs.PAPER_LR) | set(configs.RECIPES) | set(configs.RESNETS)))
 def test_every_config_file_is_its_get_config(name):
   for preset in configs.PRESETS:
     try:

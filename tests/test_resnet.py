@@ -431,3 +431,36 @@ def test_train_step_updates_batch_stats(shallow_resnet):
   assert set(out) == {'labels', 'aux'}
   for path, leaf in flat(updated['batch_stats']).items():
     np.testing.assert_array_equal(leaf, flat(variables['batch_stats'])[path], path)
+
+
+def test_the_auxiliary_head_adds_its_weighted_loss(shallow_resnet):
+  """The train step's loss is the main head's cross-entropy plus aux_weight times the auxiliary
+  head's, on the same labels (torchvision's recipe: 0.5), computed here from the model's own
+  outputs with the textbook formula."""
+  from fcn_jax import optim, train
+  model = shallow_resnet()
+  variables = host_variables(model)
+  tx = optim.make_optimizer(learning_rate=0.0, momentum=0.9, weight_decay=0.0,
+                            params=variables['params'],
+                            frozen=models.frozen_mask(model, variables['params']), algorithm='adam')
+  rng = np.random.default_rng(1)
+  batch = {'image': rng.normal(size=(2, 16, 16, 3)).astype(np.float32),
+           'label': rng.integers(0, 3, size=(2, 16, 16)).astype(np.int32)}
+  batch['label'][0, :4] = 255  # ignored pixels count in neither loss
+  state = train.create_train_state(model, tx, variables, jax.random.key(1))
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+  out, _ = model.apply(variables, batch['image'], train=True, rngs={'dropout': dropout_rng},
+                       mutable=['batch_stats'])
+
+  def ce(logits):
+    logits = np.asarray(logits, np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    valid = batch['label'] != 255
+    picked = np.take_along_axis(logp, np.where(valid, batch['label'], 0)[..., None], -1)[..., 0]
+    return -picked[valid].mean()
+
+  for weight in (0.5, 0.0):
+    _, metrics = jax.jit(lambda s, b, w=weight: train.train_step(
+        s, b, model=model, tx=tx, normalize_loss=True, aux_weight=w))(state, batch)
+    np.testing.assert_allclose(float(metrics['loss']), ce(out['labels']) + weight * ce(out['aux']),
+                               rtol=1e-5)

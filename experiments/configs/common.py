@@ -30,6 +30,7 @@ PAPER_LR = {'fcn32s': 1e-4, 'fcn16s': 1e-6, 'fcn8s': 1e-8, 'fcn8s_atonce': 1e-4,
 HEAVY_LR = {'fcn32s': 1e-10, 'fcn16s': 1e-12, 'fcn8s': 1e-14, 'fcn8s_atonce': 1e-10,
             'fcn_alexnet': 1e-10, 'fcn_alexnet_caffe': 1e-10, 'fcn_googlenet': 1e-10}
 ALEXNETS = ('fcn_alexnet', 'fcn_alexnet_caffe')
+RESNETS = ('fcn_resnet50', 'fcn_resnet101')  # torchvision's FCN: its own recipe (paper preset)
 
 
 # The reference nets of the paper's other datasets (experiments/<name>.py): arch, dataset, its
@@ -82,6 +83,9 @@ def get_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   if preset not in PRESETS:
     raise UserError(f'unknown preset {preset!r} for {arch}; choose one of {", ".join(PRESETS)} '
                     f'(e.g. --config experiments/configs/{arch}.py:demo)')
+  if preset == 'heavy' and arch in RESNETS:
+    raise UserError(f'{arch} has no Caffe "heavy" recipe; use the paper preset (torchvision\'s '
+                    'recipe) or demo')
   c = base_config(arch, preset)
   PRESET_CHANGES[preset](c, arch)
   return c
@@ -132,6 +136,16 @@ def base_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   # (smooth=1), lovasz (classes=present|all), focal (gamma=2). E.g. 'ce:1.0,dice:0.5'.
   c.loss = 'ce'
 
+  _optim_defaults(c, arch)
+
+  _run_defaults(c)
+  if arch in RESNETS:
+    _torchvision_recipe(c, arch)
+  return c
+
+
+def _optim_defaults(c: ml_collections.ConfigDict, arch: str) -> None:
+  """The paper's optimiser: Caffe's SGD, fixed rate."""
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = PAPER_LR.get(arch, PAPER_LR['fcn32s'])
   c.optim.momentum = 0.9
@@ -146,6 +160,9 @@ def base_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.optim.caffe = True         # exactly Caffe's SGD update
   c.optim.algorithm = 'sgd'    # 'adam' only for the from-scratch CPU demo
 
+
+def _run_defaults(c: ml_collections.ConfigDict) -> None:
+  """Cadences, the checkpoints kept and "best", weight averaging, early stopping, evaluation."""
   # Cadences, like every step count here and in metrics.jsonl / checkpoints: optimiser updates.
   c.log_every = 50  # metrics.jsonl / TensorBoard / progress line
   c.eval_every = 4000  # evaluation on the eval split (and at the end)
@@ -175,7 +192,21 @@ def base_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   # Persistent XLA compilation cache shared by all runs ('' = off): native-size evaluation compiles
   # once per distinct image size, and a rerun or the next stage reuses every compiled program.
   c.compilation_cache_dir = COMPILATION_CACHE_DIR
-  return c
+
+
+def _torchvision_recipe(c: ml_collections.ConfigDict, arch: str) -> None:
+  """FCN-ResNet's paper preset: torchvision's reference recipe (references/segmentation: SGD 0.02,
+  momentum 0.9, weight decay 1e-4, poly 0.9, 30 epochs, batch 32, crop 480, random resize 0.5-2x,
+  flips, the auxiliary loss at 0.5), from its ImageNet ResNet, on our PASCAL VOC split."""
+  c.model.aux = True   # torchvision's auxiliary FCNHead on layer3 (training only needs it)
+  c.model.bn_frozen = False  # True: keep the BatchNorm statistics (small batches)
+  c.aux_loss_weight = 0.5  # the auxiliary head's share of the loss
+  c.preprocessing = 'torchvision_rgb'
+  c.init_from = f'pretrained:{arch.replace("fcn_", "")}-torchvision'
+  c.batch_size, c.crop_size, c.scale_range, c.flip = 32, 480, (0.5, 2.0), True
+  c.total_epochs = 30.0
+  c.optim.learning_rate, c.optim.momentum, c.optim.weight_decay = 0.02, 0.9, 1e-4
+  c.optim.bias_lr_mult, c.optim.schedule, c.optim.caffe = 1.0, 'poly', False
 
 
 def _dataset_defaults(c: ml_collections.ConfigDict) -> None:
@@ -227,6 +258,7 @@ def _demo(c: ml_collections.ConfigDict, arch: str) -> None:
   # SGD) mute the pool3 / pool4 skips: FCN-8s at-once then learns no better than FCN-32s.
   c.model.skip_scaling = False
   c.preprocessing = 'torchvision_rgb'  # unit-scale inputs suit a from-scratch init
+  c.init_from = ''
   c.dataset.name = 'voc_segmentation/2012'  # the synthetic set, unless a dataset is named
   # Empty: the synthetic set and its prepared TFDS files, in the cache (see fcn_jax.paths); a
   # manual_dir (and data_dir) of your own trains the demo recipe on that data instead.

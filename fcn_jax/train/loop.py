@@ -203,7 +203,8 @@ class Trainer:
     state = replicate(state, mesh)
     step_fn = compile_train_step(model, tx, mesh, normalize_loss=config.loss_normalize,
                                  loss=config.get('loss', 'ce'), class_weights=run.class_weights,
-                                 ema_decay=ema_decay, accumulate_steps=config.accumulate_steps)
+                                 ema_decay=ema_decay, accumulate_steps=config.accumulate_steps,
+                                 aux_weight=config.get('aux_loss_weight', 0.5))
     writer = report.MetricWriter(workdir, enabled=is_main, resume_step=run.latest)
     start = int(jax.device_get(state.step)) // config.accumulate_steps
     progress = report.Progress(config.num_train_steps, start, desc=config.arch, enabled=is_main,

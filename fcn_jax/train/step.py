@@ -109,13 +109,15 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                tx: optax.GradientTransformation, normalize_loss: bool,
                class_weights: tuple[float, ...] | None = None,
                loss: str | tuple[losses.LossTerm, ...] = 'ce', ema_decay: float = 0.0,
-               accumulate_steps: int = 1) -> tuple[TrainState, dict]:
+               accumulate_steps: int = 1, aux_weight: float = 0.5) -> tuple[TrainState, dict]:
   """One pure SGD micro-step. batch: image (N, H, W, C) float32 (the modalities concatenated),
   label (N, H, W) int32 (several heads: label_<head> each). The loss sums the heads' losses (the
   reference SIFT Flow nets: semantic + geometric), each the weighted sum of `loss`'s terms
   (config.loss, fcn_jax.losses; 'ce' is the reference's cross-entropy); the class weights apply to
   the first head. The pixel accuracy is the first head's. A state with an EMA (`ema_decay`) updates
-  it at each optimiser update (every `accumulate_steps` micro-steps, when the parameters change)."""
+  it at each optimiser update (every `accumulate_steps` micro-steps, when the parameters change).
+  A net with torchvision's auxiliary head (build(aux=True)) adds `aux_weight` times its loss on the
+  first head's labels (torchvision's reference trains with 0.5)."""
   terms = losses.parse_loss_spec(loss) if isinstance(loss, str) else loss
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   first = model.head_names[0]
@@ -133,6 +135,10 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                                          normalize=normalize_loss,
                                          class_weights=weights if h == first else None)
                 for h in model.head_names)
+    if models.AUX_OUTPUT in logits:
+      total = total + aux_weight * losses.segmentation_loss(
+          logits[models.AUX_OUTPUT], batch[label_key(model, first)], terms,
+          normalize=normalize_loss, class_weights=weights)
     return total, (logits[first], new_vars.get('batch_stats', state.batch_stats))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -174,12 +180,13 @@ def eval_step(variables: dict, batch: dict, confusion: dict, *,
 def compile_train_step(model, tx, mesh: Mesh, *, normalize_loss: bool,
                        class_weights: tuple[float, ...] | None = None,
                        loss: str = 'ce', ema_decay: float = 0.0,
-                       accumulate_steps: int = 1) -> Callable:
+                       accumulate_steps: int = 1, aux_weight: float = 0.5) -> Callable:
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P('data'))
   fn = functools.partial(train_step, model=model, tx=tx, normalize_loss=normalize_loss,
                          class_weights=class_weights, loss=losses.parse_loss_spec(loss),
-                         ema_decay=ema_decay, accumulate_steps=accumulate_steps)
+                         ema_decay=ema_decay, accumulate_steps=accumulate_steps,
+                         aux_weight=aux_weight)
   return forms_lib.jit(fn, forms=model.forms, in_shardings=(replicated, data),
                        out_shardings=(replicated, replicated), donate_argnums=(0,))
 
