@@ -125,10 +125,14 @@ def training_curves(records: Sequence[dict], path: str | pathlib.Path,
 
 
 def predict_scores(model, variables: dict, image: np.ndarray, preprocessing: str) -> np.ndarray:
-  """uint8 RGB (H, W, 3) -> float32 class scores (H, W, C) at the input size."""
+  """uint8 RGB (H, W, 3) -> float32 class scores (H, W, C) at the input size (the first head's,
+  for nets with several heads or an auxiliary head)."""
   x = prep_lib.get(preprocessing)(image)[None]
-  return np.asarray(forms_lib.jit(lambda v, x: model.apply(v, x, train=False),
-                                  forms=getattr(model, 'forms', None))(variables, x))[0]
+  out = forms_lib.jit(lambda v, x: model.apply(v, x, train=False),
+                      forms=getattr(model, 'forms', None))(variables, x)
+  if isinstance(out, dict):
+    out = out[model.head_names[0]]
+  return np.asarray(out)[0]
 
 
 def score_map_figure(model, variables: dict, examples: Sequence[tuple[str, np.ndarray, np.ndarray]],
