@@ -6,9 +6,10 @@ only to own its kernel).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,6 +29,33 @@ def ceil_pool_size(size: int, window: int, stride: int, padding: int = 0) -> int
   return max(out, 1)
 
 
+_valid_pooling: list[bool] = []
+
+
+@contextlib.contextmanager
+def valid_pooling() -> Iterator[None]:
+  """Trace max pooling inside this block as an explicit -inf pad and flax's max_pool with 'VALID'
+  padding and a keyword window, without custom gradients: the form ONNX export converts (jax2onnx
+  replaces flax's max_pool by an NCHW MaxPool that takes only 'SAME'/'VALID' and a keyword window;
+  its lax.reduce_window_max lowering pools over all four axes, which onnxruntime refuses). The same
+  numbers as every other form: a max is exact and -inf padding never wins it. For inference
+  export: the gradient is XLA's generic one (training keeps `forms`)."""
+  _valid_pooling.append(True)
+  try:
+    yield
+  finally:
+    _valid_pooling.pop()
+
+
+def _max_pool(x: jax.Array, window: int, stride: int, pads: tuple, blocks: bool,
+              forms: forms_lib.Forms | None) -> jax.Array:
+  if _valid_pooling:
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+    return nn.max_pool(x, window_shape=(window, window), strides=(stride, stride),
+                       padding='VALID')
+  return cpu_kernels.max_pool(x, window, stride, pads, blocks=blocks, forms=forms)
+
+
 def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int = 0,
                   forms: forms_lib.Forms | None = None) -> jax.Array:
   """Max pooling with Caffe's ceil rounding: an odd size keeps its last row/column (its gradient
@@ -43,8 +71,8 @@ def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int = 0,
     out = ceil_pool_size(size, window, stride, padding)
     right = (out - 1) * stride + window - size - padding
     pads.append((padding, max(right, 0)))
-  return cpu_kernels.max_pool(x, window, stride, tuple(pads),
-                              blocks=window == stride and not padding, forms=forms)
+  return _max_pool(x, window, stride, tuple(pads), blocks=window == stride and not padding,
+                   forms=forms)
 
 
 def max_pool_floor(x: jax.Array, window: int, stride: int, padding: int = 0,
@@ -64,7 +92,7 @@ def max_pool_floor(x: jax.Array, window: int, stride: int, padding: int = 0,
     # The right padding that ends the last window exactly (less than `padding` when the floor
     # rounding leaves trailing rows unvisited, as PyTorch does).
     pads.append((padding, max((out - 1) * stride + window - size - padding, 0)))
-  return cpu_kernels.max_pool(x, window, stride, tuple(pads), blocks=False, forms=forms)
+  return _max_pool(x, window, stride, tuple(pads), blocks=False, forms=forms)
 
 
 def bilinear_kernel(size: int) -> np.ndarray:
