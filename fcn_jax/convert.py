@@ -10,7 +10,8 @@ from its layer names and blob shapes (the NYUD colour and HHA nets, which share 
 the released file name or --modality), and the checkpoint records the net's classes, heads, input
 modalities and each modality's preprocessing. torchvision's fcn_resnet50 / fcn_resnet101 and its
 ImageNet resnet50 / resnet101 are recognised too (their blocks per layer), as arch fcn_resnet50 /
-fcn_resnet101 with `torchvision_rgb` inputs.
+fcn_resnet101 with `torchvision_rgb` inputs, and its ImageNet vgg16_bn as fcn8s (or --arch
+fcn32s / fcn16s) with the vgg16_bn backbone.
 
 Sources (the format is detected from the file's contents, not its name):
 
@@ -20,7 +21,10 @@ Sources (the format is detected from the file's contents, not its name):
     `classifier.1/4`), GoogLeNet (`conv1.conv`, `inception3a.branch2.1.bn`, ...) and ResNet-50/101
     (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.downsample.0`, ...). fc6/fc7 are "transplanted"
     into convolutions (fc6 (4096, C*k*k) -> (4096, C, k, k)); the 1000-way classifier and
-    GoogLeNet's auxiliary heads are dropped.
+    GoogLeNet's auxiliary heads are dropped. VGG16-BN (`features.N` conv + `features.N+1`
+    BatchNorm, `classifier.0/3`) fills the vgg16_bn backbone (conv -> BatchNorm -> ReLU, no conv
+    bias): each conv bias moves into its BatchNorm's running mean, and fc6 / fc7 get the
+    BatchNorm that is the identity plus the Linear's bias (the same function at inference).
   - torchvision's segmentation FCN-ResNet50/101: `backbone.` + the ResNet's keys, `classifier.0/1/4`
     (FCNHead: 3x3 conv, BatchNorm, 1x1 scores) and, when trained with it, `aux_classifier.0/1/4`
     (kept: the checkpoint's model has aux=True). BatchNorm running statistics are imported;
@@ -63,7 +67,7 @@ from fcn_jax import preprocessing as preprocessing_lib
 from fcn_jax.convert_formats import FORMATS, ConversionError, detect_format, read_weights
 from fcn_jax.convert_layouts import (  # noqa: F401 - re-exported: fcn_jax.convert's names
     _TV_VGG16_FEATURES, _VGG_CONVS, HEAD_PREFIXES, LAYOUTS, Layout, Target, classes_text,
-    guess_archs, import_weights, resnet_depth)
+    guess_archs, import_weights, is_torchvision_vgg16_bn, resnet_depth)
 from fcn_jax.data.classes import VOC_CLASS_NAMES
 from fcn_jax.errors import cli
 from fcn_jax.models import fcn as fcn_lib
@@ -95,6 +99,12 @@ def _recognise(state: dict, src: str, arch: str | None, modality: str | None, lo
     if log:
       log(f'recognised torchvision {what} ({resnet_why}) -> arch {arch}')
     return None, None, resnet_why, arch
+  if arch is None and is_torchvision_vgg16_bn(state):
+    arch = 'fcn8s'  # the paper's best single-stream net; --arch picks another VGG16 FCN
+    if log:
+      log(f'recognised torchvision vgg16_bn (an ImageNet classifier) -> arch {arch} with the '
+          'vgg16_bn backbone (--arch fcn32s / fcn16s for another)')
+    return None, None, 'torchvision vgg16_bn keys', arch
   try:
     net, why = zoo.recognise(state, src, modality)
   except zoo.RecognitionError as e:
@@ -128,6 +138,8 @@ def _generic_metadata(arch: str, info: dict, prep: str, class_names: list[str] |
            'learnable_upsampling': learnable_upsampling}
   if fcn_lib.ARCHS[arch].aux_tap:
     model['aux'] = bool(info.get('aux'))
+  if info.get('backbone'):
+    model['backbone'] = info['backbone']
   metadata = {**checkpoint.model_metadata(model), 'preprocessing': prep,
               'class_names': list(class_names)}
   channels = fcn_lib.ARCHS[arch].input_channels

@@ -45,6 +45,10 @@ _VGG_CONVS = ('conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2', 
               'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2', 'conv5_3')
 _TV_VGG16_FEATURES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 _NUM_BATCHES = r'.*\.num_batches_tracked$'
+# torchvision vgg16_bn: each conv (with a bias) at features.i is followed by its BatchNorm at
+# features.i+1; the classifier's Linears have no BatchNorm.
+_TV_VGG16_BN_FEATURES = (0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40)
+_BN_EPSILON = 1e-5  # torchvision's BatchNorm2d and our vgg16_bn's
 
 # torchvision ResNet / FCN-ResNet names from ours (fcn_jax.models.backbones.Bottleneck, FCN's
 # torchvision heads): ConvBN's conv / bn are torchvision's convN / bnN, an FCNHead's conv / bn / 1x1
@@ -93,7 +97,48 @@ LAYOUTS = {
         'inception_rgb', rename_branches=True),
     **_resnet_layouts('resnet50'),
     **_resnet_layouts('resnet101'),
+    # torchvision vgg16_bn, rewritten by `vgg16_bn_state` to our names first.
+    'torchvision_vgg16_bn': Layout('torchvision_vgg16_bn', 'vgg16_bn', {},
+                                   (r'^classifier\.6\.', _NUM_BATCHES), 'torchvision_rgb',
+                                   fcn_marker=None),
 }
+
+
+def is_torchvision_vgg16_bn(keys: Iterable[str]) -> bool:
+  """Whether the keys are torchvision vgg16_bn's (a BatchNorm after the last conv, features.40)."""
+  keys = set(keys)
+  return {'features.40.weight', 'features.41.running_var', 'classifier.0.weight'} <= keys
+
+
+def vgg16_bn_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """torchvision vgg16_bn's state dict under our vgg16_bn's names, the same function at inference:
+
+  - each conv's bias moves into its BatchNorm's running mean (our convs before a BatchNorm have no
+    bias): BN(conv(x) + b) with mean m is BN(conv(x)) with mean m - b;
+  - fc6 / fc7 (Linear without BatchNorm in torchvision, conv -> BatchNorm here) get the BatchNorm
+    that is the identity plus the Linear's bias: mean 0, var 1 - eps, scale 1, shift = the bias.
+  Keys it does not use pass through (the classifier's last layer, num_batches_tracked)."""
+  out = dict(state)
+  pairs = [(name, f'features.{i}', f'features.{i + 1}')
+           for name, i in zip(_VGG_CONVS, _TV_VGG16_BN_FEATURES)]
+  for name, conv, bn in pairs:
+    if f'{conv}.weight' not in state or f'{bn}.running_mean' not in state:
+      continue  # reported as missing by the mapping
+    bias = out.pop(f'{conv}.bias', np.zeros_like(state[f'{bn}.running_mean']))
+    out[f'{name}.conv.weight'] = out.pop(f'{conv}.weight')
+    out[f'{name}.bn.running_mean'] = out.pop(f'{bn}.running_mean') - bias
+    for leaf in ('weight', 'bias', 'running_var'):
+      out[f'{name}.bn.{leaf}'] = out.pop(f'{bn}.{leaf}')
+  for name, linear in (('fc6', 'classifier.0'), ('fc7', 'classifier.3')):
+    if f'{linear}.weight' not in state:
+      continue
+    weight, bias = out.pop(f'{linear}.weight'), out.pop(f'{linear}.bias')
+    out[f'{name}.conv.weight'] = weight
+    out[f'{name}.bn.weight'] = np.ones_like(bias)
+    out[f'{name}.bn.bias'] = bias
+    out[f'{name}.bn.running_mean'] = np.zeros_like(bias)
+    out[f'{name}.bn.running_var'] = np.full_like(bias, 1 - _BN_EPSILON)
+  return out
 
 HEAD_PREFIXES = ('score_', 'upscore')  # the FCN layers; all other parameters form the backbone
 _LEAF_KEYS = {('params', 'kernel'): 'weight', ('params', 'bias'): 'bias',
@@ -277,6 +322,9 @@ def _best_layout(backbone: str, probe: list[Target], keys: set[str]) -> tuple[in
 
 
 def _guess_hint(arch: str, keys: set[str]) -> str:
+  if 'conv5_3.conv.weight' in keys:  # torchvision vgg16_bn, as vgg16_bn_state renamed it
+    return ('\nThe file is a VGG16-BN: it fills the vgg16_bn backbone of fcn32s, fcn16s or fcn8s '
+            f'(not {arch}).')
   guesses = guess_archs(keys)
   if guesses and arch not in guesses:
     return f'\nThe file looks like weights for {" or ".join(guesses)}, not {arch}.'
@@ -401,7 +449,7 @@ def _no_backbone_error(arch: str, backbone: str, keys: set[str]) -> ConversionEr
 def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int | None = None,
                    width: float | None = None, init_missing_heads: bool = False,
                    learnable_upsampling: bool = True,
-                   aux: bool | None = None) -> tuple[dict, dict]:
+                   aux: bool | None = None, backbone: str = '') -> tuple[dict, dict]:
   """Maps a state dict (from `read_weights`) onto the variables of `models.build(arch, ...)`.
 
   Args:
@@ -414,6 +462,8 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
       layers the arch does not have are dropped.
     aux: archs with an auxiliary head (fcn_resnet50/101): build(aux=...); default: whether the
       source has one (torchvision's aux_classifier).
+    backbone: build(backbone=...); default: the arch's own, or vgg16_bn for a VGG16 arch given
+      torchvision vgg16_bn weights.
   Returns:
     (variables {'params', maybe 'batch_stats'} of float32 NumPy arrays, info) where info holds
     'layout', 'kind' ('fcn' | 'backbone'), 'preprocessing' (the layout's default), 'num_classes',
@@ -425,12 +475,19 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
   if arch not in fcn_lib.ARCHS:
     raise ConversionError(f'unknown arch {arch!r}; choose one of {sorted(fcn_lib.ARCHS)}')
   spec = fcn_lib.ARCHS[arch]
+  if is_torchvision_vgg16_bn(state):
+    backbone = backbone or ('vgg16_bn' if spec.backbone == 'vgg16' else '')
+    state = vgg16_bn_state(state)
   keys = set(state)
-  probe = _targets(models.build(arch, num_classes=(1,) * len(spec.heads), width=1.0,
-                                aux=bool(spec.aux_tap)))
-  hits, layout = _best_layout(spec.backbone, probe, keys)
+  try:
+    probe = _targets(models.build(arch, num_classes=(1,) * len(spec.heads), width=1.0,
+                                  aux=bool(spec.aux_tap), backbone=backbone))
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
+  backbone_name = backbone or spec.backbone
+  hits, layout = _best_layout(backbone_name, probe, keys)
   if hits == 0:
-    raise _no_backbone_error(arch, spec.backbone, keys)
+    raise _no_backbone_error(arch, backbone_name, keys)
   is_fcn = layout.is_fcn(keys)
   if width is None:
     width = _default_width(state, probe, layout)
@@ -441,7 +498,7 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
     aux = is_fcn and bool(aux_keys & keys)
 
   model = models.build(arch, num_classes=num_classes, width=width,
-                       learnable_upsampling=learnable_upsampling, aux=aux)
+                       learnable_upsampling=learnable_upsampling, aux=aux, backbone=backbone)
   mapping = _Mapping(state, arch, layout, width, num_classes, init_missing_heads)
   for t in _targets(model):
     mapping.add(t)
@@ -453,5 +510,6 @@ def import_weights(state: dict[str, np.ndarray], arch: str, *, num_classes: int 
     raise mapping.error(unexpected, mixing)
   info = {'layout': layout.name, 'kind': 'fcn' if is_fcn else 'backbone',
           'preprocessing': layout.preprocessing, 'num_classes': num_classes, 'width': width,
-          'aux': aux, 'initialised': mapping.initialised, 'ignored': ignored}
+          'aux': aux, 'backbone': backbone, 'initialised': mapping.initialised,
+          'ignored': ignored}
   return mapping.variables, info

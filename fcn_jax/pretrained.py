@@ -123,6 +123,8 @@ def _registry() -> dict[str, Weights]:
               learnable_upsampling=True),
       _torchvision('vgg16-torchvision', 'vgg16-397923af.pth', 'fcn32s', 'torchvision_rgb',
                    'VGG16 IMAGENET1K_V1'),
+      _torchvision('vgg16-bn-torchvision', 'vgg16_bn-6c64b313.pth', 'fcn8s', 'torchvision_rgb',
+                   'VGG16-BN IMAGENET1K_V1 (the vgg16_bn backbone)'),
       _torchvision('alexnet-torchvision', 'alexnet-owt-7be5be79.pth', 'fcn_alexnet',
                    'torchvision_rgb', 'AlexNet IMAGENET1K_V1'),
       _torchvision('googlenet-torchvision', 'googlenet-1378be20.pth', 'fcn_googlenet',

@@ -9,6 +9,7 @@ included. Float32 throughout (XLA:CPU convolutions are full float32; no precisio
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -40,15 +41,15 @@ VGG_CONVS = convert._VGG_CONVS
 
 
 @functools.lru_cache(maxsize=None)
-def _apply_fn(arch: str, num_classes: int, width: float):
-  model = models.build(arch, num_classes=num_classes, width=width)
+def _apply_fn(arch: str, num_classes: int, width: float, backbone: str = ''):
+  model = models.build(arch, num_classes=num_classes, width=width, backbone=backbone)
   return jax.jit(lambda variables, x: model.apply(variables, x))
 
 
 def run_ours(arch: str, variables: dict, x: torch.Tensor, num_classes: int = 21,
-             width: float = WIDTH) -> np.ndarray:
+             width: float = WIDTH, backbone: str = '') -> np.ndarray:
   """NCHW torch input -> NCHW scores from our model."""
-  out = _apply_fn(arch, num_classes, width)(variables, x.numpy().transpose(0, 2, 3, 1))
+  out = _apply_fn(arch, num_classes, width, backbone)(variables, x.numpy().transpose(0, 2, 3, 1))
   return np.asarray(out).transpose(0, 3, 1, 2)
 
 
@@ -60,14 +61,15 @@ def assert_parity(ours: np.ndarray, ref: np.ndarray, what: str = '') -> None:
   np.testing.assert_array_equal(ours.argmax(1), ref.argmax(1), err_msg=what)
 
 
-def check_parity(arch, variables, net_fn, sizes=SIZES, seed=0, batch=1):
+def check_parity(arch, variables, net_fn, sizes=SIZES, seed=0, batch=1, backbone=''):
   g = torch.Generator().manual_seed(seed)
   for h, w in sizes:
     x = torch.randn((batch, 3, h, w), generator=g) * 50  # image-like magnitudes (Caffe BGR - mean)
     with torch.no_grad():
       ref = net_fn(x).numpy()
     assert ref.shape[2:] == (h, w)
-    assert_parity(run_ours(arch, variables, x, num_classes=ref.shape[1]), ref, f'{arch} {h}x{w}')
+    ours = run_ours(arch, variables, x, num_classes=ref.shape[1], backbone=backbone)
+    assert_parity(ours, ref, f'{arch} {h}x{w}')
 
 
 def state_of(net: nn.Module) -> dict[str, np.ndarray]:
@@ -215,9 +217,11 @@ BACKBONE_CASES = [
     ('fcn_alexnet', 'alexnet', 'pth', 'torchvision_rgb'),
     ('fcn_alexnet', 'alexnet', 'npz', 'torchvision_rgb'),
     ('fcn_googlenet', 'googlenet', 'safetensors', 'inception_rgb'),
+    ('fcn32s', 'vgg16_bn', 'pth', 'torchvision_rgb'),
 ]
 TORCH_BACKBONES = {'vgg16': torch_fcn.TorchVGG16, 'alexnet': torch_fcn.TorchAlexNet,
-                   'googlenet': torch_fcn.TorchGoogLeNet}
+                   'googlenet': torch_fcn.TorchGoogLeNet,
+                   'vgg16_bn': functools.partial(torch_fcn.TorchVGG16, batch_norm=True)}
 
 
 @pytest.mark.parametrize('arch,backbone,fmt,prep', BACKBONE_CASES,
@@ -232,6 +236,13 @@ def test_torchvision_backbone_parity(tmp_path, arch, backbone, fmt, prep):
   assert metadata['source_layout'] == f'torchvision_{backbone}'
   assert metadata['width'] == WIDTH
   _assert_heads_initialised(arch, variables)
+  if backbone == 'vgg16_bn':
+    # The conv bias inside the running mean; fc6 without BatchNorm in torchvision: the identity.
+    assert metadata['model']['backbone'] == 'vgg16_bn'
+    np.testing.assert_allclose(variables['batch_stats']['conv5_3']['bn']['mean'],
+                               state['features.41.running_mean'] - state['features.40.bias'])
+    np.testing.assert_array_equal(variables['params']['fc6']['bn']['bias'],
+                                  state['classifier.0.bias'])
   if backbone == 'googlenet':
     bn = variables['batch_stats']['inception4e']['branch2_1']['bn']
     np.testing.assert_array_equal(bn['var'], state['inception4e.branch2.1.bn.running_var'])
@@ -241,15 +252,39 @@ def test_torchvision_backbone_parity(tmp_path, arch, backbone, fmt, prep):
   # The FCN on the backbone: the same random score layer on both sides, bilinear upsampling.
   score_in = variables['params']['score_fr']['kernel'].shape[2]
   score = _random_score(score_in, seed=3)
-  geo = fcn_lib.geometry(fcn_lib.ARCHS[arch])
+  model_backbone = metadata['model'].get('backbone', '')
+  spec = fcn_lib.ARCHS[arch]
+  geo = fcn_lib.geometry(dataclasses.replace(spec, backbone=model_backbone or spec.backbone))
   up = geo.upsamples[-1]
   if arch == 'fcn_alexnet':
     assert (up.kernel, up.stride, geo.final_crop) == (63, 32, 18)  # FCN_REFERENCE §3
-  if arch == 'fcn32s':
+  if arch == 'fcn32s' and backbone == 'vgg16':
     assert (up.kernel, up.stride, geo.final_crop) == (64, 32, 19)
   fn = lambda x: torch_fcn.backbone_fcn(net, x, score, up.kernel, up.stride, geo.final_crop)
   sizes = SIZES if backbone != 'googlenet' else SIZES[::2]
-  check_parity(arch, _with_score(variables, score), fn, sizes=sizes)
+  check_parity(arch, _with_score(variables, score), fn, sizes=sizes, backbone=model_backbone)
+
+
+def test_torchvision_vgg16_bn_recognised_without_arch(tmp_path):
+  """torchvision's ImageNet vgg16_bn (its real key names, random weights) converts with no --arch:
+  FCN-8s on the vgg16_bn backbone, torchvision's preprocessing; the checkpoint builds that model."""
+  net = torch_fcn.randomize_(torch_fcn.TorchVGG16(WIDTH, batch_norm=True),
+                             torch.Generator().manual_seed(6))
+  state = state_of(net)
+  assert 'features.41.running_var' in state and 'classifier.6.weight' in state
+  src = write(state, str(tmp_path / 'vgg16_bn-6c64b313.pth'), 'pth')
+  out = tmp_path / 'ckpt'
+  metadata = convert.convert_to_checkpoint(src, out)
+  assert metadata['arch'] == 'fcn8s' and metadata['model']['backbone'] == 'vgg16_bn'
+  assert metadata['source_layout'] == 'torchvision_vgg16_bn'
+  assert metadata['preprocessing'] == 'torchvision_rgb'
+  model, variables, _ = checkpoint.load_inference(out)
+  assert model.arch.backbone == 'vgg16_bn'
+  np.testing.assert_array_equal(variables['params']['conv3_2']['conv']['kernel'],
+                                state['features.17.weight'].transpose(2, 3, 1, 0))
+  # A plain VGG16 arch cannot take BatchNorm weights by mistake: --arch with another backbone.
+  with pytest.raises(convert.ConversionError, match='vgg16_bn'):
+    convert.convert(src, 'fcn_alexnet')
 
 
 def test_caffe_vgg16_legacy_caffemodel(tmp_path):

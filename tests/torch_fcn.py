@@ -133,13 +133,17 @@ class TorchFCN(nn.Module):
 
 
 class TorchVGG16(nn.Module):
-  def __init__(self, width: float = 1.0, num_classes: int = 1000):
+  """torchvision's vgg16 (`batch_norm`: vgg16_bn, conv -> BatchNorm2d -> ReLU in `features`)."""
+
+  def __init__(self, width: float = 1.0, num_classes: int = 1000, batch_norm: bool = False):
     super().__init__()
+    self.batch_norm = batch_norm
     c = lambda f: scaled(f, width)
     layers, in_ch = [], 3
     for features, convs in VGG_BLOCKS:
       for _ in range(convs):
-        layers += [nn.Conv2d(in_ch, c(features), 3, padding=1), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(in_ch, c(features), 3, padding=1),
+                   *([nn.BatchNorm2d(c(features))] if batch_norm else []), nn.ReLU(inplace=True)]
         in_ch = c(features)
       layers.append(nn.MaxPool2d(2, 2))
     self.features = nn.Sequential(*layers)
@@ -247,12 +251,14 @@ class TorchGoogLeNet(nn.Module):
 # FCNs on the torchvision classifiers (the paper's "convolutionalization")
 
 
-def _features_fcn(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+def _features_fcn(features: nn.Sequential, x: torch.Tensor, first_pad: int = 100) -> torch.Tensor:
   h, first = x, True
   for m in features:
     if isinstance(m, nn.Conv2d):
-      h = F.conv2d(h, m.weight, m.bias, m.stride, 100 if first else m.padding)
+      h = F.conv2d(h, m.weight, m.bias, m.stride, first_pad if first else m.padding)
       first = False
+    elif isinstance(m, nn.BatchNorm2d):
+      h = m(h)  # eval mode: the running statistics
     elif isinstance(m, nn.ReLU):
       h = F.relu(h)
     elif isinstance(m, nn.MaxPool2d):
@@ -260,15 +266,20 @@ def _features_fcn(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
   return h
 
 
-def _fc_as_conv(h: torch.Tensor, linear: nn.Linear, k: int) -> torch.Tensor:
+def _fc_as_conv(h: torch.Tensor, linear: nn.Linear, k: int, padding: int = 0) -> torch.Tensor:
   w = linear.weight.reshape(linear.weight.shape[0], -1, k, k)
-  return F.relu(F.conv2d(h, w, linear.bias))
+  return F.relu(F.conv2d(h, w, linear.bias, padding=padding))
 
 
 def backbone_fcn(net: nn.Module, x: torch.Tensor, score: nn.Conv2d, up_kernel: int, up_stride: int,
                  crop: int) -> torch.Tensor:
   """FCN-32s-style net on a torchvision classifier: scores, bilinear x`up_stride`, crop."""
-  if isinstance(net, TorchVGG16):
+  if isinstance(net, TorchVGG16) and net.batch_norm:
+    # fcn_jax's vgg16_bn backbone is 'same'-padded: 1 on conv1_1, 3 on the 7x7 fc6.
+    h = _features_fcn(net.features, x, first_pad=1)
+    h = _fc_as_conv(h, net.classifier[0], 7, padding=3)
+    h = _fc_as_conv(h, net.classifier[3], 1)
+  elif isinstance(net, TorchVGG16):
     h = _features_fcn(net.features, x)
     h = _fc_as_conv(h, net.classifier[0], 7)
     h = _fc_as_conv(h, net.classifier[3], 1)
