@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from fcn_jax import checkpoint, export, exported, models, preprocessing
+from benchmarks import onnx_parity
+from fcn_jax import export, exported, preprocessing
 from fcn_jax.errors import UserError
 from fcn_jax.models import forms as forms_lib
 from fcn_jax.models import layers
@@ -37,39 +38,9 @@ needs_onnx = pytest.mark.skipif(
     reason=f'jax2onnx / onnx / onnxruntime are not installed ({export.ONNX_INSTALL})')
 
 
-def _random_variables(model) -> dict:
-  """Random variables of `model`'s shapes, so that every layer shows (the score layers start at
-  zero): He-scaled kernels, small biases, BatchNorm statistics near (0, 1). Drawn with numpy from
-  the shapes alone (initialising GoogLeNet compiles a generator per parameter: minutes here)."""
-  shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0)))
-  rng = np.random.default_rng(0)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if leaf.ndim > 1:
-      values = rng.normal(size=leaf.shape) * np.sqrt(2 / np.prod(leaf.shape[:-1]))
-    elif name.endswith("['var']"):
-      values = rng.uniform(0.5, 1.5, leaf.shape)
-    elif name.endswith("['scale']"):
-      values = 1 + 0.1 * rng.normal(size=leaf.shape)
-    else:
-      values = 0.1 * rng.normal(size=leaf.shape)
-    return values.astype(leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def _checkpoint(tmp_path, arch: str, **meta) -> pathlib.Path:
   """A width-1/16 checkpoint with random weights."""
-  model = models.build(arch, width=1 / 16)
-  variables = _random_variables(model)
-  counts = list(model.num_classes)
-  metadata = {**checkpoint.model_metadata({'arch': arch, 'width': 1 / 16,
-                                           'num_classes': counts if len(counts) > 1 else counts[0]}),
-              'preprocessing': 'caffe_bgr', **meta}
-  path = tmp_path / f'ckpt_{arch}'
-  checkpoint.save_inference(path, variables, metadata)
-  return path
+  return pathlib.Path(onnx_parity.random_checkpoint(tmp_path, arch, 1 / 16, **meta))
 
 
 # Runs the file with numpy and onnxruntime alone: the inputs preprocessed from its metadata_props,
