@@ -31,6 +31,8 @@ from fcn_jax.models import forms as forms_lib
 from fcn_jax import tune
 from fcn_jax.models import fcn as fcn_lib
 
+# benchmarks.run's nets and torchvision's FCN-ResNet (BatchNorm trains on both sides).
+ARCHS = (*run.NETS, 'fcn_resnet50', 'fcn_resnet101')
 NAMED_FORMS = {
     'jax-amd': forms_lib.TUNED_ON_AMD,
     'jax-eigen': dataclasses.replace(forms_lib.TUNED_ON_AMD, conv_library='eigen'),
@@ -117,7 +119,7 @@ def _worker(conn, variant: str, a: argparse.Namespace) -> None:
 
 def main(argv=None):
   p = cli_lib.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--arch', default='fcn8s', choices=run.NETS)
+  p.add_argument('--arch', default='fcn8s', choices=ARCHS)
   p.add_argument('--size', type=int, default=256)
   p.add_argument('--batch', type=int, default=1)
   p.add_argument('--width', type=float, default=1.0)

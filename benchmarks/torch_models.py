@@ -20,6 +20,7 @@ if str(_TESTS) not in sys.path:
   sys.path.insert(0, str(_TESTS))
 
 import torch_fcn  # noqa: E402  (tests/torch_fcn.py)
+import torch_resnet  # noqa: E402  (tests/torch_resnet.py)
 
 from fcn_jax.models import fcn as fcn_lib  # noqa: E402
 from fcn_jax.models.backbones import scaled  # noqa: E402
@@ -82,9 +83,22 @@ class BackboneFCN(nn.Module):
     return h[:, :, c:c + x.size(2), c:c + x.size(3)]
 
 
+class ResNetFCN(torch_resnet.TorchFCNResNet):
+  """torchvision's fcn_resnet50 / fcn_resnet101 without the auxiliary head (fcn_jax's default),
+  returning the scores tensor; BatchNorm trains (batch statistics), as fcn_jax's does."""
+
+  def __init__(self, arch: str, n_class: int = 21, width: float = 1.0):
+    super().__init__(fcn_lib.ARCHS[arch].backbone, n_class, aux=False, width=width)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return super().forward(x)['out']
+
+
 def build(arch: str, width: float = 1.0, n_class: int = 21) -> nn.Module:
   if arch in ('fcn32s', 'fcn16s', 'fcn8s', 'fcn8s_atonce'):
     return VGGFCN(arch, n_class, width)
+  if arch in ('fcn_resnet50', 'fcn_resnet101'):
+    return ResNetFCN(arch, n_class, width)
   return BackboneFCN(arch, n_class, width)
 
 

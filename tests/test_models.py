@@ -116,6 +116,21 @@ def test_describe_vgg16_matches_table1():
   assert models.describe('fcn8s_atonce')['params'] == models.describe('fcn8s')['params']
 
 
+def test_describe_counts_forward_flops_and_takes_a_backbone_variant():
+  # FCN-32s at 500x500, by hand: pad 100 -> conv1 maps of 698, ceil pooling 349, 175, 88, 44, 22;
+  # fc6 (7x7 valid) and fc7 on 16x16; score_fr. XLA counts 2 per multiply-add, leaves out the
+  # taps that fall on padding (~1% of these) and adds the elementwise work (bias, ReLU, upsampling).
+  macs = 0
+  for side, ci, co, n in [(698, 3, 64, 2), (349, 64, 128, 2), (175, 128, 256, 3),
+                          (88, 256, 512, 3), (44, 512, 512, 3)]:
+    macs += side * side * 9 * (ci * co + co * co * (n - 1))
+  macs += 16 * 16 * (49 * 512 * 4096 + 4096 * 4096 + 4096 * 21)
+  flops = models.describe('fcn32s', flops_size=500)['gflops'] * 1e9
+  assert 0.97 * 2 * macs <= flops <= 1.03 * 2 * macs, (flops, 2 * macs)
+  bn = models.describe('fcn8s', backbone='vgg16_bn')
+  assert bn['backbone'] == 'vgg16_bn' and bn['params'] > models.describe('fcn8s')['params']
+
+
 def test_describe_alexnet_matches_table1():
   d = models.describe('fcn_alexnet')
   assert (d['conv_layers'], d['receptive_field'], d['max_stride']) == (8, 355, 32)

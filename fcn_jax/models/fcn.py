@@ -327,7 +327,7 @@ def head_classes(arch: str, num_classes: int | Sequence[int] | None) -> tuple[in
 def build(arch: str, num_classes: int | Sequence[int] | None = None, width: float = 1.0,
           dtype: Any = jnp.float32, learnable_upsampling: bool = True,
           dropout_rate: float | None = None, skip_scaling: bool = True, backbone: str = '',
-          aux: bool = False, bn_frozen: bool = False) -> FCN:
+          aux: bool = False, bn_frozen: bool = False, in_channels: int = 0) -> FCN:
   """The FCN named `arch` (one of ARCHS). Its keyword arguments are the model config: what
   `train` reads from config.model and what every checkpoint stores as metadata['model'].
 
@@ -354,6 +354,10 @@ def build(arch: str, num_classes: int | Sequence[int] | None = None, width: floa
     bn_frozen: BatchNorm that trains (vgg16_bn, ResNet and its heads; statistics in the
       `batch_stats` collection) keeps its running statistics instead, for fine-tuning with small
       batches; False trains them (from scratch).
+    in_channels: 0 keeps the arch's input channels (3: colour); another count is the input of a
+      single-input arch's first convolution (multispectral bands, 16-bit greyscale: the
+      `dataset` preprocessing). Fine-tuning from RGB weights adapts that convolution
+      (fcn_jax.train.transfer).
 
   The model takes the default CPU forms (`forms.active()`); `fcn_jax.tune.tuned(model)` gives it
   this machine's (the entry points do: training, checkpoint.load_inference, the benchmarks).
@@ -369,6 +373,12 @@ def build(arch: str, num_classes: int | Sequence[int] | None = None, width: floa
       raise ValueError(f'{arch} has a {spec.backbone} backbone: backbone={backbone!r} cannot '
                        f'replace it (choose one of {variants or "none"}, or leave it empty)')
     spec = dataclasses.replace(spec, backbone=backbone)
+  if in_channels and in_channels != spec.input_channels:
+    if len(spec.streams) != 1 or in_channels < 1:
+      raise ValueError(f'in_channels={in_channels}: {arch} takes {spec.input_channels} channels '
+                       f'in {len(spec.streams)} streams; a count >= 1 fits single-input archs')
+    spec = dataclasses.replace(spec, streams=(dataclasses.replace(spec.streams[0],
+                                                                  channels=int(in_channels)),))
   if aux and not spec.aux_tap:
     with_aux = sorted(name for name, s in ARCHS.items() if s.aux_tap)
     raise ValueError(f'{arch} has no auxiliary head; aux=True is for {", ".join(with_aux)}')
@@ -418,16 +428,20 @@ def count_params(tree: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def describe(arch: str) -> dict[str, Any]:
+def describe(arch: str, backbone: str = '', flops_size: int | None = None) -> dict[str, Any]:
   """Static figures of the paper's Table 1, computed from the definition at full width.
 
   `params` counts learned parameters of the backbone and score layers, as the paper does (it leaves
   out the upsampling filters, which are reported in `upsampling_params`). torchvision heads: the
   auxiliary head is left out of `params` too (build's default is aux=False) and reported in
   `aux_params`; `receptive_field` and `conv_layers` then include the head's 3x3 conv.
+  `backbone`: as build's (vgg16_bn for a VGG16 arch). `flops_size`: also `gflops`, XLA's count of
+  one forward pass on a flops_size x flops_size image (2 per multiply-add; lowered, not run).
   """
-  model = build(arch)
+  model = build(arch, backbone=backbone)
   spec = ARCHS[arch]
+  if backbone:
+    spec = dataclasses.replace(spec, backbone=backbone)
   backbone = backbones.get_backbone(spec.backbone)
   shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))['params']
   geo = geometry(spec)
@@ -458,4 +472,18 @@ def describe(arch: str) -> dict[str, Any]:
     with_aux = build(arch, aux=True)
     aux_shapes = jax.eval_shape(lambda: init_variables(with_aux, jax.random.key(0)))['params']
     figures['aux_params'] = count_params(aux_shapes) - count_params(shapes)
+  if flops_size:
+    figures['gflops'] = forward_flops(model, flops_size) / 1e9
   return figures
+
+
+def forward_flops(model: FCN, size: int) -> float:
+  """XLA's flop count (2 per multiply-add) of one forward pass on a size x size image, with plain
+  XLA convolutions (the CPU forms rewrite some, not their arithmetic); lowered only."""
+  plain = model.clone(forms=forms_lib.PLAIN_XLA)
+  variables = jax.eval_shape(lambda: init_variables(plain, jax.random.key(0)))
+  image = jax.ShapeDtypeStruct((1, size, size, plain.arch.input_channels), jnp.float32)
+  cost = jax.jit(lambda v, x: plain.apply(v, x, train=False)).lower(variables, image)
+  cost = cost.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost['flops'])
