@@ -11,7 +11,7 @@ $(VENV)/.installed: requirements.txt setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q -e '.[dev,torch,onnx]'
+	$(PY) -m pip install -q -e '.[dev,torch,onnx,tracking]'
 	# jax2onnx (ONNX export) without its dependencies: 0.17.1 pins orbax-checkpoint<0.11.37.
 	$(PY) -m pip install -q --no-deps jax2onnx==0.17.1
 	touch $@

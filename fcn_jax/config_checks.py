@@ -8,7 +8,7 @@ import os
 import ml_collections
 
 from fcn_jax import data as data_lib
-from fcn_jax import losses, models, optim, preprocessing, pretrained, report
+from fcn_jax import losses, models, optim, preprocessing, pretrained, report, tracking
 from fcn_jax.errors import UserError
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -141,6 +141,17 @@ def _check_selection(c: ml_collections.ConfigDict, need) -> None:
        'watched)')
 
 
+def _check_tracking(c: ml_collections.ConfigDict, need) -> None:
+  """The trackers, and that their packages are installed (before any data is prepared)."""
+  problem = tracking.spec_problem(c.get('tracking', 'tensorboard'))
+  need(problem is None, 'tracking', problem or '')
+  need(isinstance(c.get('tracking_uri', ''), str), 'tracking_uri',
+       "'' (file:WORKDIR/mlruns) or an MLflow tracking URI")
+  need(isinstance(c.get('wandb_project', ''), str), 'wandb_project', "'' (fcn_jax) or a name")
+  need(c.get('wandb_mode', 'offline') in tracking.WANDB_MODES, 'wandb_mode',
+       f'one of {", ".join(tracking.WANDB_MODES)}')
+
+
 def _check_data(c: ml_collections.ConfigDict, need, out: list[str]) -> None:
   """The dataset's splits (cheap: no data is prepared) and the checkpoint to start from."""
   d = c.dataset
@@ -172,6 +183,7 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
   _check_loop(c, need)
   _check_optim(c, need)
   _check_selection(c, need)
+  _check_tracking(c, need)
   _check_data(c, need, out)
   return sorted(set(out), key=out.index)
 

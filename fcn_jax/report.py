@@ -1,5 +1,5 @@
-"""Run outputs: metrics.jsonl + TensorBoard events, results.json and the paper's Table 2 in
-Markdown."""
+"""Run outputs: metrics.jsonl (mirrored to the trackers of fcn_jax.tracking), results.json and the
+paper's Table 2 in Markdown."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import pathlib
 import sys
 import time
 from typing import Any, Mapping, Sequence
+
+from fcn_jax import tracking
+from fcn_jax.errors import Preempted
+
 
 def _step_of(line: str) -> float:
   try:
@@ -22,34 +26,40 @@ SCORE_COLUMNS = (('pixel_acc', 'pixel acc.'), ('mean_acc', 'mean acc.'), ('mean_
 
 
 class MetricWriter:
-  """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
+  """Appends one JSON object per record to metrics.jsonl (the record) and mirrors its scalars to
+  the trackers config.tracking picks (fcn_jax.tracking: TensorBoard, MLflow, W&B)."""
 
   def __init__(self, workdir: str | pathlib.Path, enabled: bool = True,
-               resume_step: int | None = None):
+               resume_step: int | None = None, config: Any = None):
     """resume_step: the checkpoint step a resumed run restarts from; records after it (written by
     the interrupted run past its last checkpoint, and about to be written again) are dropped, so
-    that every step appears once."""
+    that every step appears once. config: the run's (config.tracking picks the trackers, its
+    fields are their parameters); None: TensorBoard alone, without parameters."""
     self.enabled = enabled
     self.path = pathlib.Path(workdir) / 'metrics.jsonl'
-    self._tb = None
+    self._trackers: list[tracking.Tracker] = []
     if enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       if resume_step is not None and self.path.exists():
         self._drop_after(resume_step)
       elif resume_step is None:
         self.set_aside()
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(str(pathlib.Path(workdir) / 'tensorboard'))
-      except ImportError:  # TensorBoard is a convenience; metrics.jsonl is the record.
-        self._tb = None
+      self._trackers = tracking.open_trackers(
+          config if config is not None else {'tracking': 'tensorboard'}, self.path.parent,
+          resume_step=resume_step)
+      if config is not None:
+        params = tracking.flat_params(config)
+        for tracker in self._trackers:
+          tracker.log_params(params)
 
   def set_aside(self) -> list[pathlib.Path]:
-    """A run that starts from step 0 starts a fresh history: metrics.jsonl and tensorboard/ of an
-    earlier attempt (one that stopped before its first checkpoint) move to <name>.before-<time>."""
+    """A run that starts from step 0 starts a fresh history: metrics.jsonl, tensorboard/ and the
+    tracker run ids (tracking.json) of an earlier attempt (one that stopped before its first
+    checkpoint) move to <name>.before-<time>."""
     stamp = time.strftime('%Y%m%d-%H%M%S')
     moved = []
-    for path in (self.path, self.path.parent / 'tensorboard'):
+    for path in (self.path, self.path.parent / 'tensorboard',
+                 self.path.parent / tracking.STATE_FILE):
       if path.exists():
         target = path.with_name(f'{path.stem}.before-{stamp}{path.suffix}')
         path.rename(target)
@@ -73,15 +83,19 @@ class MetricWriter:
     record = {'step': int(step), 'kind': kind, **{k: _jsonable(v) for k, v in values.items()}}
     with self.path.open('a') as f:
       f.write(json.dumps(record) + '\n')
-    if self._tb is not None:
-      for k, v in values.items():
-        if isinstance(v, (int, float)) and math.isfinite(v):
-          self._tb.add_scalar(f'{kind}/{k}', v, int(step))
-      self._tb.flush()
+    numbers = tracking.scalars(values)
+    for tracker in self._trackers:
+      tracker.log(int(step), kind, numbers)
 
   def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
+    """Ends the trackers' runs (finished; killed when closed while errors.Preempted propagates,
+    failed under another error); later records go to metrics.jsonl alone."""
+    error = sys.exc_info()[1]
+    status = ('finished' if error is None else
+              'killed' if isinstance(error, (Preempted, KeyboardInterrupt)) else 'failed')
+    trackers, self._trackers = self._trackers, []
+    for tracker in trackers:
+      tracker.close(status)
 
 
 class Progress:

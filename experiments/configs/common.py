@@ -162,7 +162,8 @@ def _optim_defaults(c: ml_collections.ConfigDict, arch: str) -> None:
 
 
 def _run_defaults(c: ml_collections.ConfigDict) -> None:
-  """Cadences, the checkpoints kept and "best", weight averaging, early stopping, evaluation."""
+  """Cadences, the checkpoints kept and "best", weight averaging, early stopping, evaluation,
+  experiment tracking."""
   # Cadences, like every step count here and in metrics.jsonl / checkpoints: optimiser updates.
   c.log_every = 50  # metrics.jsonl / TensorBoard / progress line
   c.eval_every = 4000  # evaluation on the eval split (and at the end)
@@ -192,6 +193,13 @@ def _run_defaults(c: ml_collections.ConfigDict) -> None:
   # Persistent XLA compilation cache shared by all runs ('' = off): native-size evaluation compiles
   # once per distinct image size, and a rerun or the next stage reuses every compiled program.
   c.compilation_cache_dir = COMPILATION_CACHE_DIR
+  # Where metrics.jsonl is mirrored (fcn_jax.tracking), comma-separated: tensorboard
+  # (WORKDIR/tensorboard), mlflow, wandb; '' = metrics.jsonl only. mlflow and wandb need
+  # pip install -e '.[tracking]'.
+  c.tracking = 'tensorboard'
+  c.tracking_uri = ''  # MLflow's store: '' = file:WORKDIR/mlruns (no server), or sqlite:///...
+  c.wandb_project = ''  # '' = fcn_jax
+  c.wandb_mode = 'offline'  # offline (no account or network; `wandb sync` later), online, disabled
 
 
 def _torchvision_recipe(c: ml_collections.ConfigDict, arch: str) -> None:

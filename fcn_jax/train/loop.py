@@ -205,7 +205,7 @@ class Trainer:
                                  loss=config.get('loss', 'ce'), class_weights=run.class_weights,
                                  ema_decay=ema_decay, accumulate_steps=config.accumulate_steps,
                                  aux_weight=config.get('aux_loss_weight', 0.5))
-    writer = report.MetricWriter(workdir, enabled=is_main, resume_step=run.latest)
+    writer = report.MetricWriter(workdir, enabled=is_main, resume_step=run.latest, config=config)
     start = int(jax.device_get(state.step)) // config.accumulate_steps
     progress = report.Progress(config.num_train_steps, start, desc=config.arch, enabled=is_main,
                                log=log)
