@@ -488,7 +488,7 @@ def model_metadata(model_config: dict) -> dict:
           **{k: v for k, v in model_config.items() if k in _MODEL_SUMMARY},
           'num_classes': counts,
           'head_names': [h.name for h in spec.heads],
-          'input_channels': spec.input_channels}
+          'input_channels': int(model_config.get('in_channels') or spec.input_channels)}
 
 
 _MODEL_SUMMARY = ('arch', 'width', 'learnable_upsampling', 'skip_scaling', 'backbone')

@@ -4,6 +4,7 @@ problem at once, each naming the config field, its value and what it accepts."""
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import ml_collections
 
@@ -50,22 +51,112 @@ def _check_model(c: ml_collections.ConfigDict, need) -> None:
          f'{m.num_classes} names, one per class (config.model.num_classes)')
 
 
+def _preprocessing_known(name) -> bool:
+  """A preset, 'dataset', or a resolved data_statistics(...) name."""
+  if name == preprocessing.DATASET or name in preprocessing.PRESETS:
+    return True
+  try:
+    return preprocessing.is_statistics(name) and bool(preprocessing.get(name))
+  except ValueError:
+    return False
+
+
 def _check_inputs(c: ml_collections.ConfigDict, need) -> None:
-  """The preprocessing and the input modalities, against the arch's input channels."""
+  """The preprocessing, the input modalities and model.in_channels, against the arch's input
+  channels ('dataset' statistics: against the data, in check_inputs_against_data)."""
   presets = ', '.join(sorted(preprocessing.PRESETS))
-  need(c.preprocessing in preprocessing.PRESETS, 'preprocessing', f'one of {presets}')
+  known_preprocessing = _preprocessing_known(c.preprocessing)
+  need(known_preprocessing, 'preprocessing', f'one of {presets}, or {preprocessing.DATASET} (the '
+       'training data\'s per-channel statistics: TIFF bands, 16-bit PNG)')
   modalities = tuple(c.get('modalities', ()) or ())
   known = ('color', 'hha', 'depth')
   well_formed = all(isinstance(m, (tuple, list)) and len(m) == 2 and m[0] in known
                     and m[1] in preprocessing.PRESETS for m in modalities)
   need(well_formed, 'modalities', f'() (the colour image) or ((name, preprocessing), ...) with '
        f'names from {", ".join(known)} and presets from {presets}')
-  if c.arch in models.ARCHS and well_formed:
-    channels = sum(preprocessing.get(p).channels for _, p in modalities) if modalities else 3
-    wanted = models.ARCHS[c.arch].input_channels
+  in_channels = c.model.get('in_channels', 0)
+  counted = isinstance(in_channels, int) and not isinstance(in_channels, bool) and in_channels >= 0
+  need(counted, 'model.in_channels', '0 (from the inputs) or a channel count >= 1')
+  if c.arch not in models.ARCHS or not (well_formed and known_preprocessing and counted):
+    return
+  spec = models.ARCHS[c.arch]
+  need(not in_channels or len(spec.streams) == 1, 'model.in_channels',
+       f'0 for {c.arch} (its {len(spec.streams)} input streams keep their channels)')
+  if modalities:
+    channels = sum(preprocessing.get(p).channels for _, p in modalities)
+  elif c.preprocessing == preprocessing.DATASET:
+    return  # the data's channel count, known once it is prepared
+  else:
+    channels = preprocessing.get(c.preprocessing).channels
+  if in_channels:
+    need(channels == in_channels, 'model.in_channels',
+         f'0 or {channels}, the channels of the inputs (other counts: --config.preprocessing='
+         f'{preprocessing.DATASET}, with images of that many bands)')
+  else:
+    wanted = spec.input_channels
     need(channels == wanted, 'modalities', f'inputs with {wanted} channels in all for {c.arch} '
          f'(these give {channels}; e.g. colour + depth for fcn32s_early_fusion, colour + HHA for '
          f'the late-fusion nets)')
+
+
+def _statistics_preprocessing(c: ml_collections.ConfigDict, train_source, form: dict,
+                              log: Callable[[str], None]) -> str:
+  """The data_statistics(...) name of the training split's per-channel mean and std (a constant
+  channel gets std 1: it is centred, not divided by 0)."""
+  d = c.dataset
+  stats = data_lib.channel_statistics(train_source)
+  if not stats:
+    if form:
+      raise UserError(f'config.preprocessing={preprocessing.DATASET}: the dataset {d.name} at '
+                      f'{d.root} was prepared by an older fcn_jax, without channel statistics; '
+                      f'delete its folder under {d.data_dir or "the data_dir"} (config.dataset.'
+                      'data_dir) to prepare it again')
+    raise UserError(f'config.preprocessing={preprocessing.DATASET} takes the statistics of a '
+                    f'dataset of your own (folder, pairs, ...), computed while preparing it; '
+                    f'{d.name} has none: use a preset ({", ".join(sorted(preprocessing.PRESETS))})')
+  std = [s if s > 0 else 1.0 for s in stats['std']]
+  name = preprocessing.data_statistics(stats['mean'], std, form.get('dtype') or 'uint8')
+  p = preprocessing.get(name)
+  log(f'preprocessing: the per-channel statistics of {d.train_split!r} ({p.channels} channels, '
+      f'{p.dtype}): mean {", ".join(f"{m:.6g}" for m in p.mean)}; std '
+      f'{", ".join(f"{v:.6g}" for v in p.std)}'
+      + (' (constant channels: std 1)' if std != list(stats['std']) else ''))
+  return name
+
+
+def check_inputs_against_data(c: ml_collections.ConfigDict, train_source,
+                              log: Callable[[str], None] = print) -> None:
+  """The inputs against the prepared data, before anything is built: resolves
+  preprocessing='dataset' into the training split's statistics and model.in_channels=0 into the
+  data's channel count where the arch's differs (both edited in place, so that the checkpoint
+  records them); stops on images the preprocessing cannot take (16-bit or multi-band data with an
+  RGB preset, another channel count or type than the statistics')."""
+  form = data_lib.input_format(train_source)
+  modalities = tuple(c.get('modalities', ()) or ())
+  if c.preprocessing == preprocessing.DATASET:
+    if modalities:
+      raise UserError(f'config.preprocessing={preprocessing.DATASET} normalises the image alone; '
+                      'with config.modalities each modality names its preset')
+    c.preprocessing = _statistics_preprocessing(c, train_source, form, log)
+  if modalities or not form:  # NYUD's modalities, VOC: their presets, as always
+    return
+  p = preprocessing.get(c.preprocessing)
+  where = f'{c.dataset.name} at {c.dataset.root}' if c.dataset.get('root') else c.dataset.name
+  takes = f'{p.dtype or "any"} ' if p.stored else 'uint8 RGB '
+  if (form['channels'] != p.channels or (not p.stored and form['dtype'] != 'uint8')
+      or (p.stored and p.dtype and form['dtype'] != p.dtype)):
+    raise UserError(f'the images of {where} have {form["channels"]} channel(s) of '
+                    f'{form["dtype"]}, but config.preprocessing={c.preprocessing!r} takes '
+                    f'{p.channels}-channel {takes}inputs: set --config.preprocessing='
+                    f'{preprocessing.DATASET} (the data\'s own per-channel statistics)')
+  in_channels = c.model.get('in_channels', 0) or 0
+  if not in_channels and p.channels != models.ARCHS[c.arch].input_channels:
+    c.model.in_channels = p.channels
+    log(f'model: {c.arch}\'s first convolution takes the data\'s {p.channels} channels '
+        '(config.model.in_channels=0: from the inputs)')
+  elif in_channels and in_channels != p.channels:
+    raise UserError(f'config.model.in_channels={in_channels}, but the images of {where} have '
+                    f'{p.channels} channel(s); leave it at 0 (from the data)')
 
 
 def _check_loop(c: ml_collections.ConfigDict, need) -> None:

@@ -12,6 +12,9 @@ parent (a/img.jpg -> OUT/a/img.png):
 A net with several heads (SIFT Flow: semantic, geometric) writes these per head, with the head's
 name after the stem: <stem>_semantic.png, <stem>_semantic_overlay.jpg, <stem>_semantic_scores.npy,
 <stem>_geometric.png, ...
+A net trained on TIFF bands or 16-bit PNG (`--config.preprocessing=dataset`) reads its inputs as
+stored, as training did, and normalises them by the training data's statistics (recorded in the
+checkpoint); its overlays show the first three bands (one band as grey), contrast-stretched.
 A net with more input modalities than colour (NYUD HHA, colour + HHA, colour + depth) reads them
 by the image's file name: --hha_dir DIR (HHA PNGs) and --depth_dir DIR (16-bit depth PNGs), each
 holding, for IMAGE_DIR/a/img_5001.png, DIR/a/img_5001.png (any image suffix). An HHA-only net
@@ -56,7 +59,8 @@ class RecordInput:
     self.source, self.index, self.name = source, index, name
 
   def read(self) -> np.ndarray:
-    return data_lib.decode_image(self.source[self.index]['image'])
+    """The image as the model takes it (TIFF / 16-bit PNG records as stored, others RGB)."""
+    return data_lib.decode_input(self.source[self.index]['image'])
 
   def read_modalities(self, names: list[str]) -> dict[str, np.ndarray]:
     """The record's input modalities by name (NYUDv2 records hold colour, HHA and depth)."""
@@ -169,11 +173,14 @@ CHUNK_PIXELS = 64_000_000
 
 def _decoded(inputs: list[pathlib.Path], max_size: int, workers: int,
              companions: dict[str, pathlib.Path] | None = None,
-             modalities: list[str] | None = None, max_pixels: int = 0) -> Iterator[dict]:
+             modalities: list[str] | None = None, max_pixels: int = 0,
+             stored: bool = False) -> Iterator[dict]:
   """Decoded images in input order, read ahead by grain (threads; `workers` > 0: processes).
 
-  Each item holds 'image' (the first modality: RGB) and the `companions` modalities by name.
+  Each item holds 'image' (the first modality: RGB; with `stored`, TIFF and 16-bit PNG as stored)
+  and the `companions` modalities by name.
   """
+  read = images_lib.read_image if stored else images_lib.read_rgb
   import grain.python as grain
   companions = companions or {}
   base = input_base(inputs)
@@ -187,8 +194,7 @@ def _decoded(inputs: list[pathlib.Path], max_size: int, workers: int,
         planes = item.read_modalities(modalities)
         return {'index': index, 'image': planes[modalities[0]],
                 **{name: planes[name] for name in modalities[1:]}}
-      decoded = {'index': index, 'image': images_lib.read_rgb(item, max_size=max_size,
-                                                              max_pixels=max_pixels)}
+      decoded = {'index': index, 'image': read(item, max_size=max_size, max_pixels=max_pixels)}
       for name, directory in companions.items():
         relative = item.resolve().relative_to(base)
         found = images_lib.find_companion(directory, relative)
@@ -277,8 +283,8 @@ def _write_outputs(seg: segmenter_lib.Segmenter, image: np.ndarray, label, score
     outputs[key('label')].parent.mkdir(parents=True, exist_ok=True)
     names, palette = seg.class_names_of(head), seg.palette_of(head)
     viz.label_png(head_label, palette).save(outputs[key('label')])
-    Image.fromarray(viz.overlay_with_legend(image, head_label, names, palette)).save(
-        outputs[key('overlay')], quality=92)
+    Image.fromarray(viz.overlay_with_legend(images_lib.display_rgb(image), head_label, names,
+                                            palette)).save(outputs[key('overlay')], quality=92)
     if scores is not None:
       _save_scores(outputs[key('scores')], scores if head is None else scores[head], scores_format)
     written.append(outputs[key('label')])
@@ -327,8 +333,9 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
                                      tta=tta)
   written, failed = [], []
   bar = tqdm(total=len(inputs), desc='predict', unit='image') if progress else None
-  items = (_decoded(inputs, max_size, workers, companions, modalities, max_pixels) if inputs
-           else ())
+  stored = seg.image_preprocessing.stored
+  items = (_decoded(inputs, max_size, workers, companions, modalities, max_pixels, stored)
+           if inputs else ())
   for pending in _batches(items, chunk, failed, bar):
     # The inputs are the first modality (an HHA-only net reads HHA images), the others companions.
     results = seg([{modalities[0]: p['image'], **{name: p[name] for name in modalities[1:]}}

@@ -8,6 +8,13 @@
   `sift_flow_bgr`, `nyud_bgr` (BGR minus each dataset's mean), `nyud_hha` (the HHA PNG's channels
   as stored, minus the HHA mean) and `nyud_log_depth` (log of the depth PNG minus 7.844, 1 channel).
 
+- `dataset`: the training data's own per-channel statistics, for inputs that are not photographs
+  (multispectral TIFF, 16-bit PNG). Computed while the dataset is prepared (every split, float64)
+  and resolved when a run starts into a name that carries them,
+  `dataset:uint16:mean=M1,M2,...:std=S1,S2,...` (`data_statistics`): inputs as stored, minus the
+  mean, over the std. That name is what the checkpoint records, so predict, the Segmenter and
+  evaluation normalise exactly as training did, with nothing else to carry.
+
 A net with several input modalities (NYUD: colour and HHA, colour and depth) lists them in its
 checkpoint metadata, `modalities`: [{'name', 'preprocessing'}, ...]; its input is each modality
 preprocessed by its own preset and concatenated on the channel axis in that order (`prepare`).
@@ -32,6 +39,10 @@ class Preprocessing:
   mean: tuple[float, ...]  # in the model's channel order, after scaling
   std: tuple[float, ...]
   log: bool = False  # natural log first (depth); values below 1 count as 1 (no -inf)
+  # Inputs as stored (TIFF bands, 16-bit PNG: any channel count) rather than uint8 RGB; `dtype`
+  # is the stored type the statistics were computed on ('' = any).
+  stored: bool = False
+  dtype: str = ''
 
   @property
   def channels(self) -> int:
@@ -57,7 +68,7 @@ class Preprocessing:
 
   def invert(self, inputs: np.ndarray) -> np.ndarray:
     """Model input -> uint8 RGB (for figures)."""
-    if self.channels != 3 or self.log:
+    if self.channels != 3 or self.log or self.stored:
       raise ValueError(f'{self.name} inputs are not images; nothing to invert')
     x = (np.asarray(inputs, np.float32) * np.asarray(self.std, np.float32)
          + np.asarray(self.mean, np.float32))
@@ -87,11 +98,50 @@ MODALITY_SOURCES = {'color': 'the image', 'hha': 'an HHA PNG (--hha_dir)',
                     'depth': 'a depth PNG (--depth_dir)'}
 
 
+# config.preprocessing for the data's own statistics; resolved into data_statistics(...) by a run.
+DATASET = 'dataset'
+_STATISTICS = DATASET + ':'
+
+
+def data_statistics(mean, std, dtype: str) -> str:
+  """The preprocessing name that carries per-channel statistics of inputs stored as `dtype`:
+  (x - mean) / std, channel by channel, on the values as stored."""
+  numbers = lambda values: ','.join(f'{float(v):.9g}' for v in values)
+  return f'{_STATISTICS}{dtype}:mean={numbers(mean)}:std={numbers(std)}'
+
+
+def is_statistics(name: str) -> bool:
+  """Whether `name` is a data_statistics(...) name (resolved, not the bare 'dataset')."""
+  return isinstance(name, str) and name.startswith(_STATISTICS)
+
+
+def _from_statistics(name: str) -> Preprocessing:
+  try:
+    _, dtype, mean, std = name.split(':')
+    if not (mean.startswith('mean=') and std.startswith('std=')):
+      raise ValueError
+    means = tuple(float(v) for v in mean[len('mean='):].split(','))
+    stds = tuple(float(v) for v in std[len('std='):].split(','))
+  except ValueError:
+    raise ValueError(f'preprocessing {name!r}: expected {_STATISTICS}DTYPE:mean=M1,M2,...:'
+                     'std=S1,S2,...') from None
+  if len(means) != len(stds) or not all(v > 0 for v in stds):
+    raise ValueError(f'preprocessing {name!r}: one mean and one std > 0 per channel')
+  return Preprocessing(name, False, 1.0, means, stds, stored=True, dtype=dtype)
+
+
 def get(name: str) -> Preprocessing:
+  """A preset by name, or the Preprocessing a data_statistics(...) name describes."""
+  if is_statistics(name):
+    return _from_statistics(name)
+  if name == DATASET:
+    raise ValueError(f"preprocessing {DATASET!r} stands for the training data's statistics: a "
+                     'run resolves it when it starts (a checkpoint records the statistics)')
   try:
     return PRESETS[name]
   except KeyError:
-    raise ValueError(f'unknown preprocessing {name!r}; choose one of {sorted(PRESETS)}') from None
+    raise ValueError(f'unknown preprocessing {name!r}; choose one of {sorted(PRESETS)}, or '
+                     f'{DATASET!r} (the training data\'s per-channel statistics)') from None
 
 
 def modalities_of(metadata: dict) -> list[dict]:

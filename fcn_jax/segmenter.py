@@ -11,6 +11,8 @@ compile per distinct size), the reference protocol.
     labels = segmenter([image_a, image_b])  # uint8 RGB (H, W, 3) each -> (H, W) uint8
     out = segmenter(images, scores=True)    # {'labels': [...], 'scores': [(H, W, C)]}
 
+Nets trained on TIFF bands or 16-bit PNG (`preprocessing='dataset'`) take the images as stored,
+(H, W, C) of the training data's type (`fcn_jax.images.read_image` reads them), or their paths.
 Nets with several input modalities (NYUD colour + HHA or depth) take one dict per image,
 {'color': RGB, 'hha': HHA, 'depth': depth}, with the modalities the checkpoint lists; nets with
 several heads (SIFT Flow) give one {head name: labels / scores} dict per image.
@@ -38,6 +40,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fcn_jax import checkpoint, preprocessing, pretrained
+from fcn_jax import images as images_lib
 from fcn_jax.errors import UserError
 from fcn_jax.models import forms as forms_lib
 
@@ -188,24 +191,44 @@ class Segmenter:
     return self.palette_of()
 
   def require_single_colour_net(self, what: str) -> None:
-    """Raises UserError for a net with several heads or inputs besides colour (for the tools that
-    do not handle them yet: export, serve)."""
-    if len(self.head_names) > 1 or self.modality_names != ['color']:
+    """Raises UserError for a net with several heads or inputs besides colour, or images read as
+    stored (TIFF bands; for the tools that do not handle them yet: export, serve)."""
+    stored = self.image_preprocessing.stored
+    if len(self.head_names) > 1 or self.modality_names != ['color'] or stored:
+      inputs = (f'{self.channels}-band images as stored' if stored
+                else " + ".join(self.modality_names))
       raise UserError(f'{what} handles single-headed colour nets for now; this checkpoint has '
-                      f'heads {", ".join(self.head_names)} and inputs '
-                      f'{" + ".join(self.modality_names)}. Use python -m fcn_jax.predict (or '
-                      'fcn_jax.segmenter.Segmenter) instead')
+                      f'heads {", ".join(self.head_names)} and inputs {inputs}. Use python -m '
+                      'fcn_jax.predict (or fcn_jax.segmenter.Segmenter) instead')
+
+  @property
+  def image_preprocessing(self) -> preprocessing.Preprocessing:
+    """The preprocessing of the first input (the image)."""
+    return preprocessing.get(self.modalities[0]['preprocessing'])
 
   @property
   def modality_names(self) -> list[str]:
     return [m['name'] for m in self.modalities]
 
   def _prepared(self, item) -> np.ndarray:
-    """One image (or {modality: array}) -> (H, W, C) float32 model input."""
+    """One image (or {modality: array}, or an image file's path) -> (H, W, C) float32 model
+    input."""
+    if isinstance(item, (str, os.PathLike)):  # as predict reads it: TIFF bands as stored
+      item = images_lib.read_image(item, max_size=0)
     # A bare array is the first modality (an image; an HHA-only net's HHA image).
     parts = item if isinstance(item, dict) else {self.modalities[0]['name']: item}
     color = parts.get('color')
-    if color is not None:
+    p = self.image_preprocessing
+    if color is not None and p.stored:  # TIFF bands / 16-bit data, as training read them
+      color = np.asarray(color)
+      color = color[..., None] if color.ndim == 2 else color
+      if color.ndim != 3 or color.shape[-1] != p.channels or (p.dtype and
+                                                              color.dtype.name != p.dtype):
+        raise UserError(f'expected an image of {p.channels} channel(s) of {p.dtype or "numbers"}, '
+                        f'(H, W, {p.channels}) as the training data stored them (TIFF or 16-bit '
+                        f'PNG: fcn_jax.images.read_image), got {color.dtype} {color.shape}')
+      parts = dict(parts, color=color)
+    elif color is not None:
       color = np.asarray(color)
       if color.ndim != 3 or color.shape[-1] != 3 or color.dtype != np.uint8:
         raise UserError(f'expected a uint8 RGB image of shape (H, W, 3), got {color.dtype} '

@@ -110,10 +110,13 @@ def base_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.model.learnable_upsampling = True  # intermediate deconvolutions (the final one is always fixed)
   c.model.dropout_rate = ml_collections.config_dict.placeholder(float)  # None: 0.5 after fc6/fc7
   c.model.skip_scaling = True  # FCN-8s at-once's fixed skip scales (False: from scratch)
+  # 0 = from the inputs: 3 for colour, the dataset's bands with preprocessing='dataset'.
+  c.model.in_channels = 0
 
   _dataset_defaults(c)
 
   # Caffe-trained VGG16 weights expect BGR minus the mean; converted checkpoints record their own.
+  # 'dataset': the training data's per-channel statistics (TIFF bands, 16-bit PNG).
   c.preprocessing = 'caffe_bgr'
   c.init_from = ''  # checkpoint dir (converted backbone, previous stage) or pretrained:NAME
   c.train_predecessor = False  # staged nets: train the previous stage first if init_from is empty

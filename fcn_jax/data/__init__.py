@@ -17,6 +17,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from fcn_jax import images as images_lib
 from fcn_jax.data.builders import (CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES, DataError,
                                    MissingDataError, Sbd, VocSegmentation)
 
@@ -55,7 +56,7 @@ __all__ = ['CLASS_NAMES', 'CUSTOM_FORMATS', 'ClassInfo', 'DATASETS', 'REFERENCE_
            'class_info', 'head_classes', 'eval_dataset', 'DataError', 'IGNORE_LABEL',
            'MissingDataError', 'NUM_CLASSES', 'SPLITS', 'SOURCE_OPTIONS', 'check_split',
            'image_sizes', 'source_options', 'decode_example', 'get_builder', 'get_data_source',
-           'decode_image', 'decode_mask']
+           'decode_image', 'decode_input', 'decode_mask', 'input_format', 'channel_statistics']
 
 
 def eval_dataset(name: str, eval_name: str = '', eval_split: str = '') -> tuple[str, str]:
@@ -212,6 +213,20 @@ def class_info(source) -> tuple[ClassInfo, list[int] | None]:
   return VOC, None
 
 
+def input_format(source) -> dict:
+  """{'channels', 'dtype', 'stored'} of a source's images: a user dataset's from its prepared
+  metadata; {} for the others (VOC and the reference datasets: uint8 RGB photographs)."""
+  metadata = getattr(getattr(source, 'dataset_info', None), 'metadata', None) or {}
+  return dict(metadata.get('image_format') or {})
+
+
+def channel_statistics(source) -> dict:
+  """{'mean', 'std', 'pixels'} per channel of the source's split, computed while preparing it (a
+  user dataset; {} for the others, or one prepared before the statistics were kept)."""
+  metadata = getattr(getattr(source, 'dataset_info', None), 'metadata', None) or {}
+  return dict((metadata.get('channel_stats') or {}).get(str(getattr(source, 'split', ''))) or {})
+
+
 def head_classes(source) -> dict[str | None, tuple[ClassInfo, tuple[int, ...]]]:
   """{head name (None: a single head): (classes, class ids its metrics leave out)} of a source."""
   info = getattr(source, 'dataset_info', None)
@@ -238,13 +253,27 @@ def pixel_counts(source, num_classes: int, progress: bool = True) -> list[int]:
 
 
 def decode_image(data) -> np.ndarray:
-  """JPEG bytes (or an already decoded array) -> uint8 RGB (H, W, 3)."""
+  """JPEG / PNG bytes (or an already decoded array) -> uint8 RGB (H, W, 3). TIFF and 16-bit PNG
+  records (decoded as stored for the model: `decode_input`) give their display rendering."""
   if isinstance(data, np.ndarray) and data.dtype != object:
     return data if data.ndim == 3 else np.repeat(data[..., None], 3, axis=-1)
-  with Image.open(io.BytesIO(bytes(data))) as im:
+  data = bytes(data)
+  if images_lib.stored_as_is(data):
+    return images_lib.display_rgb(images_lib.decode_stored(data))
+  with Image.open(io.BytesIO(data)) as im:
     if im.mode != 'RGB':
       im = im.convert('RGB')
     return np.asarray(im)
+
+
+def decode_input(data) -> np.ndarray:
+  """A record's image as the model takes it: TIFF and 16-bit PNG as stored, (H, W, C) uint8 /
+  uint16 (fcn_jax.images.decode_input); every other image as uint8 RGB (`decode_image`)."""
+  if not isinstance(data, np.ndarray) or data.dtype == object:
+    data = bytes(data)
+    if images_lib.stored_as_is(data):
+      return images_lib.decode_stored(data)
+  return decode_image(data)
 
 
 def decode_mask(data) -> np.ndarray:

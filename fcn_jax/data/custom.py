@@ -17,11 +17,18 @@ listed colours). The source's `ignore_label` value (default 255) is ignored too;
 always use 255 for it. Two classes with masks holding only 0 and 255 (how binary masks usually
 ship) read 255 as class 1, never as ignored; the log and the dataset's metadata say so.
 
+Images: JPEG and 8-bit PNG are photographs (decoded to uint8 RGB, as always); TIFF (any band
+count) and 16-bit PNG are read as stored, uint16 staying uint16 (fcn_jax.images). Records keep the
+original file bytes, so nothing is lost. Every image of a dataset must decode to the same channel
+count and type (DataError listing which differ). The per-channel mean and std of every split are
+computed while preparing (float64, streamed; `preprocessing='dataset'` trains with them).
+
 Preparation validates every example first (unreadable image, missing mask, size mismatch, values or
 colours not in classes.txt with their pixel counts, empty split, duplicate id) and raises DataError
 listing the problems; TFDS writes into an `incomplete.*` directory that is renamed only when every
 split is written, so nothing that looks complete is left on failure. The class names, palette,
-ignore label and per-class pixel counts of every split are kept in the dataset's metadata.
+ignore label, per-class pixel counts and channel statistics of every split and the images' format
+are kept in the dataset's metadata.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
+from fcn_jax import images as images_lib
 from fcn_jax.data import layouts
 from fcn_jax.data.builders import IGNORE_LABEL, DataError, MissingDataError, encode_mask_png
 from fcn_jax.data.classes import ClassInfo, default_palette
@@ -214,29 +222,41 @@ def _unreadable(path, what: str, error: Exception) -> DataError:
   return DataError(f'{path}: unreadable {what} ({reason})')
 
 
-def read_example(example: Example, classes: ClassInfo,
-                 category_ids: dict | None = None) -> tuple[bytes, np.ndarray]:
-  """(the image file's bytes, uint8 (H, W) class ids) of one example, validated."""
+def read_image(example: Example) -> tuple[bytes, np.ndarray]:
+  """(the image file's bytes, the image as the model takes it: uint8 RGB for JPEG / 8-bit PNG,
+  (H, W, C) as stored for TIFF / 16-bit PNG) of one example."""
   if not example.image.is_file():
     raise DataError(f'id {example.id!r}: image {example.image} does not exist')
   data = example.image.read_bytes()
+  if images_lib.stored_as_is(data):
+    try:
+      return data, images_lib.decode_stored(data, example.image)
+    except images_lib.ImageError as e:
+      raise DataError(str(e)) from None
   try:
     with Image.open(io.BytesIO(data)) as im:
       if im.format not in ('JPEG', 'PNG'):
-        raise DataError(f'{example.image}: a {im.format} image; use JPEG or PNG')
-      im.load()
-      width, height = im.size
+        raise DataError(f'{example.image}: a {im.format} image; use JPEG, PNG or TIFF')
+      return data, np.asarray(im if im.mode == 'RGB' else im.convert('RGB'))
   except DataError:
     raise
   except Exception as e:
     raise _unreadable(example.image, 'image', e) from None
+
+
+def read_example(example: Example, classes: ClassInfo, category_ids: dict | None = None
+                 ) -> tuple[bytes, np.ndarray, np.ndarray]:
+  """(the image file's bytes, uint8 (H, W) class ids, the image as the model takes it) of one
+  example, validated."""
+  data, image = read_image(example)
+  height, width = image.shape[:2]
   if example.coco is not None:
     path, record, annotations = example.coco
     if (record.get('height'), record.get('width')) not in ((height, width), (None, None)):
       raise DataError(f'size mismatch for {example.id!r}: image {example.image} is '
                       f'{height}x{width} (HxW) but {path} says '
                       f'{record.get("height")}x{record.get("width")}')
-    return data, coco_semantic_mask(annotations, height, width, category_ids, path)
+    return data, coco_semantic_mask(annotations, height, width, category_ids, path), image
   if not example.mask.is_file():
     raise DataError(f'id {example.id!r}: mask {example.mask} does not exist')
   try:
@@ -250,7 +270,7 @@ def read_example(example: Example, classes: ClassInfo,
   if ids.shape != (height, width):
     raise DataError(f'size mismatch for {example.id!r}: image {example.image} is {height}x{width} '
                     f'(HxW) but mask {example.mask} is {ids.shape[0]}x{ids.shape[1]}')
-  return data, ids
+  return data, ids, image
 
 
 def binary_remap(classes: ClassInfo, splits: dict[str, list[Example]]) -> ClassInfo:
@@ -296,11 +316,66 @@ def _values_summary(errors: list[MaskValuesError], masks_read: int) -> str:
           f'classes.txt at line {example + 1}.')
 
 
+class ChannelStatistics:
+  """Per-channel mean and standard deviation over many images, streamed: each block of pixels'
+  mean and centred sum of squares merged in float64 (Chan et al.), so that 16-bit data with a
+  small spread loses nothing to cancellation."""
+
+  BLOCK = 1 << 20  # pixels per block (bounds the float64 copy of a large image)
+
+  def __init__(self):
+    self.count, self.mean, self.m2 = 0, None, None
+
+  def add(self, image: np.ndarray) -> None:
+    if self.mean is not None and image.shape[-1] != len(self.mean):
+      return  # another channel count: image_format stops the preparation
+    pixels = image.reshape(-1, image.shape[-1])
+    for start in range(0, len(pixels), self.BLOCK):
+      x = pixels[start:start + self.BLOCK].astype(np.float64)
+      n, mean = len(x), x.mean(axis=0)
+      m2 = np.square(x - mean).sum(axis=0)
+      if not self.count:
+        self.count, self.mean, self.m2 = n, mean, m2
+        continue
+      total = self.count + n
+      delta = mean - self.mean
+      self.mean = self.mean + delta * (n / total)
+      self.m2 = self.m2 + m2 + np.square(delta) * (self.count * n / total)
+      self.count = total
+
+  def to_json(self) -> dict:
+    """{'mean', 'std' (population: numpy's default), 'pixels'}; empty when nothing was added."""
+    if not self.count:
+      return {}
+    std = np.sqrt(self.m2 / self.count)
+    return {'mean': self.mean.tolist(), 'std': std.tolist(), 'pixels': int(self.count)}
+
+
+def image_format(kinds: dict[tuple, list], fmt: str, root, stored: bool) -> dict:
+  """{'channels', 'dtype', 'stored'} shared by a dataset's images (`kinds`: (channels, dtype) ->
+  image paths; `stored`: some are TIFF / 16-bit PNG); DataError when they differ (a model takes
+  one kind of input)."""
+  if len(kinds) > 1:
+    listed = '\n  '.join(
+        f'{len(paths)} image(s) of {c} channel(s), {d}: e.g. ' + ', '.join(map(str, paths[:3]))
+        for (c, d), paths in sorted(kinds.items(), key=lambda kv: -len(kv[1])))
+    raise DataError(f'{fmt} dataset {root}: the images differ in channel count or type; nothing '
+                    f'was prepared:\n  {listed}\n  Fix: save every image with the same bands '
+                    f'and bit depth (TIFF and 16-bit PNG are read as stored; JPEG and 8-bit PNG '
+                    f'as RGB).')
+  if not kinds:
+    return {}
+  (channels, dtype), = kinds
+  return {'channels': int(channels), 'dtype': dtype, 'stored': bool(stored)}
+
+
 def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str, list[Example]],
-             progress: bool = True) -> tuple[dict, dict[str, list[int]], dict[str, list[int]]]:
+             progress: bool = True
+             ) -> tuple[dict, dict[str, list[int]], dict[str, list[int]], dict]:
   """Reads every example once: (split -> [(example, encoded mask PNG)], split -> per-class pixel
-  counts, split -> [images, max height, max width, min height, min width]). Raises one DataError
-  counting every problem and listing up to MAX_PROBLEMS of them."""
+  counts, split -> [images, max height, max width, min height, min width], the inputs:
+  {'image_format': image_format(...), 'channel_stats': split -> ChannelStatistics.to_json()}).
+  Raises one DataError counting every problem and listing up to MAX_PROBLEMS of them."""
   problems: list[str] = []
   value_errors: list[MaskValuesError] = []
   if not splits:
@@ -308,7 +383,9 @@ def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str,
   category_ids = None
   if fmt == 'coco':
     category_ids = {c['id']: i + 1 for i, c in enumerate(layouts.coco_categories(root))}
-  out, counts, sizes = {}, {}, {}
+  out, counts, sizes, stats = {}, {}, {}, {}
+  kinds: dict[tuple, list] = {}
+  stored = False
   masks_read = 0
   for split, examples in splits.items():
     if not examples:
@@ -318,11 +395,11 @@ def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str,
     if dupes:
       problems.append(f'split {split!r}: duplicate ids {dupes[:10]}')
     hist = np.zeros(len(classes.names), np.int64)
-    rows, shapes = [], []
+    rows, shapes, channel_stats = [], [], ChannelStatistics()
     for example in progress_bar(examples, desc=f'checking {split}', unit='img', enabled=progress):
       masks_read += 1
       try:
-        _, ids_map = read_example(example, classes, category_ids)
+        data, ids_map, image = read_example(example, classes, category_ids)
       except MaskValuesError as e:
         value_errors.append(e)
         continue
@@ -333,7 +410,10 @@ def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str,
       hist += np.bincount(labelled, minlength=len(classes.names))[:len(hist)]
       rows.append((example, encode_mask_png(ids_map)))
       shapes.append(ids_map.shape)
-    out[split], counts[split] = rows, hist.tolist()
+      kinds.setdefault((image.shape[-1], image.dtype.name), []).append(example.image)
+      stored = stored or images_lib.stored_as_is(data)
+      channel_stats.add(image)
+    out[split], counts[split], stats[split] = rows, hist.tolist(), channel_stats.to_json()
     h, w = (np.asarray(shapes).T if shapes else (np.zeros(1, int), np.zeros(1, int)))
     sizes[split] = [len(shapes), int(h.max()), int(w.max()), int(h.min()), int(w.min())]
   total = len(problems) + len(value_errors)
@@ -345,6 +425,7 @@ def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str,
     more = f'\n  ... and {more} more' if more > 0 else ''
     raise DataError(f'{fmt} dataset {root}: {total} problem(s) in {masks_read} examples; nothing '
                     f'was prepared:\n  ' + '\n  '.join(shown) + more)
+  inputs = {'image_format': image_format(kinds, fmt, root, stored), 'channel_stats': stats}
   absent_everywhere = [n for i, n in enumerate(classes.names)
                        if i > 0 and not any(c[i] for c in counts.values())]
   if len(absent_everywhere) == len(classes.names) - 1:
@@ -353,7 +434,7 @@ def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str,
         f'{", ".join(map(str, classes.ignored))}); the classes {", ".join(absent_everywhere[:6])} '
         f'never appear. Masks stored as 0/255 with more than 2 classes? List the 2 classes in '
         f'classes.txt (255 is then read as class 1), or fix the masks.')
-  return out, counts, sizes
+  return out, counts, sizes, inputs
 
 
 def progress_bar(items, *, desc: str, unit: str, enabled: bool = True):
@@ -405,8 +486,9 @@ class CustomSegmentation(tfds.core.GeneratorBasedBuilder):
   contents)."""
 
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Original image bytes; class-id PNG masks (255 = ignore); class '
-                            'metadata.'}
+  RELEASE_NOTES = {'1.0.0': 'Original image bytes (JPEG, PNG, TIFF); class-id PNG masks (255 = '
+                            'ignore); class metadata; the images\' format and per-channel '
+                            'statistics.'}
 
   def __init__(self, *, config: CustomSegmentationConfig, **kwargs):
     kwargs.setdefault('file_format', 'array_record')
@@ -434,10 +516,11 @@ class CustomSegmentation(tfds.core.GeneratorBasedBuilder):
       print(f'{root}: the masks hold only 0 and 255 and classes.txt lists 2 classes: reading 255 '
             f'as class 1 ({classes.names[1]!r}), not as ignored (binary masks stored as 0/255)',
             flush=True)
-    rows, counts, sizes = validate(c.fmt, root, binary, splits)
+    rows, counts, sizes, inputs = validate(c.fmt, root, binary, splits)
     self.info.metadata.update(binary.to_json())
     self.info.metadata['pixel_counts'] = counts
     self.info.metadata['image_sizes'] = sizes
+    self.info.metadata.update(inputs)  # image_format, channel_stats
     self.info.metadata['format'] = c.fmt
     self.info.metadata['root'] = c.root
     return {split: self._generate_examples(items) for split, items in rows.items()}

@@ -2,8 +2,9 @@
 
 Detects the layout (folder, coco, voc_like, pairs or split_folders; see fcn_jax.data.layouts),
 checks every example as preparation would (counting every problem, with the fix for mask values
-outside classes.txt), and prints the images per split, their sizes, and the classes with their pixel
-frequencies; then draws a few examples (image | mask in the class colours) with the class legend.
+outside classes.txt), and prints the images per split, their sizes, their channels and type with
+each split's per-channel mean and std, and the classes with their pixel frequencies; then draws
+a few examples (image | mask in the class colours) with the class legend.
 Exit status 1 when a problem is found (each is listed with its file).
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from fcn_jax import cli as cli_lib
+from fcn_jax import images as images_lib
 from fcn_jax import viz
 from fcn_jax.data import custom, layouts
 from fcn_jax.errors import UserError, cli
@@ -41,7 +43,7 @@ def summary(fmt: str, root: pathlib.Path, val_fraction: float = 0.1, ignore_labe
   classes = custom.class_info(fmt, root, ignore_label, classes_file)
   splits = custom.source_splits(fmt, root, val_fraction, **options)
   binary = custom.binary_remap(classes, splits)
-  rows, counts, sizes = custom.validate(fmt, root, binary, splits)
+  rows, counts, sizes, inputs = custom.validate(fmt, root, binary, splits)
   images = sum(len(r) for r in rows.values())
   lines = [f'{fmt} dataset at {root}: {cli_lib.plural(images, "image")}, '
            f'{classes.num_classes} classes']
@@ -52,6 +54,7 @@ def summary(fmt: str, root: pathlib.Path, val_fraction: float = 0.1, ignore_labe
     n, max_h, max_w, min_h, min_w = sizes[split]
     lines.append(f'  {split}: {cli_lib.plural(n, "image")}, height {min_h}..{max_h}, '
                  f'width {min_w}..{max_w}')
+  lines += input_lines(inputs)
   total = np.sum([counts[s] for s in counts], axis=0)
   lines.append('  class                 id   pixels (all splits)   share   ' +
                '   '.join(f'{s:>8}' for s in counts))
@@ -64,14 +67,30 @@ def summary(fmt: str, root: pathlib.Path, val_fraction: float = 0.1, ignore_labe
   return '\n'.join(lines), {'classes': classes, 'rows': rows, 'counts': counts}
 
 
+def input_lines(inputs: dict) -> list[str]:
+  """What the images hold: their channels and type, and each split's per-channel mean and std
+  (what `--config.preprocessing=dataset` normalises with)."""
+  form = inputs.get('image_format') or {}
+  if not form:
+    return []
+  kind = ('read as stored (TIFF / 16-bit PNG)' if form['stored'] else
+          'photographs, read as RGB')
+  lines = [f'  images: {form["channels"]} channel(s), {form["dtype"]}, {kind}']
+  for split, stats in (inputs.get('channel_stats') or {}).items():
+    if stats:
+      pairs = ', '.join(f'{m:.6g} / {s:.6g}' for m, s in zip(stats['mean'], stats['std']))
+      lines.append(f'  {split}: per-channel mean / std {pairs}')
+  return lines
+
+
 def examples_figure(data: dict, path: pathlib.Path, count: int = 4) -> pathlib.Path:
   """Image | mask (class colours, ignore in the VOC void colour) rows with the class legend."""
   classes = data['classes']
   items = [item for rows in data['rows'].values() for item in rows][:count]
   rows = []
   for example, mask_png in items:
-    with Image.open(example.image) as im:
-      image = np.asarray(im.convert('RGB'))
+    image = images_lib.display_rgb(images_lib.decode_input(example.image.read_bytes(),
+                                                           example.image))
     with Image.open(io.BytesIO(mask_png)) as m:
       label = np.asarray(m)
     rows.append({'image': image, 'mask': label})

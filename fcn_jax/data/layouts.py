@@ -3,9 +3,10 @@
 
 Layouts (`config.dataset.name`, with `config.dataset.root=ROOT`):
 
-- `folder`: ROOT/images/<id>.jpg|jpeg|png, ROOT/masks/<id>.png, optional ROOT/splits/<split>.txt
-  (one id per line). Without splits/, a deterministic `train` / `val` split by `val_fraction` (ids
-  ordered by a hash of the id, so adding images keeps the others where they were).
+- `folder`: ROOT/images/<id>.jpg|jpeg|png|tif|tiff, ROOT/masks/<id>.png, optional
+  ROOT/splits/<split>.txt (one id per line). Without splits/, a deterministic `train` / `val`
+  split by `val_fraction` (ids ordered by a hash of the id, so adding images keeps the others
+  where they were).
 - `voc_like`: ROOT/JPEGImages/<id>.jpg, ROOT/SegmentationClass/<id>.png,
   ROOT/ImageSets/Segmentation/<split>.txt.
 - `coco`: ROOT/annotations/instances_<split>.json with the images in ROOT/images/ (or at the json's
@@ -30,7 +31,7 @@ from typing import Any
 from fcn_jax.data.builders import DataError, MissingDataError
 
 FORMATS = ('folder', 'coco', 'voc_like', 'pairs', 'split_folders')
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.tif', '.tiff')  # TIFF: bands as stored
 # Mask folder names beside an image folder <split> (CamVid: train/ + trainannot/).
 MASK_DIR_SUFFIXES = ('annot', '_annot', '_annotations', 'label', '_label', 'labels', '_labels',
                      '_masks', '_mask', '_gt', '_seg')
@@ -98,8 +99,9 @@ def folder_source(root: pathlib.Path, options: Options) -> dict[str, list[Exampl
   images_dir, masks_dir = root / 'images', root / 'masks'
   for d in (images_dir, masks_dir):
     if not d.is_dir():
-      raise MissingDataError(f'{d} does not exist: the folder format is ROOT/images/<id>.jpg|png, '
-                             f'ROOT/masks/<id>.png, ROOT/classes.txt[, ROOT/splits/<split>.txt]')
+      raise MissingDataError(f'{d} does not exist: the folder format is '
+                             f'ROOT/images/<id>.jpg|png|tif, ROOT/masks/<id>.png, '
+                             f'ROOT/classes.txt[, ROOT/splits/<split>.txt]')
   images = _files_by_stem(images_dir, IMAGE_SUFFIXES, 'images')
   masks = {p.stem: p for p in sorted(masks_dir.glob('*.png'))}
   if (root / 'splits').is_dir():

@@ -30,7 +30,7 @@ from PIL import Image
 
 from fcn_jax import cli as cli_lib
 from fcn_jax import preprocessing as preprocessing_lib
-from fcn_jax.data import (IGNORE_LABEL, DataError, decode_image, decode_mask,
+from fcn_jax.data import (IGNORE_LABEL, DataError, decode_image, decode_input, decode_mask,
                           file_name as _file_name, get_data_source)
 from fcn_jax.data import synthetic_voc
 
@@ -129,6 +129,8 @@ def decode_planes(record, modalities: list[str], heads: list[str] | None = None)
     if name == 'depth':
       inputs[name] = data if isinstance(data, np.ndarray) and data.dtype != object else np.asarray(
           Image.open(io.BytesIO(bytes(data))))
+    elif name == 'color':  # the image: TIFF / 16-bit PNG bands as stored, photographs as RGB
+      inputs[name] = decode_input(data)
     else:
       inputs[name] = decode_image(data)
   labels = {h: decode_mask(record[label_feature(h)]) for h in (heads or [None])}
@@ -186,9 +188,13 @@ def scaled_crop_or_pad(image: np.ndarray, label: np.ndarray, crop_size: int, sca
 
 
 def _resize(array: np.ndarray, size, box, resample) -> np.ndarray:
-  """PIL resize of a window; 8-bit images as they are, other arrays (16-bit depth) as float32."""
-  if array.dtype == np.uint8:
+  """PIL resize of a window; 8-bit greyscale or RGB as they are, other arrays (16-bit depth,
+  TIFF bands) channel by channel as float32 (PIL would premultiply a 4th 8-bit band as alpha)."""
+  if array.dtype == np.uint8 and (array.ndim == 2 or array.shape[-1] == 3):
     return np.asarray(Image.fromarray(array).resize(size, resample, box=box))
+  if array.ndim == 3:
+    return np.stack([_resize(array[..., c], size, box, resample)
+                     for c in range(array.shape[-1])], axis=-1)
   as_float = Image.fromarray(np.asarray(array, np.float32), mode='F')
   return np.asarray(as_float.resize(size, resample, box=box))
 

@@ -7,7 +7,7 @@ import pathlib
 
 import ml_collections
 
-from fcn_jax import report, viz
+from fcn_jax import preprocessing, report, viz
 from fcn_jax.distributed import log
 from fcn_jax.train.evaluation import first_examples
 from fcn_jax.train.setup import RunSpec
@@ -28,7 +28,8 @@ def final_report(config: ml_collections.ConfigDict, run: RunSpec, model, variabl
                        notes=report.run_notes(extra))
   viz.training_curves(report.read_metrics(workdir), workdir / 'figures' / 'training_curves.png',
                       title=config.arch)
-  single = len(model.head_names) == 1 and not config.get('modalities')
+  single = (len(model.head_names) == 1 and not config.get('modalities')
+            and not preprocessing.get(config.preprocessing).stored)  # TIFF bands: no RGB figure
   if config.num_figure_examples and not single:
     log('score-map figures are drawn for single-headed colour nets only; skipped')
   elif config.num_figure_examples:

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from fcn_jax import checkpoint as ckpt_lib
+from fcn_jax import config_checks, preprocessing
 from fcn_jax import data as data_lib
 from fcn_jax import models, paths
 from fcn_jax import workdir as workdir_lib
@@ -209,12 +210,14 @@ def resolve_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Run
   if latest is not None:  # before anything is prepared (class fields left to 'auto')
     previous = ckpt_lib.read_metadata(workdir / 'checkpoints', str(latest))
     known = {k: v for k, v in metadata_from_config(config).items()
-             if not (k == 'num_classes' and not v) and not (k == 'class_names' and not v)}
+             if not (k == 'num_classes' and not v) and not (k == 'class_names' and not v)
+             and not (k == 'preprocessing' and v == preprocessing.DATASET)}
     workdir_lib.check_resume_compatible(previous, known, workdir=workdir, step=latest)
   train_source, eval_source = data_sources(config)
   classes, _ = data_lib.class_info(train_source)
   heads = data_lib.head_classes(train_source)
   resolve_classes(config, classes, heads)
+  config_checks.check_inputs_against_data(config, train_source, log=log)
   metadata = metadata_from_config(config, classes, heads)
   first_head = models.ARCHS[config.arch].heads[0].name
   eval_exclude = {first_head if h is None else h: e
