@@ -12,13 +12,13 @@ with both runs' seconds per image. Prints a Markdown table (and the CPU model) f
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 
 import jax
 import numpy as np
 
+from benchmarks import run
 from fcn_jax import checkpoint, export, exported, models
 from fcn_jax.segmenter import Segmenter
 
@@ -92,7 +92,7 @@ def main() -> None:
   p.add_argument('--images', type=int, default=2)
   a = p.parse_args()
   size = export.parse_sizes(a.size)[0]
-  print(f'CPU: {platform.processor() or platform.machine()}, jax {jax.__version__}, width '
+  print(f'CPU: {run.cpu_name()}, jax {jax.__version__}, width '
         f'{a.width:g}, {size[0]}x{size[1]}, {a.images} random images')
   print('| arch | max rel. error | export s | JAX s/image | onnxruntime s/image | file MiB |')
   print('|---|---|---|---|---|---|')

@@ -413,10 +413,12 @@ def init_variables(model: FCN, rng: jax.Array, image_size: int = 1) -> dict:
   """Initial variables ({'params'} plus BatchNorm statistics: frozen for GoogLeNet, trained for
   vgg16_bn and ResNet unless bn_frozen)."""
   images = jnp.zeros((1, image_size, image_size, model.arch.input_channels), jnp.float32)
-  # Jitted: bit-identical values, but one compiled program instead of one per op and parameter
-  # shape (GoogLeNet at width 1/16 on a loaded 2-core CPU: 20 s instead of 50 s). What remains is
-  # XLA compiling one threefry generator per parameter (~1 s each on CPU).
-  return _jit_init(model)({'params': rng, 'dropout': rng}, images)
+  # Jitted: one compiled program instead of one per op and parameter shape. With the sequential
+  # (not partitionable) threefry: XLA:CPU compiles jax's partitionable form slowly, per parameter
+  # (FCN-8s at 1/16 width on a loaded 2-core CPU: 78 s against 13 s). The values are drawn once,
+  # on the host, then replicated: nothing here is sharded, so nothing needs the partitionable form.
+  with jax.threefry_partitionable(False):
+    return _jit_init(model)({'params': rng, 'dropout': rng}, images)
 
 
 @functools.lru_cache(maxsize=64)
