@@ -24,11 +24,15 @@ nn = torch.nn
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_fcn  # noqa: E402
 
+import ml_collections  # noqa: E402
+
 from fcn_jax import caffe_pb  # noqa: E402
 from fcn_jax import checkpoint  # noqa: E402
 from fcn_jax import convert  # noqa: E402
 from fcn_jax import models  # noqa: E402
+from fcn_jax.errors import UserError  # noqa: E402
 from fcn_jax.models import fcn as fcn_lib  # noqa: E402
+from fcn_jax.train import transfer  # noqa: E402
 
 WIDTH = 1 / 16
 SIZES = ((37, 53), (64, 64), (97, 81))
@@ -285,6 +289,19 @@ def test_torchvision_vgg16_bn_recognised_without_arch(tmp_path):
   # A plain VGG16 arch cannot take BatchNorm weights by mistake: --arch with another backbone.
   with pytest.raises(convert.ConversionError, match='vgg16_bn'):
     convert.convert(src, 'fcn_alexnet')
+  # init_from: into a vgg16_bn run the backbone is copied (BatchNorm statistics too); a run on the
+  # plain VGG16 is refused with the setting that fits, not left with only its score layers copied.
+  config = ml_collections.ConfigDict({
+      'init_from': str(out), 'preprocessing': 'torchvision_rgb', 'arch': 'fcn8s',
+      'model': {'backbone': 'vgg16_bn', 'width': WIDTH, 'num_classes': 21}})
+  logs = []
+  bn_model = models.build('fcn8s', width=WIDTH, backbone='vgg16_bn')
+  initial = transfer.initial_variables(bn_model, config, jax.random.key(0), log=logs.append)
+  np.testing.assert_array_equal(initial['batch_stats']['conv5_3']['bn']['var'],
+                                variables['batch_stats']['conv5_3']['bn']['var'])
+  config.model.backbone = ''
+  with pytest.raises(UserError, match=r'--config\.model\.backbone=vgg16_bn'):
+    transfer.initial_variables(models.build('fcn8s', width=WIDTH), config, jax.random.key(0))
 
 
 def test_caffe_vgg16_legacy_caffemodel(tmp_path):

@@ -83,13 +83,26 @@ def _input_axis_differs(source, target) -> bool:
   return len(differ) == 1 and all(len(s) == 4 for s in differ[0]) and (
       differ[0][0][:2] + differ[0][0][3:] == differ[0][1][:2] + differ[0][1][3:])
 
+def _check_backbone(config: ml_collections.ConfigDict, meta: dict) -> None:
+  """A VGG16 and a VGG16-BN share layer names but not their structure: copying across them would
+  fill only the score layers, without a word; refused with the setting that fits."""
+  source = (meta.get('model') or {}).get('backbone') or ''
+  this = config.model.get('backbone', '') or ''
+  if 'vgg16_bn' in (source, this) and source != this:
+    fix = (f'--config.model.backbone={source}' if source
+           else "--config.model.backbone='' (the arch's plain VGG16)")
+    raise UserError(f'{config.init_from} has the {source or "plain VGG16"} backbone, this run '
+                    f'{this or "the plain VGG16"}: its layers would not fit; set {fix}')
+
+
 def initial_variables(model: nn.Module, config: ml_collections.ConfigDict, rng: jax.Array,
                       log: Callable[[str], None] = print) -> dict:
-  variables = jax.jit(lambda r: models.init_variables(model, r))(rng)
+  variables = models.init_variables(model, rng)  # jitted and cached per model there
   variables = jax.tree.map(np.asarray, variables)
   if not config.init_from:
     return variables
   _, source, meta = ckpt_lib.load_inference(pretrained.resolve(config.init_from, log=log))
+  _check_backbone(config, meta)
   statistics = preprocessing.is_statistics(config.preprocessing)
   if meta.get('preprocessing') and meta['preprocessing'] != config.preprocessing:
     if not statistics:
