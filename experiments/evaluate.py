@@ -64,10 +64,13 @@ flags.DEFINE_string('data_dir', '', 'Prepared TFDS data (default: where the run 
 flags.DEFINE_string('manual_dir', '', 'Archives or extracted trees, if not prepared yet (default: '
                     'the checkpoint\'s).')
 flags.DEFINE_bool('download', False, 'Download the official archives when not prepared.')
-flags.DEFINE_integer('pad_to', 0, '0: native size one image at a time (the reference protocol); '
-                     'S > 0: padded S x S batches of --batch_size (faster; S must be at least the '
-                     'largest image side).')
-flags.DEFINE_integer('batch_size', 1, 'Images per batch (> 1 needs --pad_to).')
+flags.DEFINE_integer('pad_to', 0, '0: native size (the reference protocol); S > 0: padded S x S '
+                     'batches of --batch_size (S must be at least the largest image side; the '
+                     'labels near the padding can differ from native size).')
+flags.DEFINE_integer('batch_size', 1, 'Images per batch. At native size (--pad_to 0): images of '
+                     'one size go --batch_size at a time over all local devices (a multiple of the '
+                     'device count shards them), the others alone; nothing is padded, the scores '
+                     'are the one-at-a-time protocol\'s.')
 flags.DEFINE_string('which', 'best', 'Which checkpoint of a training run: best, latest or a step.')
 flags.DEFINE_string('out', '', 'Output directory (default: see above).')
 flags.DEFINE_bool('overwrite', False, 'Replace the outputs (results.json, results.md, '
@@ -120,9 +123,9 @@ def check_flags(f, spec) -> None:
     raise UserError(f'--batch_size {f.batch_size}: must be >= 1')
   if f.pad_to < 0:
     raise UserError(f'--pad_to {f.pad_to}: must be >= 0 (0 = native size)')
-  if f.batch_size > 1 and not f.pad_to:
-    raise UserError(f'--batch_size {f.batch_size} needs --pad_to S (images differ in size; batches '
-                    f'are padded to S x S)')
+  if f.batch_size > 1 and (getattr(f, 'tta', '') or getattr(f, 'mode', 'whole') != 'whole'):
+    raise UserError(f'--batch_size {f.batch_size}: --tta and --mode slide run one image at a time; '
+                    'leave --batch_size at 1')
   if f.which not in ('best', 'latest') and not f.which.isdigit():
     raise UserError(f'--which {f.which!r}: best, latest or a step number')
   data_lib.check_split(spec.name, spec.split, **spec.options)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 import fcn_jax.data as data
 from fcn_jax import preprocessing
@@ -182,6 +185,32 @@ def test_eval_padded_batches_and_shards(sources):
   assert sorted(b['file_name'][0] for s in native for b in s) == sorted(all_names)
   with pytest.raises(ValueError, match='larger than pad_to'):
     list(pipeline.eval_batches(val, preprocessing='caffe_bgr', batch_size=2, pad_to=41))
+
+
+def _png(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def test_native_batches_by_size_hold_each_image_once_as_decoded():
+  """batch_size > 1 at native size: images of one size go together, the rest alone, nothing
+  padded: every example exactly once, each equal to its one-at-a-time batch."""
+  rng = np.random.default_rng(0)
+  sizes = [(40, 50), (40, 50), (30, 20), (40, 50), (30, 20), (40, 50), (40, 50), (33, 35)]
+  records = [{'image': _png(rng.integers(0, 256, (h, w, 3), np.uint8)),
+              'segmentation_mask': _png(rng.integers(0, 21, (h, w), np.uint8)),
+              'file_name': f'im{i}'} for i, (h, w) in enumerate(sizes)]
+  batches = list(pipeline.eval_batches(records, preprocessing='caffe_bgr', batch_size=2))
+  assert [b['file_name'] for b in batches] == [['im0', 'im1'], ['im3', 'im5'], ['im6'],
+                                               ['im2', 'im4'], ['im7']]
+  single = {b['file_name'][0]: b for b in pipeline.eval_batches(records, preprocessing='caffe_bgr')}
+  assert list(single) == [f'im{i}' for i in range(len(sizes))]  # batch 1: source order
+  for b in batches:
+    assert b['label'].dtype == np.int32 and b['image'].shape[0] == len(b['file_name'])
+    for j, name in enumerate(b['file_name']):
+      np.testing.assert_array_equal(b['image'][j], single[name]['image'][0])
+      np.testing.assert_array_equal(b['label'][j], single[name]['label'][0])
 
 
 def test_train_worker_processes_give_same_examples(sources):

@@ -242,3 +242,21 @@ def test_evaluate_through_the_segmenter_keeps_the_protocol(trained, tmp_path):
   assert sum(int(v) for row in rows for v in row[1:]) == sum(
       int(v) for row in reference[1:] for v in row[1:])  # the same pixels count
   assert 0 <= results['mean_iu'] <= 1
+
+
+def test_native_size_batches_give_the_one_at_a_time_results(trained, tmp_path):
+  """--batch_size 4 at native size (--pad_to 0): the 48x48 images go 4 together, the other 2 alone;
+  nothing is padded, so the confusion matrix and the per-image rows are those of one at a time."""
+  from experiments import evaluate
+  evaluate.evaluate(flags(trained, tmp_path / 'one'))
+  evaluate.evaluate(flags(trained, tmp_path / 'four', batch_size=4))
+  hist = {k: np.array([[int(v) for v in r[1:]] for r in read_csv(tmp_path / k / 'confusion.csv')[1:]])
+          for k in ('one', 'four')}
+  np.testing.assert_array_equal(hist['four'], hist['one'])
+  assert hist['one'].sum() > 0
+  rows = {k: sorted(read_csv(tmp_path / k / 'per_image.csv')[1:], key=lambda r: r[1])
+          for k in ('one', 'four')}
+  assert [r[1:] for r in rows['four']] == [r[1:] for r in rows['one']]
+  assert len(rows['one']) == NUM_VAL
+  with pytest.raises(UserError, match='one image at a time'):
+    evaluate.evaluate(flags(trained, tmp_path / 'tta', batch_size=4, tta='flip'))

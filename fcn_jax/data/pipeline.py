@@ -259,7 +259,10 @@ def eval_batches(source, *, preprocessing: str, batch_size: int = 1, pad_to: int
                  heads: list[str] | None = None) -> Iterator[dict]:
   """Deterministic evaluation batches; each example exactly once (over all shards), in source order.
 
-  pad_to=None (requires batch_size=1): native size, {'image': (1, H, W, C), 'label': (1, H, W)}.
+  pad_to=None, batch_size=1: native size, {'image': (1, H, W, C), 'label': (1, H, W)}.
+  pad_to=None, batch_size=B > 1: native size batched by size (`_size_batches`): images of the same
+  (H, W) go B at a time, the rest one at a time; nothing is padded, so the scores are the
+  one-at-a-time protocol's; grouped by size, not in source order.
   pad_to=S: {'image': (B, S, S, C), 'label': (B, S, S)}: top-left aligned, image padded with 0 (the
   mean after preprocessing), label with 255; the last batch is filled with all-255 dummy examples
   (file_name '') and every
@@ -269,8 +272,8 @@ def eval_batches(source, *, preprocessing: str, batch_size: int = 1, pad_to: int
   modalities = list(modalities or [('color', preprocessing)])
   preprocess = [(m, preprocessing_lib.get(p)) for m, p in modalities]
   heads = list(heads) if heads and len(heads) > 1 else None
-  if pad_to is None and batch_size != 1:
-    raise ValueError('batch_size > 1 needs pad_to (VOC images differ in size)')
+  if batch_size < 1:
+    raise ValueError(f'batch_size {batch_size}: must be >= 1')
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index {shard_index} outside [0, {shard_count})')
   return _eval_iter(source, preprocess, heads, batch_size, pad_to, shard_index, shard_count)
@@ -282,15 +285,50 @@ def _eval_example(record, preprocess, heads) -> tuple[np.ndarray, dict]:
   return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)), labels
 
 
+def _header_size(record) -> tuple[int, int] | None:
+  """(H, W) from the image file's header, without decoding it; None where the header does not say
+  (the grouping is only a hint: batches are checked on the decoded images)."""
+  try:
+    with Image.open(io.BytesIO(bytes(record[MODALITY_FEATURES['color']]))) as im:
+      return im.height, im.width
+  except Exception:  # noqa: BLE001 - any unreadable header: decoded with the rest
+    return None
+
+
+def _native_batch(examples: list) -> dict:
+  return {'image': np.stack([image for _, image, _ in examples]),
+          'file_name': [_file_name(record) for record, _, _ in examples],
+          **{batch_label_key(h): np.stack([labels[h] for _, _, labels in examples]).astype(np.int32)
+             for h in examples[0][2]}}
+
+
+def _size_batches(source, indices: list[int], preprocess, heads, batch_size: int) -> Iterator[dict]:
+  """Native-size batches: indices grouped by their image's size (from the file headers), batches of
+  `batch_size` decoded images of one shape, every other image alone (batch 1: compiled once per
+  size, as one at a time). batch_size=1: one image at a time in source order."""
+  groups: dict = {}
+  for i in indices:
+    groups.setdefault(_header_size(source[i]) if batch_size > 1 else None, []).append(i)
+  for members in groups.values():
+    for start in range(0, len(members), batch_size):
+      by_shape: dict = {}
+      for i in members[start:start + batch_size]:
+        record = source[i]
+        image, labels = _eval_example(record, preprocess, heads)
+        by_shape.setdefault(image.shape, []).append((record, image, labels))
+      for examples in by_shape.values():
+        if len(examples) == batch_size:
+          yield _native_batch(examples)
+        else:
+          for example in examples:
+            yield _native_batch([example])
+
+
 def _eval_iter(source, preprocess, heads, batch_size, pad_to, shard_index, shard_count):
   n = len(source)
   indices = list(range(shard_index, n, shard_count))
   if pad_to is None:
-    for i in indices:
-      record = source[i]
-      image, labels = _eval_example(record, preprocess, heads)
-      yield {'image': image[None], 'file_name': [_file_name(record)],
-             **{batch_label_key(h): l.astype(np.int32)[None] for h, l in labels.items()}}
+    yield from _size_batches(source, indices, preprocess, heads, batch_size)
     return
   per_shard = math.ceil(n / shard_count)
   num_batches = math.ceil(per_shard / batch_size)
