@@ -132,8 +132,8 @@ def test_bad_arguments(sources):
   train, val = sources
   with pytest.raises(ValueError, match='unknown preprocessing'):
     pipeline.train_loader(train, batch_size=1, crop_size=8, preprocessing='nope', seed=0)
-  with pytest.raises(ValueError, match='pad_to'):
-    pipeline.eval_batches(val, preprocessing='caffe_bgr', batch_size=2)
+  with pytest.raises(ValueError, match='batch_size 0'):
+    pipeline.eval_batches(val, preprocessing='caffe_bgr', batch_size=0)
 
 
 def test_eval_native(sources):
