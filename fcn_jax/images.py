@@ -13,10 +13,9 @@ from __future__ import annotations
 import io
 import os
 import pathlib
-import struct
-import zlib
 
 import numpy as np
+import png
 from PIL import Image, ImageOps
 
 from fcn_jax.errors import UserError
@@ -148,58 +147,15 @@ def _tiff_array(data: bytes, name) -> np.ndarray:
                    f'bands) is expected: save one image per file')
 
 
-def _png_header(data: bytes) -> tuple[int, ...]:
-  return struct.unpack('>IIBBBBB', data[16:29])
-
-
-def _unfilter(types: np.ndarray, filtered: np.ndarray) -> np.ndarray:
-  """PNG scanline filters undone: (H,) filter types, (H, W, bytes per pixel) filtered bytes ->
-  the raw bytes. Pixel (r, x) needs (r, x-1), (r-1, x) and (r-1, x-1), so each anti-diagonal is
-  one vectorised step (H + W steps, not H x W)."""
-  if (types > 4).any():
-    raise ValueError(f'unknown PNG filter type {int(types.max())}')
-  h, w, _ = filtered.shape
-  out = np.zeros((h + 1, w + 1, filtered.shape[-1]), np.int32)
-  f = filtered.astype(np.int32)
-  for d in range(h + w - 1):
-    r = np.arange(max(0, d - w + 1), min(h, d + 1))
-    x = d - r
-    a, b, c = out[r + 1, x], out[r, x + 1], out[r, x]
-    p = a + b - c
-    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
-    paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
-    t = types[r][:, None]
-    pred = np.select([t == 1, t == 2, t == 3, t == 4], [a, b, (a + b) >> 1, paeth], 0)
-    out[r + 1, x + 1] = (f[r, x] + pred) & 255
-  return out[1:, 1:].astype(np.uint8)
-
-
 def _png16_array(data: bytes, name) -> np.ndarray:
-  """(H, W, C) uint16 of a 16-bit PNG (PIL reads only one 16-bit channel; with more it converts
-  to 8 bits). Non-interlaced, as every common writer saves them."""
-  width, height, depth, color, _, _, interlace = _png_header(data)
-  channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(color)
-  if depth != 16 or channels is None:
-    raise ImageError(f'{name}: PNG colour type {color} at {depth} bits is not a 16-bit image')
-  if interlace:
-    raise ImageError(f'{name}: an interlaced 16-bit PNG; save it without interlacing (or as TIFF)')
-  parts, pos = [], 8
-  while pos + 8 <= len(data):
-    length = int.from_bytes(data[pos:pos + 4], 'big')
-    kind = data[pos + 4:pos + 8]
-    if kind == b'IDAT':
-      parts.append(data[pos + 8:pos + 8 + length])
-    elif kind == b'IEND':
-      break
-    pos += 12 + length
-  stride = width * channels * 2
+  """(H, W, C) uint16 of a 16-bit PNG with 2 to 4 channels, read with pypng (PIL reads only one
+  16-bit channel; with more it converts to 8 bits)."""
   try:
-    raw = np.frombuffer(zlib.decompress(b''.join(parts)), np.uint8)
-    rows = raw[:height * (stride + 1)].reshape(height, stride + 1)
-    pixels = _unfilter(rows[:, 0], rows[:, 1:].reshape(height, width, channels * 2))
-  except (zlib.error, ValueError) as e:
+    width, height, rows, info = png.Reader(bytes=data).asDirect()
+    array = np.vstack([np.asarray(row, np.uint16) for row in rows])
+  except (png.Error, ValueError) as e:
     raise ImageError(f'{name}: a damaged PNG ({e})') from None
-  return pixels.view('>u2').astype(np.uint16).reshape(height, width, channels)
+  return array.reshape(height, width, info['planes'])
 
 
 def decode_stored(data: bytes, name='the image') -> np.ndarray:
@@ -207,7 +163,7 @@ def decode_stored(data: bytes, name='the image') -> np.ndarray:
   data = bytes(data)
   if data[:4] in TIFF_MAGIC:
     return _tiff_array(data, name)
-  if data[:8] == PNG_MAGIC and _png_header(data)[3] != 0:
+  if data[:8] == PNG_MAGIC and data[25] != 0:  # IHDR colour type: not greyscale
     return _png16_array(data, name)
   try:
     with Image.open(io.BytesIO(data)) as im:  # 16-bit greyscale: PIL keeps the 16 bits
