@@ -180,6 +180,10 @@ def _check_loop(c: ml_collections.ConfigDict, need) -> None:
   sr = tuple(c.scale_range or ())
   need(sr == () or (len(sr) == 2 and all(_number(v) and v > 0 for v in sr) and sr[0] <= sr[1]),
        'scale_range', '() or (low, high) with 0 < low <= high')
+  jitter = c.get('color_jitter', 0.0)
+  need(_number(jitter) and 0 <= jitter < 1, 'color_jitter', 'a number in [0, 1) (0 = off)')
+  need(not jitter or c.preprocessing != preprocessing.DATASET, 'color_jitter',
+       '0 with preprocessing=dataset (the jitter is for 8-bit photographs, not stored bands)')
 
 
 def _check_optim(c: ml_collections.ConfigDict, need) -> None:

@@ -221,3 +221,43 @@ def test_train_worker_processes_give_same_examples(sources):
   inproc = list(iter(pipeline.train_loader(train, worker_count=0, **kw)))
   workers = list(iter(pipeline.train_loader(train, worker_count=1, **kw)))
   assert_batches_equal(inproc, workers)
+
+
+def test_color_jitter_against_pil_enhance():
+  """Brightness, contrast, saturation in that order, as PIL's ImageEnhance (an independent
+  implementation; PIL rounds to uint8 after each stage and takes the mean grey as a whole number,
+  hence the tolerance of a few levels)."""
+  from PIL import ImageEnhance
+  rng = np.random.default_rng(3)
+  image = rng.integers(30, 220, size=(24, 32, 3), dtype=np.uint8)
+  factors = np.float32([1.2, 0.7, 1.3])
+  ours = pipeline.color_jitter(image, factors)
+  ref = Image.fromarray(image)
+  ref = ImageEnhance.Brightness(ref).enhance(1.2)
+  ref = ImageEnhance.Contrast(ref).enhance(0.7)
+  ref = ImageEnhance.Color(ref).enhance(1.3)
+  assert ours.dtype == np.float32 and 0 <= ours.min() and ours.max() <= 255
+  assert np.abs(ours - np.asarray(ref, np.float32)).max() <= 3
+  np.testing.assert_allclose(pipeline.color_jitter(image, np.float32([1, 1, 1])), image, atol=1e-3)
+  grey = image[..., 0]  # one-channel images: brightness and contrast only
+  np.testing.assert_allclose(pipeline.color_jitter(grey, np.float32([1, 1, 0.1])), grey, atol=1e-3)
+
+
+def test_train_color_jitter(sources):
+  """Jitter changes the colours the net sees, not the labels' classes or the pipeline's
+  determinism; 0 leaves the random stream as it was."""
+  train, _ = sources
+  make = lambda jitter: list(iter(pipeline.train_loader(
+      train, batch_size=2, crop_size=48, preprocessing='torchvision_rgb', seed=4, num_epochs=1,
+      color_jitter=jitter)))
+  plain, default = make(0.0), list(iter(pipeline.train_loader(
+      train, batch_size=2, crop_size=48, preprocessing='torchvision_rgb', seed=4, num_epochs=1)))
+  assert_batches_equal(plain, default)
+  a, b = make(0.4), make(0.4)
+  assert_batches_equal(a, b)
+  assert any(not np.allclose(x['image'], y['image']) for x, y in zip(a, plain))
+  rgb = preprocessing.get('torchvision_rgb').invert(np.concatenate([x['image'] for x in a]))
+  assert rgb.dtype == np.uint8
+  with pytest.raises(ValueError, match='color_jitter'):
+    pipeline.train_loader(train, batch_size=1, crop_size=8, preprocessing='caffe_bgr', seed=0,
+                          color_jitter=1.5)

@@ -127,6 +127,9 @@ def base_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.crop_size = 500
   c.scale_range = ()           # e.g. (0.5, 1.5) for random scaling
   c.flip = False               # the paper found no gain from mirroring
+  # Photometric augmentation of the colour image: brightness, contrast and saturation each scaled
+  # by a random factor in [1 - s, 1 + s] (0 = off, the paper's).
+  c.color_jitter = 0.0
   c.data_workers = 0  # grain worker processes decoding images (0: in this process)
   # Length: num_train_steps optimiser updates when > 0, else total_epochs passes over the training
   # set, turned into updates at run time (batch_size x accumulate_steps images per update).

@@ -46,6 +46,31 @@ def rescale(image: np.ndarray, label: np.ndarray, scale: float) -> tuple[np.ndar
   return image, label
 
 
+# Photometric factors (brightness, contrast, saturation) of color_jitter, and the grey of each RGB
+# channel (ITU-R 601 luma, as PIL's ImageEnhance and torchvision's ColorJitter use).
+_LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
+
+
+def jitter_factors(strength: float, rng: np.random.Generator) -> np.ndarray:
+  """(brightness, contrast, saturation), each uniform in [1 - strength, 1 + strength]."""
+  return rng.uniform(1.0 - strength, 1.0 + strength, size=3).astype(np.float32)
+
+
+def color_jitter(image: np.ndarray, factors: np.ndarray) -> np.ndarray:
+  """0..255 (H, W, 3) RGB or (H, W) grey -> float32 0..255: brightness (scale), contrast (blend
+  with the mean grey), saturation (blend with each pixel's grey; RGB only), in that order, as
+  torchvision's ColorJitter without hue. Factors (1, 1, 1) give the image back."""
+  brightness, contrast, saturation = (float(f) for f in factors)
+  x = np.clip(np.asarray(image, np.float32) * brightness, 0.0, 255.0)
+  rgb = x.ndim == 3 and x.shape[-1] == 3
+  mean = np.float32((x @ _LUMA if rgb else x).mean())
+  x = np.clip((x - mean) * contrast + mean, 0.0, 255.0)  # clipped after each stage, as torchvision
+  if rgb:
+    grey = (x @ _LUMA)[..., None]
+    x = np.clip((x - grey) * saturation + grey, 0.0, 255.0)
+  return x
+
+
 def crop_or_pad(image: np.ndarray, label: np.ndarray, crop_size: int,
                 rng: np.random.Generator | None, preprocess) -> tuple[np.ndarray, np.ndarray]:
   """Crop (random offset; centre if rng is None) or pad to (crop_size, crop_size).
@@ -143,11 +168,14 @@ class TrainTransform(grain.RandomMapTransform):
 
   `modalities` [(name, preprocessing)] (default: the colour image with `preprocessing`) are each
   preprocessed and concatenated into 'image'; several `heads` give 'label_<head>' each. One random
-  scale, crop window and flip apply to every modality and label map.
+  scale, crop window and flip apply to every modality and label map. `color_jitter` > 0 jitters the
+  colour image's brightness, contrast and saturation (each by a factor in [1 - s, 1 + s]) in the
+  crop before its preprocessing; other modalities are left as they are.
   """
 
   def __init__(self, *, crop_size: int, preprocessing: str, scale_range=None, flip: bool = True,
-               modalities: list[tuple[str, str]] | None = None, heads: list[str] | None = None):
+               modalities: list[tuple[str, str]] | None = None, heads: list[str] | None = None,
+               color_jitter: float = 0.0):
     self.crop_size = int(crop_size)
     self.preprocessing = preprocessing
     self.modalities = list(modalities or [('color', preprocessing)])
@@ -155,6 +183,7 @@ class TrainTransform(grain.RandomMapTransform):
     self.heads = list(heads) if heads and len(heads) > 1 else None
     self.scale_range = tuple(scale_range) if scale_range is not None else None
     self.flip = flip
+    self.color_jitter = float(color_jitter)
 
   def random_map(self, element, rng: np.random.Generator):
     inputs, labels = decode_planes(element, [m for m, _ in self.modalities], self.heads)
@@ -163,8 +192,14 @@ class TrainTransform(grain.RandomMapTransform):
       if array.shape[:2] != size:
         raise ValueError(f'{_file_name(element)}: {name} {array.shape[:2]} and the label {size} '
                          f'differ in size')
+    # Drawn first, and only when on: runs without jitter keep their random streams.
+    factors = jitter_factors(self.color_jitter, rng) if self.color_jitter else None
+    if factors is not None and inputs.get('color', np.zeros(0, np.uint8)).dtype != np.uint8:
+      raise DataError(f'{_file_name(element)}: color_jitter works on 8-bit photographs, not '
+                      f'{inputs["color"].dtype} bands; set config.color_jitter=0')
     scale = float(rng.uniform(*self.scale_range)) if self.scale_range is not None else 1.0
-    planes = [(inputs[m], p) for (m, _), p in zip(self.modalities, self._preprocess)]
+    planes = [(inputs[m], p if m != 'color' or factors is None else _jittered(p, factors))
+              for (m, _), p in zip(self.modalities, self._preprocess)]
     out_inputs, out_labels = scaled_crop_or_pad_planes(planes, list(labels.values()),
                                                        self.crop_size, scale, rng)
     if self.flip and rng.random() < 0.5:
@@ -175,6 +210,11 @@ class TrainTransform(grain.RandomMapTransform):
     for head, label in zip(labels, out_labels):
       out[batch_label_key(head)] = np.ascontiguousarray(label)
     return out
+
+
+def _jittered(preprocess, factors: np.ndarray):
+  """preprocess after color_jitter: applied to the crop only (the window the net sees)."""
+  return lambda window: preprocess(color_jitter(window, factors))
 
 
 def scaled_crop_or_pad(image: np.ndarray, label: np.ndarray, crop_size: int, scale: float,
@@ -221,7 +261,8 @@ def train_loader(source, *, batch_size: int, crop_size: int, preprocessing: str,
                  worker_count: int = 0,
                  shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
                  modalities: list[tuple[str, str]] | None = None,
-                 heads: list[str] | None = None) -> grain.DataLoader:
+                 heads: list[str] | None = None,
+                 color_jitter: float = 0.0) -> grain.DataLoader:
   """Training batches {'image': float32 (B, crop, crop, 3), 'label': int32 (B, crop, crop),
   255 = ignore}.
 
@@ -231,7 +272,7 @@ def train_loader(source, *, batch_size: int, crop_size: int, preprocessing: str,
   num_epochs=None repeats forever. iter(loader) gives a grain iterator with get_state() /
   set_state() for checkpointing.
   `modalities` and `heads`: see TrainTransform (several inputs concatenated into 'image', several
-  heads' labels as 'label_<head>').
+  heads' labels as 'label_<head>'), `color_jitter` (photometric jitter of the colour image).
   """
   preprocessing_lib.get(preprocessing)  # fail fast on a bad name
   if batch_size < 1 or crop_size < 1:
@@ -240,13 +281,15 @@ def train_loader(source, *, batch_size: int, crop_size: int, preprocessing: str,
     raise ValueError(f'shard_index {shard_index} outside [0, {shard_count})')
   if scale_range is not None and not 0 < scale_range[0] <= scale_range[1]:
     raise ValueError(f'bad scale_range {scale_range}')
+  if not 0 <= color_jitter < 1:
+    raise ValueError(f'color_jitter must be in [0, 1), got {color_jitter}')
   if worker_count:
     _ensure_absl_flags_parsed()
   shard = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
   sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True,
                                num_epochs=num_epochs, seed=seed)
   ops = [TrainTransform(crop_size=crop_size, preprocessing=preprocessing, scale_range=scale_range,
-                        flip=flip, modalities=modalities, heads=heads),
+                        flip=flip, modalities=modalities, heads=heads, color_jitter=color_jitter),
          grain.Batch(batch_size=batch_size, drop_remainder=True)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                           worker_count=worker_count, worker_buffer_size=2,

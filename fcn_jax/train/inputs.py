@@ -37,7 +37,7 @@ def train_iterator(config: ml_collections.ConfigDict, source, *, batch_size: int
       preprocessing=config.preprocessing, seed=config.seed,
       scale_range=tuple(config.scale_range) if config.scale_range else None, flip=config.flip,
       worker_count=config.data_workers, shard_index=shard_index, shard_count=shard_count,
-      modalities=modalities, heads=heads)
+      modalities=modalities, heads=heads, color_jitter=config.get('color_jitter', 0.0))
   return iter(loader)
 
 def input_layout(config: ml_collections.ConfigDict) -> tuple[list | None, list[str]]:
