@@ -142,15 +142,19 @@ def test_missing_data_points_to_instructions_and_demo(tmp_path):
   assert 'make demo' in proc.stderr and 'benchmark' in proc.stderr.lower(), proc.stderr[-2000:]
 
 
-def _params(workdir: pathlib.Path):
-  _, variables, _ = checkpoint.load_inference(workdir / 'checkpoints', which='latest')
+def _params(workdir: pathlib.Path, weights: str = 'params'):
+  _, variables, _ = checkpoint.load_inference(workdir / 'checkpoints', which='latest',
+                                              weights=weights)
   return variables['params']
 
 
 def test_cli_resume_after_sigkill_matches_uninterrupted_run(tiny_voc, tmp_path):
   cache = tmp_path / 'xla_cache'
+  # With a warmed-up cosine schedule and the moving average of the weights: the schedule's position
+  # and the average resume with the rest (tests/test_schedule_resume.py: every schedule).
   steps = ['--config.num_train_steps=24', '--config.checkpoint_every=3', '--config.eval_every=24',
-           f'--config.compilation_cache_dir={cache}']
+           f'--config.compilation_cache_dir={cache}', '--config.optim.schedule=cosine',
+           '--config.optim.warmup_steps=4', '--config.ema_decay=0.9']
   data_dir = tmp_path / 'tfds'
   # Uninterrupted reference run (also prepares the dataset once).
   ref = subprocess.run(cli('fcn32s', tmp_path / 'ref', tiny_voc, data_dir, *steps),
@@ -180,9 +184,10 @@ def test_cli_resume_after_sigkill_matches_uninterrupted_run(tiny_voc, tmp_path):
                          capture_output=True, text=True, timeout=600, cwd=REPO)
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'resumed from' in again.stderr + again.stdout
-  a, b = _params(tmp_path / 'ref'), _params(work)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  for weights in ('params', 'ema'):
+    a, b = _params(tmp_path / 'ref', weights), _params(work, weights)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(x, y)
 
   # Inference from the checkpoint alone.
   image = (np.random.default_rng(0).uniform(size=(45, 61, 3)) * 255).astype(np.uint8)
