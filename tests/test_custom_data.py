@@ -271,6 +271,13 @@ def test_class_weighted_loss_against_numpy(tmp_path):
   weights = np.asarray(train.loss_class_weights(c, src))
   freq = counts / counts.sum()
   np.testing.assert_allclose(weights, np.median(freq) / freq, rtol=1e-6)
+  c.loss_class_weights = 'median_frequency:0.5'  # gentler balancing: the square roots
+  np.testing.assert_allclose(train.loss_class_weights(c, src), np.sqrt(np.median(freq) / freq),
+                             rtol=1e-6)
+  for bad in ('median_frequency:0', 'median_frequency:x'):
+    c.loss_class_weights = bad
+    with pytest.raises(UserError, match='power P > 0'):
+      train.loss_class_weights(c, src)
   c.loss_class_weights = '1, 2, 3, 4'
   assert train.loss_class_weights(c, src) == (1.0, 2.0, 3.0, 4.0)
   c.loss_class_weights = '1,2'

@@ -136,7 +136,8 @@ def base_config(arch: str, preset: str = 'paper') -> ml_collections.ConfigDict:
   c.total_epochs = 175.0
   c.num_train_steps = 0
   c.loss_normalize = True
-  c.loss_class_weights = 'none'  # 'none' | 'median_frequency' | one weight per class: '1,2,0.5'
+  # 'none' | 'median_frequency' | 'median_frequency:P' (to the power P) | per class: '1,2,0.5'
+  c.loss_class_weights = 'none'
   # The loss, a weighted sum of terms NAME[:WEIGHT][:OPTION=VALUE...] joined by commas: ce
   # (cross-entropy, the paper's; smoothing=), ohem (thresh=0.7, min_kept=100000 per image), dice
   # (smooth=1), lovasz (classes=present|all), focal (gamma=2). E.g. 'ce:1.0,dice:0.5'.

@@ -132,31 +132,46 @@ def resolve_classes(config: ml_collections.ConfigDict, classes, heads: dict | No
 
 def loss_class_weights(config: ml_collections.ConfigDict, train_source) -> tuple[float, ...] | None:
   """config.loss_class_weights as per-class loss weights: 'none' (None), 'median_frequency'
-  (median(f) / f_c with f_c the class's share of the training pixels; absent classes 0), or the
-  weights themselves ('1,2,0.5' or a list), one per class."""
+  (median(f) / f_c with f_c the class's share of the training pixels; absent classes 0),
+  'median_frequency:P' (those weights to the power P: 0.5 balances more gently), or the weights
+  themselves ('1,2,0.5' or a list), one per class."""
   spec = config.get('loss_class_weights', 'none')
   n = config.model.num_classes
   if spec in (None, '', 'none'):
     return None
-  if spec == 'median_frequency':
+  if isinstance(spec, str) and spec.split(':')[0] == 'median_frequency':
+    power = _median_frequency_power(spec)
     counts = np.asarray(data_lib.pixel_counts(train_source, n, progress=jax.process_index() == 0),
                         np.float64)
     freq = counts / max(counts.sum(), 1.0)
     present = freq > 0
     weights = np.where(present, np.median(freq[present]) / np.where(present, freq, 1.0), 0.0)
+    weights = np.where(present, weights ** power, 0.0)
   else:
     try:
       values = spec if isinstance(spec, (list, tuple)) else str(spec).strip('[]() ').split(',')
       weights = np.asarray([float(v) for v in values], np.float64)
     except ValueError:
-      raise UserError(f'config.loss_class_weights={spec!r}: none, median_frequency, or one weight '
-                      f'per class (e.g. "1,2,0.5")') from None
+      raise UserError(f'config.loss_class_weights={spec!r}: none, median_frequency[:P], or one '
+                      f'weight per class (e.g. "1,2,0.5")') from None
     if weights.shape != (n,) or (weights < 0).any():
       raise UserError(f'config.loss_class_weights: {weights.size} weights for {n} classes; give '
                       f'{n} non-negative numbers')
   log('class weights: ' + ', '.join(f'{name} {w:.3g}' for name, w in
                                       zip(config.class_names, weights)))
   return tuple(float(w) for w in weights)
+
+def _median_frequency_power(spec: str) -> float:
+  """P of 'median_frequency[:P]' (1 when absent)."""
+  _, _, power = spec.partition(':')
+  try:
+    value = float(power) if power else 1.0
+  except ValueError:
+    value = -1.0
+  if not value > 0:
+    raise UserError(f'config.loss_class_weights={spec!r}: median_frequency:P takes a power P > 0 '
+                    f'(e.g. median_frequency:0.5)')
+  return value
 
 def latest_checkpoint_step(directory: pathlib.Path) -> int | None:
   """The latest step in a checkpoints/ directory, without creating it."""
