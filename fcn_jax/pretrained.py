@@ -32,12 +32,12 @@ import pathlib
 import shutil
 import socket
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Callable, Sequence
 
+from fcn_jax import progress as progress_lib
 from fcn_jax import checkpoint, convert, paths, zoo
 from fcn_jax import cli as cli_lib
 from fcn_jax.errors import UserError, cli
@@ -198,34 +198,6 @@ def _sha(path: pathlib.Path, algorithm: str) -> str:
   return digest.hexdigest()
 
 
-class _ByteProgress:
-  """A tqdm bar (size, speed) on a terminal; a line per 10% otherwise (a log file stays small)."""
-
-  def __init__(self, desc: str, total: int | None, initial: int, enabled: bool, log):
-    self.total, self.done, self.log, self.enabled = total, initial, log, enabled
-    self._next = 0.1
-    self._bar = None
-    if enabled and sys.stderr.isatty():
-      from tqdm.auto import tqdm
-      self._bar = tqdm(total=total, initial=initial, desc=desc, unit='B', unit_scale=True,
-                       unit_divisor=1024, dynamic_ncols=True)
-    self._t0 = time.perf_counter()
-
-  def update(self, n: int) -> None:
-    self.done += n
-    if self._bar is not None:
-      self._bar.update(n)
-    elif self.enabled and self.total and self.done / self.total >= self._next:
-      rate = self.done / max(time.perf_counter() - self._t0, 1e-6)
-      self.log(f'  {self.done / 2**20:.1f} of {self.total / 2**20:.1f} MiB '
-               f'({100 * self.done / self.total:.0f}%, {rate / 2**20:.1f} MiB/s)')
-      self._next = (int(10 * self.done / self.total) + 1) / 10
-
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
-
-
 class _Dropped(Exception):
   """The connection ended before the whole file arrived (resume from the .part file)."""
 
@@ -252,7 +224,7 @@ def _fetch_once(url: str, part: pathlib.Path, progress: bool, log) -> None:
     total = have + length if length is not None else None
     if have:
       log(f'resuming {part.name[:-len(".part")]} at {have / 2**20:.1f} MiB')
-    bar = _ByteProgress(part.name[:-len('.part')], total, have, progress, log)
+    bar = progress_lib.ByteProgress(part.name[:-len('.part')], total, have, progress, log)
     received = 0
     try:
       with open(part, mode) as f:

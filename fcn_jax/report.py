@@ -98,44 +98,6 @@ class MetricWriter:
       tracker.close(status)
 
 
-class Progress:
-  """Training progress: a tqdm bar on a terminal; plain lines at each metrics flush otherwise (a
-  bar redrawn into a log file grows it by ~100 bytes per step)."""
-
-  def __init__(self, total: int, start: int, *, desc: str, enabled: bool = True,
-               log=print, interactive: bool | None = None):
-    self.total, self.start, self.log, self.enabled = total, start, log, enabled
-    self.interactive = sys.stderr.isatty() if interactive is None else interactive
-    self._t0, self._bar = time.perf_counter(), None
-    if enabled and self.interactive:
-      from tqdm.auto import tqdm
-      self._bar = tqdm(total=total, initial=min(start, total), desc=desc, unit='step',
-                       dynamic_ncols=True)
-
-  def update(self, step: int) -> None:
-    if self._bar is not None:
-      self._bar.update(1)
-
-  def metrics(self, step: int, values: Mapping[str, float]) -> None:
-    if self._bar is not None:
-      self._bar.set_postfix(loss=f'{values["loss"]:.4f}', img_s=f'{values["images_per_sec"]:.1f}')
-    elif self.enabled:
-      done = max(step - self.start, 1)
-      eta = (time.perf_counter() - self._t0) / done * max(self.total - step, 0)
-      self.log(f'step {step}/{self.total}: loss {values["loss"]:.4f}, pixel_acc '
-               f'{100 * values["pixel_acc"]:.1f}, {values["images_per_sec"]:.1f} img/s, '
-               f'eta {_duration(eta)}')
-
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  return f'{seconds // 60}m{seconds % 60:02d}s' if seconds >= 60 else f'{seconds}s'
-
-
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
   path = pathlib.Path(workdir) / 'metrics.jsonl'
   if not path.exists():

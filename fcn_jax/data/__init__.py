@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from fcn_jax import images as images_lib
+from fcn_jax import progress as progress_lib
 from fcn_jax.data.builders import (CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES, DataError,
                                    MissingDataError, Sbd, VocSegmentation)
 
@@ -243,10 +244,9 @@ def pixel_counts(source, num_classes: int, progress: bool = True) -> list[int]:
   _, counts = class_info(source)
   if counts is not None:
     return list(counts)
-  from tqdm.auto import tqdm
   hist = np.zeros(num_classes, np.int64)
-  for i in tqdm(range(len(source)), desc='counting class pixels', unit='img', disable=not progress,
-                leave=False):
+  for i in progress_lib.track(range(len(source)), desc='counting class pixels', unit='images',
+                              enabled=progress):
     mask = decode_mask(source[i]['segmentation_mask'])
     hist += np.bincount(mask[mask < num_classes].ravel(), minlength=num_classes)[:num_classes]
   return hist.tolist()

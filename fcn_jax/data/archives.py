@@ -11,6 +11,7 @@ import tarfile
 from etils import epath
 
 from fcn_jax.errors import UserError
+from fcn_jax import progress as progress_lib
 
 
 class DataError(UserError, ValueError):
@@ -65,17 +66,15 @@ def extract_archive(archive: epath.Path, extract_dir: epath.Path) -> epath.Path:
   tmp = epath.Path(tempfile.mkdtemp(prefix=f'.{archive.name}.', dir=os.fspath(dest.parent)))
   import zipfile
   try:
-    from tqdm.auto import tqdm
     if zipfile.is_zipfile(os.fspath(archive)):  # SIFT Flow's SiftFlowDataset.zip
       with zipfile.ZipFile(os.fspath(archive)) as z:
-        for member in tqdm(z.infolist(), desc=f'extracting {archive.name}', unit=' files',
-                           mininterval=2.0, leave=False):
+        for member in progress_lib.track(z.infolist(), desc=f'extracting {archive.name}',
+                                         unit='files'):
           z.extract(member, os.fspath(tmp))
     else:
       with tarfile.open(os.fspath(archive), 'r:*') as tar:
         kwargs = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
-        for member in tqdm(tar, desc=f'extracting {archive.name}', unit=' files', mininterval=2.0,
-                           leave=False):
+        for member in progress_lib.track(tar, desc=f'extracting {archive.name}', unit='files'):
           tar.extract(member, os.fspath(tmp), **kwargs)
     os.replace(os.fspath(tmp), os.fspath(dest))
   except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as e:

@@ -47,6 +47,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
 from fcn_jax import images as images_lib
+from fcn_jax import progress as progress_lib
 from fcn_jax.data import layouts
 from fcn_jax.data.builders import IGNORE_LABEL, DataError, MissingDataError, encode_mask_png
 from fcn_jax.data.classes import ClassInfo, default_palette
@@ -396,7 +397,8 @@ def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str,
       problems.append(f'split {split!r}: duplicate ids {dupes[:10]}')
     hist = np.zeros(len(classes.names), np.int64)
     rows, shapes, channel_stats = [], [], ChannelStatistics()
-    for example in progress_bar(examples, desc=f'checking {split}', unit='img', enabled=progress):
+    for example in progress_lib.track(examples, desc=f'checking {split}', unit='images',
+                                      enabled=progress):
       masks_read += 1
       try:
         data, ids_map, image = read_example(example, classes, category_ids)
@@ -435,12 +437,6 @@ def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str,
         f'never appear. Masks stored as 0/255 with more than 2 classes? List the 2 classes in '
         f'classes.txt (255 is then read as class 1), or fix the masks.')
   return out, counts, sizes, inputs
-
-
-def progress_bar(items, *, desc: str, unit: str, enabled: bool = True):
-  """tqdm over items (disabled when not asked for)."""
-  from tqdm.auto import tqdm
-  return tqdm(items, desc=desc, unit=unit, disable=not enabled, leave=False, mininterval=2.0)
 
 
 # --------------------------------------------------------------------------------------------------

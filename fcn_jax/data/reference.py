@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from fcn_jax import progress as progress_lib
 from fcn_jax.data import archives, builders
 from fcn_jax.data.builders import DataError, MissingDataError
 from fcn_jax.data.classes import (IGNORE_LABEL, NYUD_CLASS_NAMES, PASCAL_CONTEXT_CLASS_NAMES,
@@ -155,9 +156,8 @@ class _Reference(builders._Base):
     return self._find_root(dl_manager, archive, find, **kwargs)
 
   def _generate_examples(self, root: epath.Path, ids: list[str], split: str = ''):
-    from tqdm.auto import tqdm
-    for image_id in tqdm(ids, desc=f'{self.name}/{split}', unit='img', mininterval=2.0,
-                         leave=False):
+    for image_id in progress_lib.track(ids, desc=f'preparing {self.name}/{split}',
+                                       unit='images'):
       yield image_id, {**self._example(root, image_id), 'file_name': image_id}
 
   def _example(self, root: epath.Path, image_id: str) -> dict:

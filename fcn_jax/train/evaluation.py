@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from fcn_jax import data as data_lib
 from fcn_jax import distributed
 from fcn_jax import metrics as metrics_lib
+from fcn_jax import progress as progress_lib
 from fcn_jax.parallel import host_copy, make_mesh, replicate, shard_batch
 from fcn_jax.train.step import compile_eval_step, label_key
 
@@ -111,7 +111,7 @@ def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *,
   pending = None  # the previous batch's (labels, predictions, names) for `analysis`
   iterator = batches
   if progress:
-    iterator = tqdm(batches, desc='eval', unit='batch', leave=False)
+    iterator = progress_lib.track(batches, desc='eval', unit='images')
   for batch in iterator:
     n = batch['image'].shape[0]
     sharded = n % mesh.devices.size == 0

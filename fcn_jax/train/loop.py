@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from fcn_jax import checkpoint as ckpt_lib
 from fcn_jax import config_checks, distributed, report
+from fcn_jax import progress as progress_lib
 from fcn_jax import workdir as workdir_lib
 from fcn_jax.distributed import log
 from fcn_jax.errors import Preempted, UserError
@@ -167,7 +168,7 @@ class Trainer:
   batches: DevicePrefetcher
   checkpointer: ckpt_lib.Checkpointer
   writer: report.MetricWriter
-  progress: report.Progress
+  progress: progress_lib.Progress
   meter: 'StepMeter'
   start: int
   best: Choice  # what ranks the checkpoints
@@ -207,8 +208,8 @@ class Trainer:
                                  aux_weight=config.get('aux_loss_weight', 0.5))
     writer = report.MetricWriter(workdir, enabled=is_main, resume_step=run.latest, config=config)
     start = int(jax.device_get(state.step)) // config.accumulate_steps
-    progress = report.Progress(config.num_train_steps, start, desc=config.arch, enabled=is_main,
-                               log=log)
+    progress = progress_lib.Progress(config.num_train_steps, start, desc=config.arch,
+                                     enabled=is_main, log=log)
     return cls(config, run, workdir, mesh, model, state, step_fn,
                DevicePrefetcher(train_iter, mesh, size=PREFETCH), checkpointer, writer, progress,
                StepMeter(writer, progress, config.batch_size, workdir), start, best,

@@ -1,0 +1,29 @@
+"""Progress in one place (fcn_jax.progress): bars on a terminal, a few plain lines in a log file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from fcn_jax import progress
+
+
+def test_track_logs_every_tenth_and_a_last_line_when_not_a_terminal():
+  lines = []
+  out = list(progress.track(range(50), desc='eval', unit='images', log=lines.append, bar=False))
+  assert out == list(range(50))
+  assert len(lines) == 10, lines  # 10%, 20%, ... 90%, then the total with its time
+  assert lines[0].startswith('eval: 5/50 images (10%') and lines[-1].startswith('eval: 50 images in')
+  lines.clear()
+  assert list(progress.track(iter(range(3)), desc='x', unit='files', log=lines.append,
+                             bar=False)) == [0, 1, 2]
+  assert lines == []  # short and quick: nothing to say
+  assert list(progress.track([1, 2], desc='x', unit='i', enabled=False, log=lines.append)) == [1, 2]
+
+
+def test_a_log_file_gets_lines_not_a_redrawn_bar():
+  code = ('from fcn_jax import progress\n'
+          'for _ in progress.track(range(200), desc="eval", unit="images"): pass\n')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert '\r' not in proc.stderr and proc.stderr.count('\n') == 10, proc.stderr
