@@ -358,3 +358,18 @@ def test_paper_and_heavy_presets_run_on_a_folder_dataset(tmp_path, preset):
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((tmp_path / 'run' / 'results.json').read_text())
   assert list(results['per_class_iu']) == ['background', 'square', 'triangle'] and results['step'] == 1
+
+
+def test_preparing_leaves_no_empty_temporary_directories(tmp_path, monkeypatch):
+  """TFDS looks for precomputed metadata of every unprepared builder in a fresh temporary directory
+  it never removes; our builders skip that lookup, so preparing leaves the temp dir as it was."""
+  import tempfile
+  temp = tmp_path / 'temp'
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(temp))
+  root = synthetic.write_folder_dataset(tmp_path / 'ds', num_train=2, num_val=1, num_classes=3)
+  source('folder', root, 'train', tmp_path / 'tfds')
+  voc = synthetic.write_voc_tree(tmp_path / 'voc', num_train=2, num_val=1, seed=0)
+  data_lib.get_data_source('voc_segmentation/2012', 'val', data_dir=str(tmp_path / 'tfds'),
+                           manual_dir=str(voc))
+  assert list(temp.iterdir()) == []

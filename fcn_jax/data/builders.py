@@ -156,6 +156,15 @@ def read_id_list(path: epath.Path) -> list[str]:
   return ids
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """DatasetInfo that never looks for precomputed metadata on Google's bucket: these datasets are
+  not there, and TFDS's lookup leaves an empty temporary directory (/tmp/tmp*tfds) behind for
+  every builder made before its data is prepared."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 def _features():
   return tfds.features.FeaturesDict({
       'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
@@ -307,8 +316,8 @@ class VocSegmentation(_Base):
   MANUAL_DOWNLOAD_INSTRUCTIONS = VOC_MANUAL_INSTRUCTIONS
 
   def _info(self):
-    return self.dataset_info_from_configs(
-        features=_features(), supervised_keys=('image', 'segmentation_mask'),
+    return LocalDatasetInfo(
+        builder=self, features=_features(), supervised_keys=('image', 'segmentation_mask'),
         homepage='http://host.robots.ox.ac.uk/pascal/VOC/',
         description='PASCAL VOC segmentation (class masks; 255 = void).')
 
@@ -384,7 +393,7 @@ class Sbd(_Base):
   MANUAL_DOWNLOAD_INSTRUCTIONS = SBD_MANUAL_INSTRUCTIONS
 
   def _info(self):
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self, features=_features(), supervised_keys=('image', 'segmentation_mask'),
         homepage='http://home.bharathh.info/pubs/codes/SBD/download.html',
         description='SBD class segmentation: train 8498, val 2857.')

@@ -49,7 +49,8 @@ from PIL import Image, UnidentifiedImageError
 from fcn_jax import images as images_lib
 from fcn_jax import progress as progress_lib
 from fcn_jax.data import layouts
-from fcn_jax.data.builders import IGNORE_LABEL, DataError, MissingDataError, encode_mask_png
+from fcn_jax.data.builders import (IGNORE_LABEL, DataError, LocalDatasetInfo, MissingDataError,
+                                   encode_mask_png)
 from fcn_jax.data.classes import ClassInfo, default_palette
 from fcn_jax.data.layouts import FORMATS, Example, Options
 
@@ -491,7 +492,7 @@ class CustomSegmentation(tfds.core.GeneratorBasedBuilder):
     super().__init__(config=config, **kwargs)
 
   def _info(self):
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self,
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Image(shape=(None, None, 3)),

@@ -28,7 +28,7 @@ from PIL import Image
 
 from fcn_jax import progress as progress_lib
 from fcn_jax.data import archives, builders
-from fcn_jax.data.builders import DataError, MissingDataError
+from fcn_jax.data.builders import DataError, LocalDatasetInfo, MissingDataError
 from fcn_jax.data.classes import (IGNORE_LABEL, NYUD_CLASS_NAMES, PASCAL_CONTEXT_CLASS_NAMES,
                                   SIFT_FLOW_GEOMETRIC_CLASS_NAMES, SIFT_FLOW_SEMANTIC_CLASS_NAMES,
                                   ClassInfo, voc_palette)
@@ -142,7 +142,7 @@ class _Reference(builders._Base):
                           'eval_exclude': list(h.eval_exclude)} for h in heads]
     metadata.update(heads[0].classes.to_json())
     metadata['modalities'] = list(MODALITIES[self.name])
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self, features=tfds.features.FeaturesDict({**self.FEATURES,
                                                            'file_name': tfds.features.Text()}),
         homepage=self.HOMEPAGE, description=self.DESCRIPTION, metadata=metadata)
