@@ -174,9 +174,6 @@ def _check_loop(c: ml_collections.ConfigDict, need) -> None:
   if isinstance(c.num_train_steps, int) and _number(epochs):
     need(c.num_train_steps > 0 or epochs > 0, 'num_train_steps',
          'an integer > 0, or 0 with config.total_epochs > 0')
-  if isinstance(c.eval_batch_size, int) and c.eval_batch_size > 1:
-    need(bool(c.eval_pad_to), 'eval_pad_to', 'S > 0 when config.eval_batch_size > 1 (images '
-         'differ in size: batches are padded to S x S)')
   sr = tuple(c.scale_range or ())
   need(sr == () or (len(sr) == 2 and all(_number(v) and v > 0 for v in sr) and sr[0] <= sr[1]),
        'scale_range', '() or (low, high) with 0 < low <= high')

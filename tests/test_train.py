@@ -125,6 +125,17 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_voc, tmp_path)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 
 
+def test_training_evaluates_native_size_several_images_at_a_time(tiny_voc, tmp_path):
+  """eval_batch_size > 1 without eval_pad_to: native size, the images of one size batched (the
+  one-at-a-time protocol's scores; tests/test_data_pipeline.py checks the batches)."""
+  config = tiny_config('fcn32s', tiny_voc, tmp_path / 'tfds', eval_batch_size=3, eval_pad_to=0,
+                       num_train_steps=2, eval_every=2, checkpoint_every=2)
+  scores = train.train_and_evaluate(config, tmp_path / 'run')
+  assert 0 <= scores['mean_iu'] <= 1
+  results = json.loads((tmp_path / 'run' / 'results.json').read_text())
+  assert results['step'] == 2 and results['mean_iu'] == scores['mean_iu']
+
+
 def test_staged_net_without_init_says_which_command(tiny_voc, tmp_path):
   cmd = cli('fcn16s', tmp_path / 'runs' / 'fcn16s', tiny_voc, tmp_path / 'tfds', preset='paper')
   proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)

@@ -191,7 +191,8 @@ def _run_defaults(c: ml_collections.ConfigDict) -> None:
   c.early_stopping_metric = ''
   c.early_stopping_patience = 5  # evaluations without improvement before stopping
   c.early_stopping_min_delta = 0.0  # the smallest gain that counts (scores are fractions)
-  # With eval_pad_to 0: native size, one image at a time (the reference protocol).
+  # With eval_pad_to 0: native size (the reference protocol), one image at a time, or B > 1 images
+  # of the same size at a time (the same scores; pipeline.eval_batches).
   c.eval_batch_size = 1
   # >0: fixed (eval_batch_size, S, S) padded batches (faster, approximate borders); -1: S from the
   # data (the evaluation images' largest side, rounded up to 32), checked before the first step.

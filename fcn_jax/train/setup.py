@@ -211,8 +211,8 @@ def check_against_data(config: ml_collections.ConfigDict, train_source, eval_sou
     raise UserError(
         f'config.eval_pad_to={config.eval_pad_to}, but the evaluation split {eval_split!r} has '
         f'images up to {eval_size[0]}x{eval_size[1]} (HxW): set --config.eval_pad_to=-1 (padded to '
-        f'the largest image, {_round_up(max(eval_size))}), 0 (native size, one image at a time: '
-        f'also --config.eval_batch_size=1) or at least {max(eval_size)}')
+        f'the largest image, {_round_up(max(eval_size))}), 0 (native size, nothing padded) or at '
+        f'least {max(eval_size)}')
   if config.crop_size <= 0:
     config.crop_size = _round_up(max(train_size)) if train_size else 500
 
