@@ -87,11 +87,10 @@ def export_checkpoint(checkpoint_dir, out, *, sizes=DEFAULT_SIZES, which: str = 
   if out.exists() and not overwrite:
     raise UserError(f'--out {out} exists; pass --overwrite to replace it')
   model, variables, meta = checkpoint.load_inference(checkpoint_dir, which=which)
-  modalities = [m['name'] for m in preprocessing.modalities_of(meta)]
-  if len(model.head_names) > 1 or modalities != ['color']:
-    raise UserError(f'fcn_jax.export handles single-headed colour nets for now; {checkpoint_dir} '
-                    f'has heads {", ".join(model.head_names)} and inputs {" + ".join(modalities)}. '
-                    'Use python -m fcn_jax.predict (or fcn_jax.segmenter.Segmenter) instead')
+  problem = preprocessing.not_single_colour(
+      f'fcn_jax.export ({checkpoint_dir})', model.head_names, preprocessing.modalities_of(meta))
+  if problem:
+    raise UserError(problem)
   p = preprocessing.get(meta['preprocessing'])
   prep = {'bgr': p.bgr, 'scale': p.scale, 'mean': list(p.mean), 'std': list(p.std)}
   if platforms is None:

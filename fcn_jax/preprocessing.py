@@ -153,6 +153,20 @@ def modalities_of(metadata: dict) -> list[dict]:
   return [{'name': 'color', 'preprocessing': metadata['preprocessing']}]
 
 
+def not_single_colour(what: str, head_names, modalities: list[dict]) -> str | None:
+  """Why `what` (a tool that takes one RGB photograph: export, serve) cannot run a net with these
+  heads and modalities (modalities_of), or None: several heads, inputs besides colour, or images
+  read as stored (TIFF bands, 16-bit PNG)."""
+  first = get(modalities[0]['preprocessing'])
+  names = [m['name'] for m in modalities]
+  if len(head_names) == 1 and names == ['color'] and not first.stored:
+    return None
+  inputs = f'{first.channels}-band images as stored' if first.stored else ' + '.join(names)
+  return (f'{what} handles single-headed colour nets for now; this checkpoint has heads '
+          f'{", ".join(head_names)} and inputs {inputs}. Use python -m fcn_jax.predict (or '
+          'fcn_jax.segmenter.Segmenter) instead')
+
+
 def prepare(inputs: dict[str, np.ndarray] | np.ndarray, modalities: list[dict]) -> np.ndarray:
   """One example's (or batch's) model input: each modality preprocessed, then concatenated.
 

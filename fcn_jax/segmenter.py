@@ -193,13 +193,9 @@ class Segmenter:
   def require_single_colour_net(self, what: str) -> None:
     """Raises UserError for a net with several heads or inputs besides colour, or images read as
     stored (TIFF bands; for the tools that do not handle them yet: export, serve)."""
-    stored = self.image_preprocessing.stored
-    if len(self.head_names) > 1 or self.modality_names != ['color'] or stored:
-      inputs = (f'{self.channels}-band images as stored' if stored
-                else " + ".join(self.modality_names))
-      raise UserError(f'{what} handles single-headed colour nets for now; this checkpoint has '
-                      f'heads {", ".join(self.head_names)} and inputs {inputs}. Use python -m '
-                      'fcn_jax.predict (or fcn_jax.segmenter.Segmenter) instead')
+    problem = preprocessing.not_single_colour(what, self.head_names, self.modalities)
+    if problem:
+      raise UserError(problem)
 
   @property
   def image_preprocessing(self) -> preprocessing.Preprocessing:

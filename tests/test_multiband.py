@@ -18,7 +18,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from fcn_jax import checkpoint, config_checks, images, models, preprocessing
+from fcn_jax import checkpoint, config_checks, export, images, models, preprocessing
 from fcn_jax import data as data_lib
 from fcn_jax.data import pipeline
 from fcn_jax.errors import UserError
@@ -315,4 +315,7 @@ def test_4band_tiff_trains_evaluates_and_predicts(tmp_path):
   with pytest.raises(UserError, match=r'4 channel\(s\) of uint16'):
     seg(arrays[names[0]].astype(np.uint8))
   with pytest.raises(UserError, match='4-band images as stored'):
-    seg.require_single_colour_net('fcn_jax.export')
+    seg.require_single_colour_net('fcn_jax.serve')
+  with pytest.raises(UserError, match='fcn_jax.export .* 4-band images as stored'):
+    export.export_checkpoint(work, tmp_path / 'm.fcnx')  # refused before any tracing
+  assert not (tmp_path / 'm.fcnx').exists()
