@@ -85,7 +85,7 @@ def test_scratch_preset(tmp_path):
   assert 'scratch' in common.PRESETS
   c = common.get_config('fcn8s_atonce', 'scratch')
   assert c.model.backbone == 'vgg16_bn' and c.optim.algorithm == 'adam'
-  assert c.loss_class_weights == 'median_frequency' and c.eval_pad_to == 0
+  assert c.loss_class_weights == 'median_frequency:0.5' and c.color_jitter == 0.3 and c.eval_pad_to == 0
   _tiny_folder(tmp_path)
   c.dataset.root = str(tmp_path)
   c.dataset.ignore_label = 11

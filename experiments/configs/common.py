@@ -322,11 +322,15 @@ def _scratch(c: ml_collections.ConfigDict, arch: str) -> None:
   c.crop_size = 256
   c.scale_range = (0.75, 1.5)
   c.flip = True
+  # Brightness / contrast / saturation in [0.7, 1.3]: CamVid val 44.7 -> 45.7 mean IU (1000 steps).
+  c.color_jitter = 0.3
   # ~0.8 s per step with the input pipeline (10 img/s on the 2-core EPYC at load ~3): ~13 minutes,
   # ~1 more for the native-size evaluation of CamVid test (233 images).
   c.num_train_steps = 1000
-  # Mean IU weighs every class alike: median-frequency balancing (SegNet) lifts the rare ones.
-  c.loss_class_weights = 'median_frequency'
+  # Mean IU weighs every class alike: median-frequency balancing (SegNet) lifts the rare ones; its
+  # square roots stop the rare classes taking the large ones' pixels (full weights gave 73% of CamVid
+  # building pixels to pole / sign / fence ...): val 45.7 -> 53.6 mean IU, building 38 -> 70.
+  c.loss_class_weights = 'median_frequency:0.5'
   c.optim.algorithm = 'adam'
   c.optim.learning_rate = 2e-3
   c.optim.momentum = 0.9
