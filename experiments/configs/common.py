@@ -328,8 +328,8 @@ def _scratch(c: ml_collections.ConfigDict, arch: str) -> None:
   # ~1 more for the native-size evaluation of CamVid test (233 images).
   c.num_train_steps = 1000
   # Mean IU weighs every class alike: median-frequency balancing (SegNet) lifts the rare ones; its
-  # square roots stop the rare classes taking the large ones' pixels (full weights gave 73% of CamVid
-  # building pixels to pole / sign / fence ...): val 45.7 -> 53.6 mean IU, building 38 -> 70.
+  # square roots stop the rare classes taking the large ones' pixels (full weights gave 73% of
+  # CamVid building pixels to pole / sign / fence ...): val 45.7 -> 53.6 mean IU, building 38 -> 70.
   c.loss_class_weights = 'median_frequency:0.5'
   c.optim.algorithm = 'adam'
   c.optim.learning_rate = 2e-3
