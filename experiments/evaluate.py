@@ -29,7 +29,6 @@ from typing import Any, Sequence
 
 import numpy as np
 from absl import app, flags
-from tqdm.auto import tqdm
 
 from experiments import common
 from experiments.configs import common as configs
@@ -37,6 +36,7 @@ from fcn_jax import checkpoint, metrics, pretrained, report, train, viz
 from fcn_jax import cli as cli_lib
 from fcn_jax import data as data_lib
 from fcn_jax import preprocessing as preprocessing_lib
+from fcn_jax import progress as progress_lib
 from fcn_jax import segmenter as segmenter_lib
 from fcn_jax.data import identity, pipeline
 from fcn_jax.errors import UserError, user_errors_as_exit
@@ -220,7 +220,7 @@ def segmenter_evaluate(seg: segmenter_lib.Segmenter, source, exclude: tuple[int,
   size: the same confusion-matrix protocol as train.evaluate (void pixels never count)."""
   num_classes = seg.model.num_classes[0]
   total = np.zeros((num_classes, num_classes), np.int64)
-  for i in tqdm(range(len(source)), desc='eval', unit='image', leave=False):
+  for i in progress_lib.track(range(len(source)), desc='eval', unit='images'):
     image, label = data_lib.decode_example(source[i])
     prediction = seg(image, exact=True)
     total += np.asarray(metrics.confusion_matrix(label, prediction, num_classes), np.int64)

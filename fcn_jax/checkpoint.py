@@ -29,7 +29,6 @@ training configuration.
 
 from __future__ import annotations
 
-import base64
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
 
+from fcn_jax import checkpoint_trees as trees
 from fcn_jax import models, tune
 from fcn_jax.errors import UserError
 
@@ -55,13 +55,11 @@ TRAIN_STATE = 'train_state'
 METADATA = 'metadata'
 DATA_STATE = 'data_state'
 LOOP_STATE = 'loop_state'
-VARIABLE_COLLECTIONS = ('params', 'batch_stats')
 EMA_FIELD = 'ema'  # the state's field holding the moving average, saved as EMA_VARIABLES
 BEST_KEY = 'best_score'  # the metrics' value that ranks evaluated steps
 BEST_METRIC = 'mean_iu'  # ranks the steps of checkpoints that carry no BEST_KEY
 WEIGHTS = ('auto', 'ema', 'params')
 
-_BYTES_TAG = '__bytes_b64__'
 _log = logging.getLogger(__name__)
 
 
@@ -128,74 +126,10 @@ def resolve_directory(path) -> str:
       f'variables/), as in a training WORKDIR/checkpoints or the output of fcn_jax.convert')
 
 
-# --------------------------------------------------------------------------------------------------
-# JSON helpers
-
-
-def _to_json(obj: Any) -> Any:
-  """Makes `obj` JSON-able: numpy/jax scalars and arrays -> python, bytes -> tagged base64."""
-  if isinstance(obj, (bytes, bytearray)):
-    return {_BYTES_TAG: base64.b64encode(bytes(obj)).decode('ascii')}
-  if isinstance(obj, dict):
-    return {str(k): _to_json(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_to_json(v) for v in obj]
-  if isinstance(obj, (jax.Array, np.ndarray, np.generic)):
-    return _to_json(np.asarray(obj).tolist())
-  if obj is None or isinstance(obj, (bool, int, float, str)):
-    return obj
-  if hasattr(obj, 'item') and callable(obj.item):
-    return obj.item()
-  raise TypeError(f'cannot store {type(obj).__name__} as JSON: {obj!r}')
-
-
-def _from_json(obj: Any) -> Any:
-  if isinstance(obj, dict):
-    if set(obj) == {_BYTES_TAG}:
-      return base64.b64decode(obj[_BYTES_TAG])
-    return {k: _from_json(v) for k, v in obj.items()}
-  if isinstance(obj, list):
-    return [_from_json(v) for v in obj]
-  return obj
-
-
-# --------------------------------------------------------------------------------------------------
-# State <-> (variables, train_state) trees
-
-
-def _is_prng_key(x: Any) -> bool:
-  return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _storable(tree: Any) -> Any:
-  """State dict of `tree` with typed PRNG keys replaced by their raw uint32 data."""
-  state_dict = flax.serialization.to_state_dict(tree)
-  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_prng_key(x) else x, state_dict)
-
-
-def _split(state_dict: Any) -> tuple[dict | None, Any]:
-  """{'params', 'batch_stats'} (non-empty ones) vs. everything else."""
-  if not isinstance(state_dict, dict) or 'params' not in state_dict:
-    return None, state_dict
-  variables = {k: state_dict[k] for k in VARIABLE_COLLECTIONS
-               if k in state_dict and jax.tree.leaves(state_dict[k])}
-  rest = {k: v for k, v in state_dict.items() if k not in variables}
-  return variables, rest
-
-
-def _abstract(tree: Any) -> Any:
-  def leaf(x):
-    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
-      sharding = getattr(x, 'sharding', None)
-      return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
-    return x  # python scalars: orbax restores them as saved
-  return jax.tree.map(leaf, tree)
-
-
 def _sanitize_metrics(metrics: dict | None) -> dict | None:
   if metrics is None:
     return None
-  return _to_json(metrics)
+  return trees.to_json(metrics)
 
 
 def _best_value(metrics: Any) -> float:
@@ -274,18 +208,18 @@ class Checkpointer:
     if step in self._manager.all_steps():
       _log.info('checkpoint step %d already exists in %s; not saving again', step, self.directory)
       return
-    variables, rest = _split(_storable(state))
+    variables, rest = trees.split_variables(trees.storable(state))
     ema = rest.pop(EMA_FIELD, None) if isinstance(rest, dict) else None
     items = {TRAIN_STATE: ocp.args.StandardSave(rest),
-             METADATA: ocp.args.JsonSave(_to_json(dict(metadata)))}
+             METADATA: ocp.args.JsonSave(trees.to_json(dict(metadata)))}
     if variables is not None:
       items[VARIABLES] = ocp.args.StandardSave(variables)
     if _has_leaves(ema):
       items[EMA_VARIABLES] = ocp.args.StandardSave(ema)
     if data_state is not None:
-      items[DATA_STATE] = ocp.args.JsonSave(_to_json(data_state))
+      items[DATA_STATE] = ocp.args.JsonSave(trees.to_json(data_state))
     if loop_state is not None:
-      items[LOOP_STATE] = ocp.args.JsonSave(_to_json(loop_state))
+      items[LOOP_STATE] = ocp.args.JsonSave(trees.to_json(loop_state))
     metrics = _sanitize_metrics(metrics)
     self._manager.save(
         step, args=ocp.args.Composite(**items), force=True,
@@ -318,7 +252,7 @@ class Checkpointer:
       return None
     restored = self._manager.restore(
         int(step), args=ocp.args.Composite(**{LOOP_STATE: ocp.args.JsonRestore()}))
-    return _from_json(dict(restored[LOOP_STATE]))
+    return trees.from_json(dict(restored[LOOP_STATE]))
 
   def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict | None, dict]:
     """(state, data_state, metadata) at `step` (default: latest), shaped like `target_state`.
@@ -336,20 +270,20 @@ class Checkpointer:
       raise FileNotFoundError(f'no checkpoint for step {step} in {self.directory}; '
                               f'available: {self.all_steps()}')
     present = _step_items(self.directory, step)
-    target_sd = _storable(target_state)
-    target_vars, target_rest = _split(target_sd)
+    target_sd = trees.storable(target_state)
+    target_vars, target_rest = trees.split_variables(target_sd)
     target_ema = target_rest.pop(EMA_FIELD, None) if isinstance(target_rest, dict) else None
-    items = {TRAIN_STATE: ocp.args.StandardRestore(_abstract(target_rest)),
+    items = {TRAIN_STATE: ocp.args.StandardRestore(trees.abstract(target_rest)),
              METADATA: ocp.args.JsonRestore()}
     if target_vars is not None:
       if VARIABLES not in present:
         raise ValueError(f'checkpoint {self.directory}/{step} holds no variables')
-      items[VARIABLES] = ocp.args.StandardRestore(_abstract(target_vars))
+      items[VARIABLES] = ocp.args.StandardRestore(trees.abstract(target_vars))
     if _has_leaves(target_ema):
       if EMA_VARIABLES not in present:
         raise ValueError(f'checkpoint {self.directory}/{step} holds no moving average of the '
                          f'weights (ema_variables)')
-      items[EMA_VARIABLES] = ocp.args.StandardRestore(_abstract(target_ema))
+      items[EMA_VARIABLES] = ocp.args.StandardRestore(trees.abstract(target_ema))
     if DATA_STATE in present:
       items[DATA_STATE] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -364,9 +298,9 @@ class Checkpointer:
     state = flax.serialization.from_state_dict(target_state, state_dict)
     state = jax.tree.map(
         lambda t, x: (jax.random.wrap_key_data(x, impl=jax.random.key_impl(t))
-                      if _is_prng_key(t) else x),
+                      if trees.is_prng_key(t) else x),
         target_state, state)
-    data_state = _from_json(restored[DATA_STATE]) if DATA_STATE in items else None
+    data_state = trees.from_json(restored[DATA_STATE]) if DATA_STATE in items else None
     return state, data_state, dict(restored[METADATA])
 
   def wait_until_finished(self) -> None:
@@ -407,14 +341,14 @@ def save_inference(directory, variables: dict, metadata: dict, *, overwrite: boo
     import shutil
     shutil.rmtree(directory)
   variables = {k: v for k, v in flax.serialization.to_state_dict(variables).items()
-               if k in VARIABLE_COLLECTIONS and jax.tree.leaves(v)}
+               if k in trees.VARIABLE_COLLECTIONS and jax.tree.leaves(v)}
   if 'params' not in variables:
     raise ValueError('variables must contain "params"')
   manager = _manager(directory, max_to_keep=1)
   try:
     manager.save(0, force=True, args=ocp.args.Composite(**{
         VARIABLES: ocp.args.StandardSave(variables),
-        METADATA: ocp.args.JsonSave(_to_json(dict(metadata)))}))
+        METADATA: ocp.args.JsonSave(trees.to_json(dict(metadata)))}))
     manager.wait_until_finished()
   finally:
     manager.close()
@@ -469,7 +403,7 @@ def read_metadata(directory, which: str = 'best') -> dict:
   if METADATA not in _step_items(root, step):
     raise ValueError(f'checkpoint {os.path.join(root, str(step))} has no metadata: it cannot be '
                      'used without knowing the model (arch, num_classes, width, ...)')
-  return _from_json(dict(_read_json_item(root, step, METADATA)))
+  return trees.from_json(dict(_read_json_item(root, step, METADATA)))
 
 
 def model_metadata(model_config: dict) -> dict:

@@ -41,12 +41,12 @@ from typing import Iterable, Iterator
 import jax
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from fcn_jax import checkpoint, distributed, preprocessing, pretrained, viz
 from fcn_jax import cli as cli_lib
 from fcn_jax import data as data_lib
 from fcn_jax import images as images_lib
+from fcn_jax import progress as progress_lib
 from fcn_jax import segmenter as segmenter_lib
 from fcn_jax.data import identity, pipeline
 from fcn_jax.errors import UserError, cli
@@ -332,7 +332,7 @@ def predict_images(checkpoint_dir: str | pathlib.Path, images: Iterable[str | pa
                                      dtype=dtype, mode=mode, tile=tile, tile_stride=tile_stride,
                                      tta=tta)
   written, failed = [], []
-  bar = tqdm(total=len(inputs), desc='predict', unit='image') if progress else None
+  bar = progress_lib.Counter(len(inputs), desc='predict', unit='images') if progress else None
   stored = seg.image_preprocessing.stored
   items = (_decoded(inputs, max_size, workers, companions, modalities, max_pixels, stored)
            if inputs else ())

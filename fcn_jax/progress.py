@@ -2,7 +2,7 @@
 redrawn into a log file grows it by ~100 bytes per update, and CI logs and `> run.log` are files).
 
 - `track(items, desc=, unit=)`: iterate with progress (evaluation, preparing and checking data,
-  counting pixels, extracting archives); lines at every 10% of a known total, else every 30 s.
+  counting pixels, extracting archives); `Counter` when the work is counted as it goes (predict).
 - `Progress`: the training loop's steps, with the loss and speed at each metrics flush.
 - `ByteProgress`: a download's bytes.
 """
@@ -16,6 +16,7 @@ from typing import TypeVar
 
 T = TypeVar('T')
 LINE_EVERY_S = 30.0  # plain lines when the total is unknown
+LINE_GAP_S = 5.0  # at least this long between two lines of a known total (quick work: the last one)
 
 
 def interactive() -> bool:
@@ -32,35 +33,64 @@ def _log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
+class Counter:
+  """Counted progress (`update(n)` as work is done): a bar on a terminal (`bar` overrides), else a
+  line at each 10% of `total` reached LINE_GAP_S or more after the previous line, or per
+  LINE_EVERY_S seconds without a total, and at `close()` a last line with the time taken."""
+
+  def __init__(self, total: int | None, *, desc: str, unit: str, enabled: bool = True,
+               log=_log, bar: bool | None = None):
+    self.total, self.desc, self.unit, self.enabled, self.log = total, desc, unit, enabled, log
+    self.done, self._next_share, self._bar = 0, 0.1, None
+    if enabled and (interactive() if bar is None else bar):
+      from tqdm.auto import tqdm
+      self._bar = tqdm(total=total, desc=desc, unit=unit, leave=False, mininterval=1.0,
+                       dynamic_ncols=True)
+    self._t0 = self._last = time.perf_counter()
+
+  def update(self, n: int = 1) -> None:
+    self.done += n
+    if self._bar is not None:
+      self._bar.update(n)
+      return
+    if not self.enabled:
+      return
+    now, total, done = time.perf_counter(), self.total, self.done
+    if total and done < total and done / total >= self._next_share:
+      self._next_share = (int(10 * done / total) + 1) / 10
+      if now - self._last >= LINE_GAP_S:
+        self.log(f'{self.desc}: {done}/{total} {self.unit} ({100 * done / total:.0f}%, '
+                 f'{done / max(now - self._t0, 1e-9):.1f} {self.unit}/s)')
+        self._last = now
+    elif not total and now - self._last >= LINE_EVERY_S:
+      self.log(f'{self.desc}: {done} {self.unit} ({done / max(now - self._t0, 1e-9):.1f} '
+               f'{self.unit}/s)')
+      self._last = now
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    elif self.enabled:
+      seconds = time.perf_counter() - self._t0
+      if self.done >= 10 or seconds >= LINE_EVERY_S:
+        self.log(f'{self.desc}: {self.done} {self.unit} in {duration(seconds)}')
+
+
 def track(items: Iterable[T], *, desc: str, unit: str, total: int | None = None,
           enabled: bool = True, log=_log, bar: bool | None = None) -> Iterator[T]:
-  """Yields `items`, showing progress: a bar on a terminal (`bar` overrides), else a line per 10%
-  of `total` (len(items) when it has one) or per LINE_EVERY_S seconds, and a last line."""
+  """Yields `items` with a Counter's progress (total: len(items) when it has one)."""
   if not enabled:
     yield from items
     return
   if total is None and hasattr(items, '__len__'):
     total = len(items)
-  if interactive() if bar is None else bar:
-    from tqdm.auto import tqdm
-    yield from tqdm(items, desc=desc, total=total, unit=unit, leave=False, mininterval=1.0,
-                    dynamic_ncols=True)
-    return
-  t0 = last = time.perf_counter()
-  done, next_share = 0, 0.1
-  for item in items:
-    yield item
-    done += 1
-    now = time.perf_counter()
-    if total and done < total and done / total >= next_share:
-      log(f'{desc}: {done}/{total} {unit} ({100 * done / total:.0f}%, '
-          f'{done / max(now - t0, 1e-9):.1f} {unit}/s)')
-      next_share = (int(10 * done / total) + 1) / 10
-    elif not total and now - last >= LINE_EVERY_S:
-      log(f'{desc}: {done} {unit} ({done / max(now - t0, 1e-9):.1f} {unit}/s)')
-      last = now
-  if done >= 10 or time.perf_counter() - t0 >= LINE_EVERY_S:
-    log(f'{desc}: {done} {unit} in {duration(time.perf_counter() - t0)}')
+  counter = Counter(total, desc=desc, unit=unit, log=log, bar=bar)
+  try:
+    for item in items:
+      yield item
+      counter.update()
+  finally:
+    counter.close()
 
 
 class Progress:

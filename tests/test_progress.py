@@ -8,12 +8,19 @@ import sys
 from fcn_jax import progress
 
 
-def test_track_logs_every_tenth_and_a_last_line_when_not_a_terminal():
+def test_track_logs_every_tenth_and_a_last_line_when_not_a_terminal(monkeypatch):
+  clock = iter(range(0, 10_000, 3))  # 3 s per item: every 10% mark is 5 s or more after the last
+  monkeypatch.setattr(progress.time, 'perf_counter', lambda: next(clock))
   lines = []
   out = list(progress.track(range(50), desc='eval', unit='images', log=lines.append, bar=False))
   assert out == list(range(50))
   assert len(lines) == 10, lines  # 10%, 20%, ... 90%, then the total with its time
   assert lines[0].startswith('eval: 5/50 images (10%') and lines[-1].startswith('eval: 50 images in')
+  monkeypatch.undo()
+  lines.clear()  # quick work: only the last line
+  assert len(list(progress.track(range(50), desc='eval', unit='images', log=lines.append,
+                                 bar=False))) == 50
+  assert len(lines) == 1 and lines[0].startswith('eval: 50 images in'), lines
   lines.clear()
   assert list(progress.track(iter(range(3)), desc='x', unit='files', log=lines.append,
                              bar=False)) == [0, 1, 2]
@@ -23,6 +30,7 @@ def test_track_logs_every_tenth_and_a_last_line_when_not_a_terminal():
 
 def test_a_log_file_gets_lines_not_a_redrawn_bar():
   code = ('from fcn_jax import progress\n'
+          'progress.LINE_GAP_S = 0\n'
           'for _ in progress.track(range(200), desc="eval", unit="images"): pass\n')
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr

@@ -142,6 +142,9 @@ def get_data_source(name: str, split: str, *, data_dir: str, manual_dir: str | N
     config = tfds.download.DownloadConfig(
         manual_dir=os.path.expanduser(os.fspath(manual_dir)) if manual_dir is not None else None,
         try_download_gcs=False)
+    # TFDS's own bars (its splits, its writers) only on a terminal: in a log file they are ANSI
+    # redraws; our checking and preparing lines say the progress there (fcn_jax.progress).
+    tfds.display_progress_bar(progress_lib.interactive())
     with _removing_new_empty_dirs(os.path.expanduser(os.fspath(data_dir))):
       builder.download_and_prepare(download_config=config, file_format='array_record')
   splits = builder.info.splits

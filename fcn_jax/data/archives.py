@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tarfile
 
 from etils import epath
@@ -90,7 +91,6 @@ def download_file(url: str, dest: epath.Path, md5: str | None) -> epath.Path:
   """Downloads url to dest (via a .part file) unless dest exists with the right MD5; checks the
   MD5."""
   import urllib.request
-  from tqdm.auto import tqdm
   dest = epath.Path(dest)
   if dest.exists() and (md5 is None or md5sum(dest) == md5):
     return dest
@@ -99,10 +99,14 @@ def download_file(url: str, dest: epath.Path, md5: str | None) -> epath.Path:
   try:
     with urllib.request.urlopen(url) as response, part.open('wb') as f:
       total = int(response.headers.get('Content-Length') or 0) or None
-      with tqdm(total=total, unit='B', unit_scale=True, desc=f'downloading {dest.name}') as bar:
+      bar = progress_lib.ByteProgress(f'downloading {dest.name}', total, 0, True,
+                                      lambda m: print(m, file=sys.stderr, flush=True))
+      try:
         while block := response.read(1 << 20):
           f.write(block)
           bar.update(len(block))
+      finally:
+        bar.close()
   except OSError as e:
     raise MissingDataError(f'cannot download {url}: {e}. Download it by hand into the manual '
                            'directory (see the instructions) and pass manual_dir.') from e

@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from fcn_jax import progress as progress_lib
 from fcn_jax.data.archives import (DataError, MissingDataError, download_checked,  # noqa: F401
                                    download_file, extract_archive, extract_manual, manual_dir,
                                    md5sum)
@@ -226,9 +227,8 @@ class _Base(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples_checked(self, items: list[tuple[str, epath.Path, Any]],
                                  split: str) -> Iterator:
-    from tqdm.auto import tqdm
-    for image_id, jpeg_path, mask_source in tqdm(items, desc=f'{self.name}/{split}', unit='img',
-                                                  mininterval=2.0, leave=False):
+    for image_id, jpeg_path, mask_source in progress_lib.track(
+        items, desc=f'preparing {self.name}/{split}', unit='images'):
       if isinstance(mask_source, epath.Path) and mask_source.suffix == '.mat':
         if not mask_source.exists():
           raise DataError(f'id {image_id!r} is listed in the split but its annotation '
