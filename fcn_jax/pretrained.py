@@ -224,7 +224,8 @@ def _fetch_once(url: str, part: pathlib.Path, progress: bool, log) -> None:
     total = have + length if length is not None else None
     if have:
       log(f'resuming {part.name[:-len(".part")]} at {have / 2**20:.1f} MiB')
-    bar = progress_lib.ByteProgress(part.name[:-len('.part')], total, have, progress, log)
+    bar = progress_lib.Counter(total, desc=part.name[:-len('.part')], initial=have, in_bytes=True,
+                               enabled=progress, log=log)
     received = 0
     try:
       with open(part, mode) as f:

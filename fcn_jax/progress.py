@@ -2,9 +2,9 @@
 redrawn into a log file grows it by ~100 bytes per update, and CI logs and `> run.log` are files).
 
 - `track(items, desc=, unit=)`: iterate with progress (evaluation, preparing and checking data,
-  counting pixels, extracting archives); `Counter` when the work is counted as it goes (predict).
+  counting pixels, extracting archives); `Counter` when the work is counted as it goes (predict,
+  downloads in bytes).
 - `Progress`: the training loop's steps, with the loss and speed at each metrics flush.
-- `ByteProgress`: a download's bytes.
 """
 
 from __future__ import annotations
@@ -36,17 +36,28 @@ def _log(message: str) -> None:
 class Counter:
   """Counted progress (`update(n)` as work is done): a bar on a terminal (`bar` overrides), else a
   line at each 10% of `total` reached LINE_GAP_S or more after the previous line, or per
-  LINE_EVERY_S seconds without a total, and at `close()` a last line with the time taken."""
+  LINE_EVERY_S seconds without a total, and at `close()` a last line with the time taken.
+  `in_bytes`: amounts shown in MiB (downloads); `initial`: what was done before (a resumed one)."""
 
-  def __init__(self, total: int | None, *, desc: str, unit: str, enabled: bool = True,
-               log=_log, bar: bool | None = None):
-    self.total, self.desc, self.unit, self.enabled, self.log = total, desc, unit, enabled, log
-    self.done, self._next_share, self._bar = 0, 0.1, None
+  def __init__(self, total: int | None, *, desc: str, unit: str = 'B', enabled: bool = True,
+               log=_log, bar: bool | None = None, initial: int = 0, in_bytes: bool = False):
+    self.total, self.desc, self.enabled, self.log = total, desc, enabled, log
+    self.unit = 'MiB' if in_bytes else unit
+    self._scale = 2.0**-20 if in_bytes else 1.0
+    self.done, self._initial, self._next_share, self._bar = initial, initial, 0.1, None
     if enabled and (interactive() if bar is None else bar):
       from tqdm.auto import tqdm
-      self._bar = tqdm(total=total, desc=desc, unit=unit, leave=False, mininterval=1.0,
-                       dynamic_ncols=True)
+      scaled = dict(unit='B', unit_scale=True, unit_divisor=1024) if in_bytes else dict(unit=unit)
+      self._bar = tqdm(total=total, initial=initial, desc=desc, leave=False, mininterval=1.0,
+                       dynamic_ncols=True, **scaled)
     self._t0 = self._last = time.perf_counter()
+
+  def _amount(self, n: float) -> str:
+    return f'{n * self._scale:.1f}' if self._scale != 1.0 else str(n)
+
+  def _rate(self, now: float) -> str:
+    rate = (self.done - self._initial) * self._scale / max(now - self._t0, 1e-9)
+    return f'{rate:.1f} {self.unit}/s'
 
   def update(self, n: int = 1) -> None:
     self.done += n
@@ -59,12 +70,11 @@ class Counter:
     if total and done < total and done / total >= self._next_share:
       self._next_share = (int(10 * done / total) + 1) / 10
       if now - self._last >= LINE_GAP_S:
-        self.log(f'{self.desc}: {done}/{total} {self.unit} ({100 * done / total:.0f}%, '
-                 f'{done / max(now - self._t0, 1e-9):.1f} {self.unit}/s)')
+        self.log(f'{self.desc}: {self._amount(done)}/{self._amount(total)} {self.unit} '
+                 f'({100 * done / total:.0f}%, {self._rate(now)})')
         self._last = now
     elif not total and now - self._last >= LINE_EVERY_S:
-      self.log(f'{self.desc}: {done} {self.unit} ({done / max(now - self._t0, 1e-9):.1f} '
-               f'{self.unit}/s)')
+      self.log(f'{self.desc}: {self._amount(done)} {self.unit} ({self._rate(now)})')
       self._last = now
 
   def close(self) -> None:
@@ -72,8 +82,8 @@ class Counter:
       self._bar.close()
     elif self.enabled:
       seconds = time.perf_counter() - self._t0
-      if self.done >= 10 or seconds >= LINE_EVERY_S:
-        self.log(f'{self.desc}: {self.done} {self.unit} in {duration(seconds)}')
+      if self.done - self._initial >= 10 or seconds >= LINE_EVERY_S:
+        self.log(f'{self.desc}: {self._amount(self.done)} {self.unit} in {duration(seconds)}')
 
 
 def track(items: Iterable[T], *, desc: str, unit: str, total: int | None = None,
@@ -119,34 +129,6 @@ class Progress:
       self.log(f'step {step}/{self.total}: loss {values["loss"]:.4f}, pixel_acc '
                f'{100 * values["pixel_acc"]:.1f}, {values["images_per_sec"]:.1f} img/s, '
                f'eta {duration(eta)}')
-
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
-
-
-class ByteProgress:
-  """A download's bytes: a tqdm bar (size, speed) on a terminal; a line per 10% otherwise."""
-
-  def __init__(self, desc: str, total: int | None, initial: int, enabled: bool, log):
-    self.total, self.done, self.log, self.enabled = total, initial, log, enabled
-    self._next = 0.1
-    self._bar = None
-    if enabled and sys.stderr.isatty():
-      from tqdm.auto import tqdm
-      self._bar = tqdm(total=total, initial=initial, desc=desc, unit='B', unit_scale=True,
-                       unit_divisor=1024, dynamic_ncols=True)
-    self._t0 = time.perf_counter()
-
-  def update(self, n: int) -> None:
-    self.done += n
-    if self._bar is not None:
-      self._bar.update(n)
-    elif self.enabled and self.total and self.done / self.total >= self._next:
-      rate = self.done / max(time.perf_counter() - self._t0, 1e-6)
-      self.log(f'  {self.done / 2**20:.1f} of {self.total / 2**20:.1f} MiB '
-               f'({100 * self.done / self.total:.0f}%, {rate / 2**20:.1f} MiB/s)')
-      self._next = (int(10 * self.done / self.total) + 1) / 10
 
   def close(self) -> None:
     if self._bar is not None:

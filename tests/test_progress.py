@@ -35,3 +35,17 @@ def test_a_log_file_gets_lines_not_a_redrawn_bar():
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert '\r' not in proc.stderr and proc.stderr.count('\n') == 10, proc.stderr
+
+
+def test_byte_counts_are_shown_in_mib_from_where_a_resumed_download_starts(monkeypatch):
+  clock = iter(range(0, 10_000, 6))
+  monkeypatch.setattr(progress.time, 'perf_counter', lambda: next(clock))
+  lines = []
+  counter = progress.Counter(10 * 2**20, desc='vgg16.pth', initial=4 * 2**20, in_bytes=True,
+                             log=lines.append, bar=False)
+  for _ in range(6):
+    counter.update(2**20)
+  counter.close()
+  # 50%, 60%, ... 90% (each 6 s after the last), then the total; the rate counts this run's bytes.
+  assert lines[0] == 'vgg16.pth: 5.0/10.0 MiB (50%, 0.2 MiB/s)', lines
+  assert len(lines) == 6 and lines[-1].startswith('vgg16.pth: 10.0 MiB in'), lines

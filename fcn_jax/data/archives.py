@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import tarfile
 
 from etils import epath
 
-from fcn_jax.errors import UserError
 from fcn_jax import progress as progress_lib
+from fcn_jax.errors import UserError
 
 
 class DataError(UserError, ValueError):
@@ -99,8 +98,7 @@ def download_file(url: str, dest: epath.Path, md5: str | None) -> epath.Path:
   try:
     with urllib.request.urlopen(url) as response, part.open('wb') as f:
       total = int(response.headers.get('Content-Length') or 0) or None
-      bar = progress_lib.ByteProgress(f'downloading {dest.name}', total, 0, True,
-                                      lambda m: print(m, file=sys.stderr, flush=True))
+      bar = progress_lib.Counter(total, desc=f'downloading {dest.name}', in_bytes=True)
       try:
         while block := response.read(1 << 20):
           f.write(block)

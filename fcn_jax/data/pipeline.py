@@ -194,7 +194,7 @@ class TrainTransform(grain.RandomMapTransform):
                          f'differ in size')
     # Drawn first, and only when on: runs without jitter keep their random streams.
     factors = jitter_factors(self.color_jitter, rng) if self.color_jitter else None
-    if factors is not None and inputs.get('color', np.zeros(0, np.uint8)).dtype != np.uint8:
+    if factors is not None and 'color' in inputs and inputs['color'].dtype != np.uint8:
       raise DataError(f'{_file_name(element)}: color_jitter works on 8-bit photographs, not '
                       f'{inputs["color"].dtype} bands; set config.color_jitter=0')
     scale = float(rng.uniform(*self.scale_range)) if self.scale_range is not None else 1.0

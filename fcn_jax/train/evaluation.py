@@ -111,7 +111,7 @@ def evaluate(model: nn.Module, variables: dict, batches: Iterable[dict], *,
   pending = None  # the previous batch's (labels, predictions, names) for `analysis`
   iterator = batches
   if progress:
-    iterator = progress_lib.track(batches, desc='eval', unit='images')
+    iterator = progress_lib.track(batches, desc='eval', unit='batches')
   for batch in iterator:
     n = batch['image'].shape[0]
     sharded = n % mesh.devices.size == 0
