@@ -28,11 +28,12 @@ import jax
 from benchmarks import run
 from fcn_jax import cli as cli_lib
 from fcn_jax.models import forms as forms_lib
+from experiments.configs import common as configs
 from fcn_jax import tune
 from fcn_jax.models import fcn as fcn_lib
 
 # benchmarks.run's nets and torchvision's FCN-ResNet (BatchNorm trains on both sides).
-ARCHS = (*run.NETS, 'fcn_resnet50', 'fcn_resnet101')
+ARCHS = (*run.NETS, 'fcn8s_atonce', 'fcn_resnet50', 'fcn_resnet101')
 NAMED_FORMS = {
     'jax-amd': forms_lib.TUNED_ON_AMD,
     'jax-eigen': dataclasses.replace(forms_lib.TUNED_ON_AMD, conv_library='eigen'),
@@ -40,17 +41,31 @@ NAMED_FORMS = {
 }
 
 
-def forms_of(variant: str, arch: str) -> forms_lib.Forms:
+def forms_of(variant: str, arch: str, preset: str = '') -> forms_lib.Forms:
   if variant == 'jax':
-    return tune.current(fcn_lib.ARCHS[arch].backbone)
+    options = dict(preset_model_options(arch, preset))
+    backbone = options.get('backbone') or fcn_lib.ARCHS[arch].backbone
+    return tune.current(tune.MEASURED_AS.get(backbone, backbone))
   if variant.startswith('forms:'):
     return forms_lib.from_spec(variant[len('forms:'):])
   return NAMED_FORMS[variant]
 
 
-def jax_stepper(arch: str, size: int, batch: int, width: float, dtype: str, forms, step: str):
+def preset_model_options(arch: str, preset: str) -> tuple:
+  """The model fields a preset sets beyond the arch, width and dtype (the `scratch` preset: the
+  vgg16_bn backbone, no dropout, no skip scales), as (name, value) pairs; () for the paper nets."""
+  if not preset:
+    return ()
+  model = configs.get_config(arch, preset).model
+  return tuple((k, v) for k, v in model.items()
+               if k not in ('num_classes', 'width', 'dtype', 'in_channels'))
+
+
+def jax_stepper(arch: str, size: int, batch: int, width: float, dtype: str, forms, step: str,
+                preset: str = ''):
   """A closure running one compiled training step (or forward pass) traced with `forms`."""
-  model, variables = run._model_and_variables(arch, width, dtype)
+  model, variables = run._model_and_variables(arch, width, dtype,
+                                              preset_model_options(arch, preset))
   model = model.clone(forms=forms)  # the model's forms: traced into the program, and its options
   data = run._batch(batch, size)
   t = time.perf_counter()
@@ -72,12 +87,12 @@ def jax_stepper(arch: str, size: int, batch: int, width: float, dtype: str, form
   return train_step, compile_s
 
 
-def torch_stepper(arch: str, size: int, batch: int, width: float, step: str):
+def torch_stepper(arch: str, size: int, batch: int, width: float, step: str, preset: str = ''):
   import torch
   import torch.nn.functional as F
   from benchmarks import torch_models
   torch.manual_seed(0)
-  model = torch_models.build(arch, width)
+  model = torch_models.build(arch, width, preset=preset)
   data = run._batch(batch, size)
   x = torch.from_numpy(data['image']).permute(0, 3, 1, 2).contiguous()
   if step == 'forward':
@@ -103,11 +118,12 @@ def _worker(conn, variant: str, a: argparse.Namespace) -> None:
   """One variant in its own process (its own allocator and thread pools): builds and warms up
   its step, then runs one step per request and sends back (wall s, CPU s)."""
   if variant == 'torch':
-    step, compile_s = torch_stepper(a.arch, a.size, a.batch, a.width, a.step)
+    step, compile_s = torch_stepper(a.arch, a.size, a.batch, a.width, a.step, a.preset)
     described = ''
   else:
-    forms = forms_of(variant, a.arch)
-    step, compile_s = jax_stepper(a.arch, a.size, a.batch, a.width, a.dtype, forms, a.step)
+    forms = forms_of(variant, a.arch, a.preset)
+    step, compile_s = jax_stepper(a.arch, a.size, a.batch, a.width, a.dtype, forms, a.step,
+                                  a.preset)
     described = forms.describe()
   step()  # warm-up
   conn.send((compile_s, described))
@@ -124,6 +140,10 @@ def main(argv=None):
   p.add_argument('--batch', type=int, default=1)
   p.add_argument('--width', type=float, default=1.0)
   p.add_argument('--dtype', default='float32')
+  p.add_argument('--preset', default='', choices=('', 'scratch'),
+                 help='scratch: the scratch preset\'s net (fcn8s_atonce on vgg16_bn, BatchNorm '
+                      'that trains, \'same\' padding; PyTorch: benchmarks.torch_models.'
+                      'ScratchFCN8s) instead of the arch\'s paper layout')
   p.add_argument('--rounds', type=int, default=3)
   p.add_argument('--step', default='train', choices=('train', 'forward'))
   p.add_argument('--same_process', action='store_true',
@@ -132,6 +152,8 @@ def main(argv=None):
   p.add_argument('--variants', nargs='+', default=['jax', 'jax-baseline', 'torch'],
                  help=f'jax, {", ".join(NAMED_FORMS)}, forms:<spec>, torch')
   a = p.parse_args(argv)
+  if a.preset == 'scratch' and a.arch != 'fcn8s_atonce':
+    p.error('--preset scratch benchmarks the preset\'s FCN-8s at-once: add --arch fcn8s_atonce')
   for v in a.variants:
     if v not in ('jax', 'torch', *NAMED_FORMS) and not v.startswith('forms:'):
       p.error(f'unknown variant {v!r}: choose from jax, {", ".join(NAMED_FORMS)}, forms:<spec>, '
@@ -147,11 +169,12 @@ def main(argv=None):
   for v in a.variants:
     if a.same_process:
       if v == 'torch':
-        step, compile_s = torch_stepper(a.arch, a.size, a.batch, a.width, a.step)
+        step, compile_s = torch_stepper(a.arch, a.size, a.batch, a.width, a.step, a.preset)
       else:
-        forms = forms_of(v, a.arch)
+        forms = forms_of(v, a.arch, a.preset)
         print(f'{v}: CPU forms {forms.describe()}', flush=True)
-        step, compile_s = jax_stepper(a.arch, a.size, a.batch, a.width, a.dtype, forms, a.step)
+        step, compile_s = jax_stepper(a.arch, a.size, a.batch, a.width, a.dtype, forms, a.step,
+                                      a.preset)
       step()  # warm-up
 
       def timed(step=step):
@@ -189,7 +212,8 @@ def main(argv=None):
     proc.join(timeout=60)
   what = 'training step' if a.step == 'train' else 'forward pass'
   where = 'one process' if a.same_process else 'one process per variant'
-  print(f'\n{a.arch} {a.size}x{a.size} batch {a.batch} width {a.width:g} {a.dtype}, {what}, '
+  net = f'{a.arch} ({a.preset} preset)' if a.preset else a.arch
+  print(f'\n{net} {a.size}x{a.size} batch {a.batch} width {a.width:g} {a.dtype}, {what}, '
         f'median of {a.rounds} interleaved rounds ({where}); load average at end '
         f'{os.getloadavg()}')
   print('| variant | median s | min s | torch / variant | CPU-s per step (median) |\n|---|---|---|---|---|')

@@ -175,10 +175,13 @@ def _batch(n: int, size: int, seed: int = 0) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def _model_and_variables(arch: str, width: float, dtype: str):
-  model = tune.tuned(models.build(arch, NUM_CLASSES, width=width, dtype=jnp.dtype(dtype)))
+def _model_and_variables(arch: str, width: float, dtype: str, options: tuple = ()):
+  """`options`: further models.build fields as (name, value) pairs (a preset's model config)."""
+  kwargs = dict(options)
+  model = tune.tuned(models.build(arch, NUM_CLASSES, width=width, dtype=jnp.dtype(dtype), **kwargs))
   # Parameters are float32 whatever the compute dtype, so both dtypes share one initialisation.
-  variables = models.init_variables(models.build(arch, NUM_CLASSES, width=width), jax.random.key(0))
+  variables = models.init_variables(models.build(arch, NUM_CLASSES, width=width, **kwargs),
+                                    jax.random.key(0))
   return model, jax.tree.map(np.asarray, variables)
 
 

@@ -94,7 +94,56 @@ class ResNetFCN(torch_resnet.TorchFCNResNet):
     return super().forward(x)['out']
 
 
-def build(arch: str, width: float = 1.0, n_class: int = 21) -> nn.Module:
+def _conv_bn(in_ch: int, out_ch: int, k: int) -> nn.Sequential:
+  return nn.Sequential(nn.Conv2d(in_ch, out_ch, k, padding=k // 2, bias=False),
+                       nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+
+
+class ScratchFCN8s(nn.Module):
+  """The `scratch` preset's net (experiments/configs/common.py): FCN-8s at-once on VGG16 with
+  BatchNorm that trains (conv without bias -> BN -> ReLU, fc6 / fc7 too), 'same' padding, no
+  dropout, no skip scales, the two inner deconvolutions learnt and the x8 one a fixed per-class
+  bilinear; each upsampled map cropped to its tap, as fcn_jax's vgg16_bn geometry does."""
+
+  def __init__(self, n_class: int = 21, width: float = 1.0):
+    super().__init__()
+    c = lambda f: scaled(f, width)
+    blocks, in_ch = [], 3
+    for features, convs in torch_fcn.VGG_BLOCKS:
+      layers = []
+      for _ in range(convs):
+        layers.append(_conv_bn(in_ch, c(features), 3))
+        in_ch = c(features)
+      blocks.append(nn.Sequential(*layers, nn.MaxPool2d(2, 2, ceil_mode=True)))
+    self.blocks = nn.ModuleList(blocks)
+    self.fc6, self.fc7 = _conv_bn(c(512), c(4096), 7), _conv_bn(c(4096), c(4096), 1)
+    self.score_fr = nn.Conv2d(c(4096), n_class, 1)
+    self.score_pool4 = nn.Conv2d(c(512), n_class, 1)
+    self.score_pool3 = nn.Conv2d(c(256), n_class, 1)
+    self.upscore2 = nn.ConvTranspose2d(n_class, n_class, 4, stride=2, bias=False)
+    self.upscore_pool4 = nn.ConvTranspose2d(n_class, n_class, 4, stride=2, bias=False)
+    self.register_buffer('up_weight', torch_fcn.bilinear_weight(n_class, 16))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    taps, h = [], x
+    for block in self.blocks:
+      h = block(h)
+      taps.append(h)
+    h = self.score_fr(self.fc7(self.fc6(h)))
+    for up, score, tap in ((self.upscore2, self.score_pool4, taps[3]),
+                           (self.upscore_pool4, self.score_pool3, taps[2])):
+      h = up(h)
+      h = h[:, :, 1:1 + tap.size(2), 1:1 + tap.size(3)] + score(tap)
+    h = F.conv_transpose2d(h, self.up_weight.to(h.dtype), stride=8)
+    return h[:, :, 4:4 + x.size(2), 4:4 + x.size(3)]
+
+
+def build(arch: str, width: float = 1.0, n_class: int = 21, preset: str = '') -> nn.Module:
+  """The benchmarked net: the arch's paper layout, or (preset='scratch') the scratch preset's."""
+  if preset == 'scratch':
+    if arch != 'fcn8s_atonce':
+      raise ValueError(f'the scratch layout is benchmarked as fcn8s_atonce, not {arch}')
+    return ScratchFCN8s(n_class, width)
   if arch in ('fcn32s', 'fcn16s', 'fcn8s', 'fcn8s_atonce'):
     return VGGFCN(arch, n_class, width)
   if arch in ('fcn_resnet50', 'fcn_resnet101'):
@@ -105,10 +154,12 @@ def build(arch: str, width: float = 1.0, n_class: int = 21) -> nn.Module:
 def make_optimizer(model: nn.Module, lr: float = 1e-4, momentum: float = 0.9,
                    weight_decay: float = 5e-4) -> torch.optim.Optimizer:
   """SGD as fcn_jax trains: weight decay on kernels, biases at 2x lr and no decay, the final
-  (and with it every) deconvolution frozen."""
+  (and with it every) deconvolution frozen; the scratch net's inner deconvolutions learn (its
+  final one is a buffer)."""
   kernels, biases = [], []
+  learnt_upsampling = isinstance(model, ScratchFCN8s)
   for name, p in model.named_parameters():
-    if name.startswith('upscore'):
+    if name.startswith('upscore') and not learnt_upsampling:
       p.requires_grad_(False)
       continue
     (biases if name.endswith('bias') else kernels).append(p)

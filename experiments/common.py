@@ -155,8 +155,9 @@ def quiet_logs() -> None:
 
 
 def enable_compilation_cache(path: str) -> None:
-  """Persistent XLA compilation cache at `path` ('' leaves it off): programs compiled once (each
-  native evaluation size, the train step) load from disk in later runs instead of recompiling."""
+  """Persistent XLA compilation cache at `path`: programs compiled once (each native evaluation
+  size, the train step) load from disk in later runs instead of recompiling. '' sets none (jax's
+  own $JAX_COMPILATION_CACHE_DIR, when set, still applies)."""
   if not path:
     return
   import jax

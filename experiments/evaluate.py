@@ -84,7 +84,7 @@ flags.DEFINE_enum('mode', 'whole', segmenter_lib.MODES, 'whole (the reference pr
 flags.DEFINE_integer('tile', segmenter_lib.DEFAULT_TILE, 'Tile side for --mode slide / auto.')
 flags.DEFINE_integer('stride', segmenter_lib.DEFAULT_TILE_STRIDE, 'Pixels between tiles.')
 flags.DEFINE_string('compilation_cache_dir', configs.COMPILATION_CACHE_DIR,
-                    'Persistent XLA compilation cache (\'\' = off): each native image size '
+                    'Persistent XLA compilation cache (\'\': none of ours): each native image size '
                     'compiles once, and later evaluations reuse the compiled programs.')
 
 

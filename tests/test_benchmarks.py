@@ -70,6 +70,31 @@ def test_cpu_ab_runs_every_kind_of_variant():
   assert bad.returncode == 2 and "unknown variant 'jax-fast'" in bad.stderr
 
 
+def test_cpu_ab_scratch_preset_compares_the_same_net_on_both_sides():
+  # --preset scratch times the scratch preset's net against benchmarks.torch_models.ScratchFCN8s:
+  # the same trainable parameters, layer by layer in count, and the same output shape.
+  torch = pytest.importorskip('torch')
+  import jax
+  import numpy as np
+  from benchmarks import cpu_ab, run, torch_models
+  from fcn_jax import models
+  options = cpu_ab.preset_model_options('fcn8s_atonce', 'scratch')
+  assert dict(options)['backbone'] == 'vgg16_bn'
+  model, variables = run._model_and_variables('fcn8s_atonce', 0.125, 'float32', options)
+  frozen = models.frozen_mask(model, variables['params'])
+  jax_sizes = sorted(int(np.size(x)) for x, f in zip(jax.tree.leaves(variables['params']),
+                                                     jax.tree.leaves(frozen)) if not f)
+  net = torch_models.build('fcn8s_atonce', 0.125, preset='scratch')
+  trained = [p for g in torch_models.make_optimizer(net).param_groups for p in g['params']]
+  assert sorted(p.numel() for p in trained) == jax_sizes
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
+                       jax.ShapeDtypeStruct((2, 96, 96, 3), np.float32))
+  assert tuple(net(torch.zeros(2, 3, 96, 96)).shape) == (2, out.shape[-1], 96, 96)
+  assert out.shape[:3] == (2, 96, 96)
+  with pytest.raises(SystemExit):
+    cpu_ab.main(['--preset', 'scratch', '--arch', 'fcn8s'])
+
+
 def test_conv_layers_and_bf16_matmul_run():
   env = dict(os.environ, JAX_PLATFORMS='cpu', FCN_JAX_CPU_FORMS='default')
   proc = subprocess.run([sys.executable, '-m', 'benchmarks.conv_layers', '--size', '8', '--layers',

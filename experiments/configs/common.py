@@ -16,8 +16,8 @@ import ml_collections
 from fcn_jax import paths
 from fcn_jax.errors import UserError
 
-# Default persistent XLA compilation cache (see fcn_jax.paths).
-COMPILATION_CACHE_DIR = str(paths.cache_dir() / 'xla')
+# Default persistent XLA compilation cache (see fcn_jax.paths.xla_cache_dir).
+COMPILATION_CACHE_DIR = str(paths.xla_cache_dir())
 
 PRESETS = ('paper', 'heavy', 'demo', 'scratch')
 # The nets the scratch preset trains (single-stage, VGG16: its backbone becomes vgg16_bn).
