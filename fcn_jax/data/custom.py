@@ -311,7 +311,9 @@ class CustomSegmentationConfig(tfds.core.BuilderConfig):
     root = os.path.abspath(os.path.expanduser(root))
     classes = classes_path(root, classes_file)
     classes_text = classes.read_text() if classes.is_file() else ''
-    key = json.dumps([fmt, root, options.val_fraction, ignore_label,
+    # Keyed by the real path: the run records its root resolved (metadata['data']), so evaluation
+    # and prediction reach the data prepared through a symlinked root instead of preparing again.
+    key = json.dumps([fmt, os.path.realpath(root), options.val_fraction, ignore_label,
                       fingerprint(pathlib.Path(root)), options.image_suffix, options.mask_suffix,
                       classes_text])
     slug = re.sub(r'[^a-zA-Z0-9]+', '_', os.path.basename(root.rstrip('/')))[:40] or 'root'
