@@ -33,7 +33,10 @@ are kept in the dataset's metadata.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -214,6 +217,30 @@ def image_format(kinds: dict[tuple, list], fmt: str, root, stored: bool) -> dict
   return {'channels': int(channels), 'dtype': dtype, 'stored': bool(stored)}
 
 
+def _checked_example(example: Example, *, classes: ClassInfo, category_ids: dict | None):
+  """read_example and the mask's PNG, or the DataError that refuses the example."""
+  try:
+    data, ids_map, image = read_example(example, classes, category_ids)
+  except DataError as e:
+    return e
+  return data, ids_map, image, encode_mask_png(ids_map)
+
+
+def _in_threads(read, items: list, workers: int = min(4, os.cpu_count() or 1)) -> Iterator:
+  """(item, read(item)) in order, `workers` reads at a time: decoding and encoding PNGs release
+  the GIL, so checking a dataset uses every core; at most 2 x workers results wait in memory."""
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending: collections.deque = collections.deque()
+    for item in items:
+      pending.append((item, pool.submit(read, item)))
+      if len(pending) > 2 * workers:
+        done, future = pending.popleft()
+        yield done, future.result()
+    while pending:
+      done, future = pending.popleft()
+      yield done, future.result()
+
+
 def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str, list[Example]],
              progress: bool = True
              ) -> tuple[dict, dict[str, list[int]], dict[str, list[int]], dict]:
@@ -241,20 +268,21 @@ def validate(fmt: str, root: pathlib.Path, classes: ClassInfo, splits: dict[str,
       problems.append(f'split {split!r}: duplicate ids {dupes[:10]}')
     hist = np.zeros(len(classes.names), np.int64)
     rows, shapes, channel_stats = [], [], ChannelStatistics()
-    for example in progress_lib.track(examples, desc=f'checking {split}', unit='images',
-                                      enabled=progress):
+    read = functools.partial(_checked_example, classes=classes, category_ids=category_ids)
+    for example, result in progress_lib.track(_in_threads(read, examples), desc=f'checking {split}',
+                                              unit='images', total=len(examples),
+                                              enabled=progress):
       masks_read += 1
-      try:
-        data, ids_map, image = read_example(example, classes, category_ids)
-      except MaskValuesError as e:
-        value_errors.append(e)
+      if isinstance(result, MaskValuesError):
+        value_errors.append(result)
         continue
-      except DataError as e:
-        problems.append(str(e))
+      if isinstance(result, DataError):
+        problems.append(str(result))
         continue
+      data, ids_map, image, mask_png = result
       labelled = ids_map[ids_map != IGNORE_LABEL].ravel()
       hist += np.bincount(labelled, minlength=len(classes.names))[:len(hist)]
-      rows.append((example, encode_mask_png(ids_map)))
+      rows.append((example, mask_png))
       shapes.append(ids_map.shape)
       kinds.setdefault((image.shape[-1], image.dtype.name), []).append(example.image)
       stored = stored or images_lib.stored_as_is(data)
