@@ -26,9 +26,9 @@ import time
 import jax
 
 from benchmarks import run
+from experiments.configs import common as configs
 from fcn_jax import cli as cli_lib
 from fcn_jax.models import forms as forms_lib
-from experiments.configs import common as configs
 from fcn_jax import tune
 from fcn_jax.models import fcn as fcn_lib
 
@@ -43,9 +43,8 @@ NAMED_FORMS = {
 
 def forms_of(variant: str, arch: str, preset: str = '') -> forms_lib.Forms:
   if variant == 'jax':
-    options = dict(preset_model_options(arch, preset))
-    backbone = options.get('backbone') or fcn_lib.ARCHS[arch].backbone
-    return tune.current(tune.MEASURED_AS.get(backbone, backbone))
+    backbone = dict(preset_model_options(arch, preset)).get('backbone')
+    return tune.current(backbone or fcn_lib.ARCHS[arch].backbone)
   if variant.startswith('forms:'):
     return forms_lib.from_spec(variant[len('forms:'):])
   return NAMED_FORMS[variant]

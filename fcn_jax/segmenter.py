@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import math
 import os
 from typing import Any, Sequence
@@ -94,30 +93,10 @@ def tile_starts(size: int, tile: int, stride: int) -> list[int]:
   return [min(i * stride, size - tile) for i in range(count)]
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def _resized(x: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
-  return jax.image.resize(x, shape, 'bilinear')
-
-
 def _resize(x: np.ndarray, height: int, width: int) -> np.ndarray:
   if x.shape[:2] == (height, width):
     return x
-  return np.asarray(_resized(x, (height, width, x.shape[-1])))
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _view_probabilities(scores: jax.Array, shape: tuple[int, int, int], flip: bool) -> jax.Array:
-  """A TTA view's scores back on the image: unflipped, resized to `shape`, softmax (one compiled
-  program per view size: eagerly these were a dozen dispatches per image)."""
-  scores = scores[:, ::-1] if flip else scores
-  if scores.shape != shape:
-    scores = jax.image.resize(scores, shape, 'bilinear')
-  return jax.nn.softmax(scores, -1)
-
-
-@jax.jit
-def _log_mean(probabilities: tuple[jax.Array, ...]) -> jax.Array:
-  return jnp.log(jnp.maximum(sum(probabilities) / len(probabilities), 1e-30))
+  return np.asarray(jax.image.resize(jnp.asarray(x), (height, width, x.shape[-1]), 'bilinear'))
 
 
 def bucket_shape(height: int, width: int, step: int) -> tuple[int, int]:
@@ -363,12 +342,14 @@ class Segmenter:
     out = []
     for i, x in enumerate(inputs):
       h, w = x.shape[:2]
-      per_view = collections.defaultdict(list)
+      total = {}
       for k, (_, flip) in enumerate(views):
         for head, s in raw[i * len(views) + k].items():
-          per_view[head].append(_view_probabilities(s, (h, w, s.shape[-1]), flip))
-      out.append({head: np.asarray(_log_mean(tuple(ps)), np.float32)
-                  for head, ps in per_view.items()})
+          s = _resize(s[:, ::-1] if flip else s, h, w)
+          p = np.asarray(jax.nn.softmax(jnp.asarray(s), -1))
+          total[head] = total[head] + p if head in total else p
+      out.append({head: np.log(np.maximum(p / len(views), 1e-30)).astype(np.float32)
+                  for head, p in total.items()})
     return out
 
   def _unwrap(self, per_input: list[dict]) -> list[Any]:

@@ -46,19 +46,19 @@ MEASURED_AS = {'vgg16_bn': 'vgg16', 'resnet101': 'resnet50'}
 
 def tuned(model):
   """`model` (an FCN from models.build) with the forms this machine runs best for its backbone."""
-  backbone = model.arch.backbone
-  return model.clone(forms=current(MEASURED_AS.get(backbone, backbone)))
+  return model.clone(forms=current(model.arch.backbone))
 
 
 def current(backbone: str = 'vgg16') -> Forms:
   """The forms a net on `backbone` takes now: the innermost `forms.use` block's, ACCELERATOR off
   the CPU, otherwise this machine's (the best convolution library differs between nets: VGG16's
-  wide 3x3 layers and GoogLeNet's many small ones)."""
+  wide 3x3 layers and GoogLeNet's many small ones); a backbone of MEASURED_AS takes the forms of
+  the one it is measured as."""
   if _override:
     return _override[-1]
   if not on_cpu():
     return ACCELERATOR
-  return for_this_machine(backbone)
+  return for_this_machine(MEASURED_AS.get(backbone, backbone))
 
 
 @functools.lru_cache(maxsize=1)
